@@ -1,0 +1,325 @@
+//! The HTTP API on every listener: routing, the request id, operator checks,
+//! body limits, and the one mapping from request-path errors to HTTP.
+//!
+//! Handlers never see raw bytes they did not ask for: bodies are read through
+//! a size limit and parsed once, here at the edge.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::connection::{Conn, InFlight};
+use crate::metrics::{RequestLabels, RouteLabels};
+use crate::request_id::{self, RequestId};
+use crate::server::Shared;
+
+/// A response body that keeps its request counted as in flight until the
+/// body has been sent (or dropped), so idle detection and draining see
+/// streaming responses too.
+pub struct ResponseBody {
+    inner: Full<Bytes>,
+    _in_flight: Option<InFlight>,
+}
+
+impl ResponseBody {
+    fn new(bytes: impl Into<Bytes>) -> Self {
+        Self {
+            inner: Full::new(bytes.into()),
+            _in_flight: None,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Everything that can go wrong on the request path, as facts.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no route for {method} {path}")]
+    NotFound { method: Method, path: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        method: Method,
+        path: String,
+        allow: &'static str,
+    },
+    #[error("operators only: connect as uid 0 or as a member of a configured admin group")]
+    NotOperator,
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("error reading the request body: {0}")]
+    BodyRead(String),
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("content-type must be application/json")]
+    NotJson,
+    #[error("not serving inference: {0}")]
+    NotServing(String),
+}
+
+impl ApiError {
+    /// The one place request-path errors become HTTP.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::NotOperator => (StatusCode::FORBIDDEN, "not_operator"),
+            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::BodyRead(_) => (StatusCode::BAD_REQUEST, "body_read_error"),
+            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::NotServing(_) => (StatusCode::SERVICE_UNAVAILABLE, "policy_unavailable"),
+        }
+    }
+
+    fn into_response(self, version: Version) -> Response<ResponseBody> {
+        let (status, code) = self.status_and_code();
+        let kind = if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        let mut response = json_response(
+            status,
+            &json!({"error": {"message": self.to_string(), "type": kind, "code": code}}),
+        );
+        match self {
+            Self::MethodNotAllowed { allow, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            // The rest of an oversized body is never read: tell an HTTP/1 client
+            // the connection ends here (HTTP/2 resets just the stream).
+            Self::BodyTooLarge { .. } if version < Version::HTTP_2 => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut response = Response::new(ResponseBody::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Route templates: the only values the `route` metric label takes.
+fn route_of(path: &str) -> &'static str {
+    match path {
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/admin/status" => "/admin/status",
+        "/v1/whoami" => "/v1/whoami",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/embeddings" => "/v1/embeddings",
+        _ => "unmatched",
+    }
+}
+
+/// Entry point for every request on every listener.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    in_flight: InFlight,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let (id, origin) = RequestId::from_headers(req.headers());
+    let route = route_of(req.uri().path());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        conn = conn.id,
+    );
+    async move {
+        tracing::debug!(id_origin = ?origin, "request");
+        let version = req.version();
+        let mut response = match dispatch(&shared, &conn, &id, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                let status = e.status_and_code().0;
+                if status.is_server_error() {
+                    tracing::warn!(status = status.as_u16(), error = %e, "request failed");
+                } else {
+                    tracing::info!(status = status.as_u16(), error = %e, "request refused");
+                }
+                e.into_response(version)
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(id.as_str()) {
+            response.headers_mut().insert(request_id::HEADER, v);
+        }
+        response.body_mut()._in_flight = Some(in_flight);
+        let status = response.status().as_u16();
+        shared
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        shared
+            .metrics
+            .request_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(status, elapsed_ms = started.elapsed().as_millis() as u64, "response");
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+async fn dispatch(
+    shared: &Shared,
+    conn: &Conn,
+    id: &RequestId,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let allow = |allow: &'static str| ApiError::MethodNotAllowed {
+        method: method.clone(),
+        path: path.clone(),
+        allow,
+    };
+    match (path.as_str(), &method) {
+        ("/healthz", &Method::GET) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        ("/readyz", &Method::GET) => {
+            let reasons = shared.not_ready_reasons();
+            let status = if reasons.is_empty() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            Ok(json_response(
+                status,
+                &json!({"ready": reasons.is_empty(), "reasons": reasons}),
+            ))
+        }
+        ("/v1/whoami", &Method::GET) => Ok(json_response(StatusCode::OK, &whoami(shared, conn, id))),
+        ("/metrics", &Method::GET) => {
+            require_operator(shared, conn)?;
+            let mut response = Response::new(ResponseBody::new(shared.metrics.render()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            Ok(response)
+        }
+        ("/admin/status", &Method::GET) => {
+            require_operator(shared, conn)?;
+            Ok(json_response(StatusCode::OK, &shared.status()))
+        }
+        ("/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", &Method::POST) => {
+            let limit = shared.config().limits.max_body_bytes;
+            let body = read_json_body(req, limit).await?;
+            // Fail closed: with no policy bundle there is nothing that may be
+            // served. The request was still read and parsed, so a malformed one
+            // gets its own clear error first.
+            let _ = body;
+            Err(ApiError::NotServing(shared.not_ready_reasons().join("; ")))
+        }
+        ("/healthz" | "/readyz" | "/v1/whoami" | "/metrics" | "/admin/status", _) => Err(allow("GET")),
+        ("/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", _) => Err(allow("POST")),
+        _ => Err(ApiError::NotFound { method, path }),
+    }
+}
+
+fn whoami(shared: &Shared, conn: &Conn, id: &RequestId) -> serde_json::Value {
+    let config = shared.config();
+    let (tenant, tenant_error) = match config.tenants.resolve(&conn.identity) {
+        Ok(t) => (Some(t.to_string()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    json!({
+        "request_id": id.as_str(),
+        "listener": conn.listener,
+        "identity": conn.identity,
+        "operator": shared.is_operator(&conn.identity),
+        "tenant": tenant,
+        "tenant_error": tenant_error,
+        "tenant_source": "static table in the configuration (until policy bundles)",
+    })
+}
+
+fn require_operator(shared: &Shared, conn: &Conn) -> Result<(), ApiError> {
+    if shared.is_operator(&conn.identity) {
+        Ok(())
+    } else {
+        Err(ApiError::NotOperator)
+    }
+}
+
+/// Reads a JSON body through the size limit. A declared Content-Length over
+/// the limit is refused before a byte is read; a chunked body is cut off as
+/// soon as it passes the limit.
+async fn read_json_body(req: Request<Incoming>, limit: u64) -> Result<serde_json::Value, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(req.into_body(), usize::try_from(limit).unwrap_or(usize::MAX));
+    let bytes = match limited.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        Err(e) => return Err(ApiError::BodyRead(e.to_string())),
+    };
+    if !is_json {
+        return Err(ApiError::NotJson);
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+}

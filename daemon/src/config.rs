@@ -1,0 +1,714 @@
+//! The daemon's configuration: `/etc/airgate/airgate.toml`.
+//!
+//! Parsing walks the TOML tree by hand instead of through serde so that every
+//! error is collected, each with its key path (`limits.max_body_bytes: ...`),
+//! and unknown keys are refused: an operator fixing a config should see all of
+//! its problems at once, not one per restart. This module only parses and
+//! validates; it binds nothing and creates nothing.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use airgate_policy::identity::{Principal, TenantId, TenantMap};
+use toml::Value;
+
+/// A validated configuration. Everything past [`Config::parse`] can rely on it.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from, for reloads and for status.
+    pub source: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub models_dir: PathBuf,
+    /// How often the state directory is probed (free space, responsiveness).
+    pub state_probe_interval: Duration,
+    /// Free space below which the state probe warns: the audit log lives there.
+    pub state_min_free_bytes: u64,
+    pub shutdown_grace: Duration,
+    pub unix: UnixListenerConfig,
+    pub admin: AdminConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+    pub trust: TrustConfig,
+    /// Static identity-to-tenant table. Replaced by the tenants of signed
+    /// policy bundles (the policy-bundle issue); kept so callers can be wired
+    /// and checked with /v1/whoami before the first bundle exists.
+    pub tenants: TenantMap,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixListenerConfig {
+    pub path: PathBuf,
+    /// File mode of the socket node (permission bits only).
+    pub mode: u32,
+    /// Group owning the socket node; `None` keeps the daemon's group.
+    pub group: Option<u32>,
+    /// The name systemd passes in LISTEN_FDNAMES for this socket (FileDescriptorName=).
+    pub fd_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Members of these groups (primary or supplementary) are operators, as is uid 0.
+    pub groups: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+    pub http2_max_pending_accept_reset_streams: usize,
+    pub http2_max_local_error_reset_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 4 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            http2_max_concurrent_streams: 64,
+            http2_max_pending_accept_reset_streams: 32,
+            http2_max_local_error_reset_streams: 256,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    /// journald when stderr is connected to the journal (JOURNAL_STREAM), stderr otherwise.
+    Auto,
+    Journald,
+    Stderr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    pub target: LogTarget,
+    /// A tracing filter directive, e.g. `info` or `airgate=debug,hyper=warn`.
+    pub level: String,
+}
+
+/// Trust anchors for signed policy bundles: key id -> Ed25519 public key file.
+/// Only their presence is checked here; keys are parsed by the bundle issue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustConfig {
+    pub anchors: Vec<TrustAnchor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustAnchor {
+    pub key_id: String,
+    pub public_key: PathBuf,
+}
+
+/// One problem in a configuration, with where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted key path, e.g. `listen.unix.mode` or `tenants[1].uids[0]`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} error(s) in {}:\n{}", .errors.len(), .origin, list(.errors))]
+    Invalid {
+        origin: String,
+        errors: Vec<FieldError>,
+    },
+}
+
+fn list(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, &path.display().to_string(), &SystemGroups)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// Validates configuration text. `origin` names it in error messages;
+    /// `groups` resolves group names (the host's group database in production).
+    pub fn parse(text: &str, origin: &str, groups: &dyn GroupLookup) -> Result<Self, ConfigError> {
+        let invalid = |errors| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            errors,
+        };
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            invalid(vec![FieldError {
+                path: String::new(),
+                message: format!("not valid TOML: {}", e.to_string().trim_end()),
+            }])
+        })?;
+        let mut errors = Vec::new();
+        let config = parse_root(&table, &mut errors, groups);
+        match config {
+            Some(config) if errors.is_empty() => Ok(config),
+            _ => Err(invalid(errors)),
+        }
+    }
+}
+
+/// Resolves group names to gids; a trait so tests do not depend on /etc/group.
+pub trait GroupLookup {
+    fn gid_of(&self, name: &str) -> Result<Option<u32>, String>;
+}
+
+/// The host's group database (NSS).
+pub struct SystemGroups;
+
+impl GroupLookup for SystemGroups {
+    fn gid_of(&self, name: &str) -> Result<Option<u32>, String> {
+        nix::unistd::Group::from_name(name)
+            .map(|g| g.map(|g| g.gid.as_raw()))
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn parse_root(
+    table: &toml::Table,
+    errors: &mut Vec<FieldError>,
+    groups: &dyn GroupLookup,
+) -> Option<Config> {
+    let mut root = Section::new("", table);
+    let defaults = Limits::default();
+    let state_dir = root.required(errors, "state_dir", absolute_path);
+    let models_dir = root.optional(errors, "models_dir", absolute_path);
+    let state_probe_interval = root
+        .optional(errors, "state_probe_interval", duration_between(Duration::from_millis(100), Duration::from_secs(3600)))
+        .unwrap_or(Duration::from_secs(10));
+    let state_min_free_bytes = root
+        .optional(errors, "state_min_free_bytes", integer_between(0, u64::MAX))
+        .unwrap_or(1 << 30);
+    let shutdown_grace = root
+        .optional(errors, "shutdown_grace", duration_between(Duration::from_millis(0), Duration::from_secs(3600)))
+        .unwrap_or(Duration::from_secs(30));
+
+    let unix = root.section(errors, "listen", true).and_then(|mut listen| {
+        let unix = listen.section(errors, "unix", true).and_then(|mut unix| {
+            let path = unix.required(errors, "path", absolute_path);
+            let mode = unix
+                .optional(errors, "mode", file_mode)
+                .unwrap_or(0o660);
+            let group = unix.optional(errors, "group", |v| group_ref(v, groups));
+            let fd_name = unix
+                .optional(errors, "fd_name", fd_name)
+                .unwrap_or_else(|| "unix".to_owned());
+            unix.finish(errors);
+            Some(UnixListenerConfig {
+                path: path?,
+                mode,
+                group,
+                fd_name,
+            })
+        });
+        listen.finish(errors);
+        unix
+    });
+
+    let admin = match root.section(errors, "admin", false) {
+        Some(mut admin) => {
+            let groups = admin
+                .optional(errors, "groups", |v| array_of(v, |v| group_ref(v, groups)))
+                .unwrap_or_default();
+            admin.finish(errors);
+            AdminConfig { groups }
+        }
+        None => AdminConfig { groups: Vec::new() },
+    };
+
+    let limits = match root.section(errors, "limits", false) {
+        Some(mut s) => {
+            let l = Limits {
+                header_read_timeout: s
+                    .optional(errors, "header_read_timeout", duration_between(Duration::from_millis(100), Duration::from_secs(600)))
+                    .unwrap_or(defaults.header_read_timeout),
+                max_headers: s
+                    .optional(errors, "max_headers", integer_between(1, 1024))
+                    .map_or(defaults.max_headers, to_usize),
+                max_header_bytes: s
+                    .optional(errors, "max_header_bytes", integer_between(8192, 1 << 20))
+                    .map_or(defaults.max_header_bytes, to_usize),
+                max_body_bytes: s
+                    .optional(errors, "max_body_bytes", integer_between(1, 1 << 34))
+                    .unwrap_or(defaults.max_body_bytes),
+                idle_timeout: s
+                    .optional(errors, "idle_timeout", duration_between(Duration::from_millis(100), Duration::from_secs(86400)))
+                    .unwrap_or(defaults.idle_timeout),
+                max_connections: s
+                    .optional(errors, "max_connections", integer_between(1, 1 << 20))
+                    .map_or(defaults.max_connections, to_usize),
+                http2_max_concurrent_streams: s
+                    .optional(errors, "http2_max_concurrent_streams", integer_between(1, 10_000))
+                    .map_or(defaults.http2_max_concurrent_streams, |v| {
+                        u32::try_from(v).unwrap_or(u32::MAX)
+                    }),
+                http2_max_pending_accept_reset_streams: s
+                    .optional(
+                        errors,
+                        "http2_max_pending_accept_reset_streams",
+                        integer_between(1, 10_000),
+                    )
+                    .map_or(defaults.http2_max_pending_accept_reset_streams, to_usize),
+                http2_max_local_error_reset_streams: s
+                    .optional(
+                        errors,
+                        "http2_max_local_error_reset_streams",
+                        integer_between(1, 100_000),
+                    )
+                    .map_or(defaults.http2_max_local_error_reset_streams, to_usize),
+            };
+            s.finish(errors);
+            l
+        }
+        None => defaults,
+    };
+
+    let log = match root.section(errors, "log", false) {
+        Some(mut s) => {
+            let target = s.optional(errors, "target", log_target).unwrap_or(LogTarget::Auto);
+            let level = s
+                .optional(errors, "level", log_level)
+                .unwrap_or_else(|| "info".to_owned());
+            s.finish(errors);
+            LogConfig { target, level }
+        }
+        None => LogConfig {
+            target: LogTarget::Auto,
+            level: "info".to_owned(),
+        },
+    };
+
+    let trust = match root.section(errors, "trust", false) {
+        Some(mut s) => {
+            let anchors = s
+                .optional_with_path(errors, "anchors", |v, path, errors| {
+                    tables_of(v, path, errors, parse_anchor)
+                })
+                .unwrap_or_default();
+            let mut seen = BTreeSet::new();
+            for (i, anchor) in anchors.iter().enumerate() {
+                if !seen.insert(anchor.key_id.clone()) {
+                    errors.push(FieldError {
+                        path: format!("trust.anchors[{i}].key_id"),
+                        message: format!("duplicate key id {:?}", anchor.key_id),
+                    });
+                }
+            }
+            s.finish(errors);
+            TrustConfig { anchors }
+        }
+        None => TrustConfig::default(),
+    };
+
+    let tenants = root
+        .optional_with_path(errors, "tenants", |v, path, errors| {
+            tables_of(v, path, errors, parse_tenant)
+        })
+        .unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    for (i, (name, _)) in tenants.iter().enumerate() {
+        if !seen.insert(name.clone()) {
+            errors.push(FieldError {
+                path: format!("tenants[{i}].name"),
+                message: format!("duplicate tenant {name}"),
+            });
+        }
+    }
+
+    root.finish(errors);
+    let state_dir = state_dir?;
+    let models_dir = models_dir.unwrap_or_else(|| state_dir.join("models"));
+    Some(Config {
+        source: None,
+        state_dir,
+        models_dir,
+        state_probe_interval,
+        state_min_free_bytes,
+        shutdown_grace,
+        unix: unix?,
+        admin,
+        limits,
+        log,
+        trust,
+        tenants: TenantMap::new(tenants),
+    })
+}
+
+fn parse_anchor(s: &mut Section<'_>, errors: &mut Vec<FieldError>) -> Option<TrustAnchor> {
+    let key_id = s.required(errors, "key_id", |v| {
+        let id = string(v)?;
+        if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()) {
+            return Err("expected 1 to 128 printable characters".to_owned());
+        }
+        Ok(id.to_owned())
+    });
+    let public_key = s.required(errors, "public_key", |v| {
+        let path = absolute_path(v)?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(path),
+            Ok(_) => Err(format!("{} is not a regular file", path.display())),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    });
+    Some(TrustAnchor {
+        key_id: key_id?,
+        public_key: public_key?,
+    })
+}
+
+fn parse_tenant(
+    s: &mut Section<'_>,
+    errors: &mut Vec<FieldError>,
+) -> Option<(TenantId, Vec<Principal>)> {
+    let name = s.required(errors, "name", |v| {
+        TenantId::parse(string(v)?).map_err(|e| e.to_string())
+    });
+    let uids = s
+        .optional(errors, "uids", |v| array_of(v, id_number))
+        .unwrap_or_default();
+    let gids = s
+        .optional(errors, "gids", |v| array_of(v, id_number))
+        .unwrap_or_default();
+    if uids.is_empty() && gids.is_empty() {
+        errors.push(FieldError {
+            path: s.path.clone(),
+            message: "a tenant needs at least one of uids or gids".to_owned(),
+        });
+    }
+    let rules = uids
+        .into_iter()
+        .map(Principal::Uid)
+        .chain(gids.into_iter().map(Principal::Gid))
+        .collect();
+    Some((name?, rules))
+}
+
+/// A table being read: remembers which keys were consumed so the rest can be
+/// reported as unknown.
+struct Section<'t> {
+    path: String,
+    table: &'t toml::Table,
+    seen: BTreeSet<&'t str>,
+}
+
+impl<'t> Section<'t> {
+    fn new(path: &str, table: &'t toml::Table) -> Self {
+        Self {
+            path: path.to_owned(),
+            table,
+            seen: BTreeSet::new(),
+        }
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<&'t Value> {
+        let (k, v) = self.table.get_key_value(key)?;
+        self.seen.insert(k.as_str());
+        Some(v)
+    }
+
+    fn optional_with_path<T>(
+        &mut self,
+        errors: &mut Vec<FieldError>,
+        key: &str,
+        parse: impl FnOnce(&'t Value, &str, &mut Vec<FieldError>) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = self.take(key)?;
+        let path = self.key_path(key);
+        match parse(value, &path, errors) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                errors.push(FieldError { path, message });
+                None
+            }
+        }
+    }
+
+    fn optional<T>(
+        &mut self,
+        errors: &mut Vec<FieldError>,
+        key: &str,
+        parse: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> Option<T> {
+        self.optional_with_path(errors, key, |v, _, _| parse(v))
+    }
+
+    fn required<T>(
+        &mut self,
+        errors: &mut Vec<FieldError>,
+        key: &str,
+        parse: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> Option<T> {
+        if !self.table.contains_key(key) {
+            errors.push(FieldError {
+                path: self.key_path(key),
+                message: "required key is missing".to_owned(),
+            });
+            return None;
+        }
+        self.optional(errors, key, parse)
+    }
+
+    fn section(
+        &mut self,
+        errors: &mut Vec<FieldError>,
+        key: &str,
+        required: bool,
+    ) -> Option<Section<'t>> {
+        let path = self.key_path(key);
+        match self.take(key) {
+            Some(Value::Table(t)) => Some(Section::new(&path, t)),
+            Some(other) => {
+                errors.push(FieldError {
+                    path,
+                    message: format!("expected a table, found {}", other.type_str()),
+                });
+                None
+            }
+            None if required => {
+                errors.push(FieldError {
+                    path,
+                    message: "required table is missing".to_owned(),
+                });
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn finish(self, errors: &mut Vec<FieldError>) {
+        for key in self.table.keys() {
+            if !self.seen.contains(key.as_str()) {
+                errors.push(FieldError {
+                    path: self.key_path(key),
+                    message: "unknown key".to_owned(),
+                });
+            }
+        }
+    }
+}
+
+fn tables_of<T>(
+    value: &Value,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+    parse: impl Fn(&mut Section<'_>, &mut Vec<FieldError>) -> Option<T>,
+) -> Result<Vec<T>, String> {
+    let Value::Array(items) = value else {
+        return Err(format!("expected an array of tables, found {}", value.type_str()));
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let Value::Table(t) = item else {
+            errors.push(FieldError {
+                path: item_path,
+                message: format!("expected a table, found {}", item.type_str()),
+            });
+            continue;
+        };
+        let mut section = Section::new(&item_path, t);
+        let parsed = parse(&mut section, errors);
+        section.finish(errors);
+        out.extend(parsed);
+    }
+    Ok(out)
+}
+
+fn array_of<T>(value: &Value, parse: impl Fn(&Value) -> Result<T, String>) -> Result<Vec<T>, String> {
+    let Value::Array(items) = value else {
+        return Err(format!("expected an array, found {}", value.type_str()));
+    };
+    let mut problems = Vec::new();
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match parse(item) {
+            Ok(v) => out.push(v),
+            Err(e) => problems.push(format!("[{i}] {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn string(value: &Value) -> Result<&str, String> {
+    value
+        .as_str()
+        .ok_or_else(|| format!("expected a string, found {}", value.type_str()))
+}
+
+fn absolute_path(value: &Value) -> Result<PathBuf, String> {
+    let s = string(value)?;
+    let path = PathBuf::from(s);
+    if !path.is_absolute() {
+        return Err(format!("expected an absolute path, found {s:?}"));
+    }
+    Ok(path)
+}
+
+fn to_usize(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+fn integer_between(min: u64, max: u64) -> impl Fn(&Value) -> Result<u64, String> {
+    move |value| {
+        let Value::Integer(i) = value else {
+            return Err(format!("expected an integer, found {}", value.type_str()));
+        };
+        match u64::try_from(*i) {
+            Ok(v) if (min..=max).contains(&v) => Ok(v),
+            _ => Err(format!("{i} is out of range {min}..={max}")),
+        }
+    }
+}
+
+fn id_number(value: &Value) -> Result<u32, String> {
+    integer_between(0, u64::from(u32::MAX - 1))(value).map(|v| u32::try_from(v).unwrap_or(0))
+}
+
+/// Durations are strings with a unit: "500ms", "10s", "5m", "1h".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("expected a duration such as \"500ms\", \"10s\", \"5m\" or \"1h\", found {s:?}");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(err)?;
+    Ok(Duration::from_millis(ms))
+}
+
+fn duration_between(min: Duration, max: Duration) -> impl Fn(&Value) -> Result<Duration, String> {
+    move |value| {
+        let d = parse_duration(string(value)?)?;
+        if d < min || d > max {
+            return Err(format!(
+                "{} is out of range {}..={}",
+                string(value)?,
+                show_duration(min),
+                show_duration(max)
+            ));
+        }
+        Ok(d)
+    }
+}
+
+fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn file_mode(value: &Value) -> Result<u32, String> {
+    let s = string(value).map_err(|_| "expected an octal mode as a string, e.g. \"0660\"".to_owned())?;
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("expected an octal mode such as \"0660\", found {s:?}"))?;
+    if mode > 0o777 {
+        return Err(format!("{s:?} has bits beyond 0777"));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(format!("{s:?} must let the owner read and write (0600 at least)"));
+    }
+    if mode & 0o002 != 0 {
+        return Err(format!(
+            "{s:?} lets every local user connect; grant access with a group instead"
+        ));
+    }
+    Ok(mode)
+}
+
+fn group_ref(value: &Value, groups: &dyn GroupLookup) -> Result<u32, String> {
+    match value {
+        Value::Integer(_) => id_number(value),
+        Value::String(name) => match groups.gid_of(name) {
+            Ok(Some(gid)) => Ok(gid),
+            Ok(None) => Err(format!("no such group {name:?}")),
+            Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
+        },
+        other => Err(format!("expected a group name or gid, found {}", other.type_str())),
+    }
+}
+
+fn fd_name(value: &Value) -> Result<String, String> {
+    let s = string(value)?;
+    // systemd's rule for FileDescriptorName=: at most 255 printable ASCII characters, no colon.
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err(format!("{s:?} is not a valid systemd file descriptor name"));
+    }
+    Ok(s.to_owned())
+}
+
+fn log_target(value: &Value) -> Result<LogTarget, String> {
+    match string(value)? {
+        "auto" => Ok(LogTarget::Auto),
+        "journald" => Ok(LogTarget::Journald),
+        "stderr" => Ok(LogTarget::Stderr),
+        other => Err(format!("expected \"auto\", \"journald\" or \"stderr\", found {other:?}")),
+    }
+}
+
+fn log_level(value: &Value) -> Result<String, String> {
+    let s = string(value)?;
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map_err(|e| format!("not a valid log filter {s:?}: {e}"))?;
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests;

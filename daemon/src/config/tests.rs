@@ -1,0 +1,204 @@
+use super::*;
+
+struct FakeGroups;
+
+impl GroupLookup for FakeGroups {
+    fn gid_of(&self, name: &str) -> Result<Option<u32>, String> {
+        Ok(match name {
+            "airgate-clients" => Some(3001),
+            "airgate-admin" => Some(3002),
+            _ => None,
+        })
+    }
+}
+
+fn parse(text: &str) -> Result<Config, Vec<String>> {
+    match Config::parse(text, "test.toml", &FakeGroups) {
+        Ok(c) => Ok(c),
+        Err(ConfigError::Invalid { errors, .. }) => Err(errors.iter().map(ToString::to_string).collect()),
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
+
+const MINIMAL: &str = r#"
+state_dir = "/var/lib/airgate"
+[listen.unix]
+path = "/run/airgate/airgate.sock"
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(c.state_dir, PathBuf::from("/var/lib/airgate"));
+    assert_eq!(c.models_dir, PathBuf::from("/var/lib/airgate/models"));
+    assert_eq!(c.unix.mode, 0o660);
+    assert_eq!(c.unix.group, None);
+    assert_eq!(c.unix.fd_name, "unix");
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.log.target, LogTarget::Auto);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert!(c.tenants.is_empty());
+}
+
+#[test]
+fn full_config() {
+    let c = parse(
+        r#"
+state_dir = "/var/lib/airgate"
+models_dir = "/srv/models"
+shutdown_grace = "5s"
+state_probe_interval = "250ms"
+state_min_free_bytes = 0
+[listen.unix]
+path = "/run/airgate/airgate.sock"
+mode = "0640"
+group = "airgate-clients"
+fd_name = "local"
+[admin]
+groups = ["airgate-admin", 4000]
+[limits]
+header_read_timeout = "2s"
+max_headers = 10
+max_header_bytes = 8192
+max_body_bytes = 1024
+idle_timeout = "1m"
+max_connections = 3
+http2_max_concurrent_streams = 8
+[log]
+target = "stderr"
+level = "airgate=debug,hyper=warn"
+[[tenants]]
+name = "claims"
+uids = [1001]
+gids = [2001, 2002]
+"#,
+    )
+    .expect("valid");
+    assert_eq!(c.unix.mode, 0o640);
+    assert_eq!(c.unix.group, Some(3001));
+    assert_eq!(c.unix.fd_name, "local");
+    assert_eq!(c.admin.groups, vec![3002, 4000]);
+    assert_eq!(c.limits.max_connections, 3);
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.state_probe_interval, Duration::from_millis(250));
+    assert_eq!(c.log.level, "airgate=debug,hyper=warn");
+    assert_eq!(c.tenants.len(), 1);
+}
+
+#[test]
+fn every_error_is_reported_with_its_path() {
+    let errors = parse(
+        r#"
+state_dir = "relative/dir"
+colour = "blue"
+[listen.unix]
+mode = "0666"
+group = "no-such-group"
+[limits]
+max_headers = 0
+idle_timeout = "forever"
+max_body_bytes = "big"
+bogus = 1
+[log]
+target = "syslog"
+[[tenants]]
+name = "bad name"
+uids = [-1]
+extra = true
+[[tenants]]
+name = "empty"
+"#,
+    )
+    .expect_err("invalid");
+    let want = [
+        "state_dir: expected an absolute path",
+        "colour: unknown key",
+        "listen.unix.path: required key is missing",
+        "listen.unix.mode: \"0666\" lets every local user connect",
+        "listen.unix.group: no such group \"no-such-group\"",
+        "limits.max_headers: 0 is out of range 1..=1024",
+        "limits.idle_timeout: expected a duration",
+        "limits.max_body_bytes: expected an integer, found string",
+        "limits.bogus: unknown key",
+        "log.target: expected \"auto\", \"journald\" or \"stderr\", found \"syslog\"",
+        "tenants[0].name: invalid tenant name \"bad name\"",
+        "tenants[0].uids: [0] -1 is out of range",
+        "tenants[0].extra: unknown key",
+        "tenants[1]: a tenant needs at least one of uids or gids",
+    ];
+    for w in want {
+        assert!(
+            errors.iter().any(|e| e.starts_with(w)),
+            "missing {w:?} in {errors:#?}"
+        );
+    }
+    assert_eq!(errors.len(), want.len(), "{errors:#?}");
+}
+
+#[test]
+fn missing_sections_are_named() {
+    let errors = parse("").expect_err("invalid");
+    assert_eq!(
+        errors,
+        vec!["state_dir: required key is missing", "listen: required table is missing"]
+    );
+}
+
+#[test]
+fn syntax_error_is_one_error_with_position() {
+    let errors = parse("state_dir = \n[").expect_err("invalid");
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("not valid TOML") && errors[0].contains("line"), "{errors:?}");
+}
+
+#[test]
+fn wrong_types_for_tables() {
+    let errors = parse("state_dir = \"/x\"\nlisten = 3\nlimits = []\n").expect_err("invalid");
+    assert!(errors.contains(&"listen: expected a table, found integer".to_owned()), "{errors:?}");
+    assert!(errors.contains(&"limits: expected a table, found array".to_owned()), "{errors:?}");
+}
+
+#[test]
+fn duplicate_tenants_and_anchors() {
+    let key = tempfile::NamedTempFile::new().expect("temp file");
+    let text = format!(
+        r#"{MINIMAL}
+[trust]
+anchors = [{{ key_id = "k1", public_key = "{p}" }}, {{ key_id = "k1", public_key = "{p}" }}, {{ key_id = "k2", public_key = "/nonexistent/key.pub" }}]
+[[tenants]]
+name = "a"
+uids = [1]
+[[tenants]]
+name = "a"
+gids = [2]
+"#,
+        p = key.path().display()
+    );
+    let errors = parse(&text).expect_err("invalid");
+    assert!(errors.iter().any(|e| e.starts_with("trust.anchors[1].key_id: duplicate key id")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.starts_with("trust.anchors[2].public_key: cannot read /nonexistent/key.pub")), "{errors:?}");
+    assert!(errors.iter().any(|e| e == "tenants[1].name: duplicate tenant a"), "{errors:?}");
+}
+
+#[test]
+fn durations() {
+    let ok = [("0ms", 0), ("500ms", 500), ("10s", 10_000), ("2m", 120_000), ("1h", 3_600_000)];
+    for (text, ms) in ok {
+        assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
+    }
+    for bad in ["", "10", "s", "1.5s", "-1s", "10 s", "3d", "99999999999999999999h"] {
+        assert!(parse_duration(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn file_modes() {
+    let cases = [("0660", Ok(0o660)), ("0o600", Ok(0o600)), ("0640", Ok(0o640))];
+    for (text, want) in cases {
+        assert_eq!(file_mode(&Value::String(text.into())), want);
+    }
+    for bad in ["0666", "0460", "999", "01777", "rw-rw----"] {
+        assert!(file_mode(&Value::String(bad.into())).is_err(), "{bad}");
+    }
+    assert!(file_mode(&Value::Integer(660)).is_err());
+}

@@ -1,0 +1,307 @@
+//! airgate: the daemon and its operator commands.
+//!
+//! `main.rs` only parses the command line and calls [`run_cli`]. The server
+//! itself is [`server::Daemon::run`], which takes its listeners and a
+//! shutdown future from the caller. Policy decisions live in the
+//! `airgate-policy` crate; this crate does every I/O and hands it facts.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod exit;
+pub mod failpoint;
+pub mod heartbeat;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod model;
+pub mod request_id;
+pub mod server;
+mod sys;
+pub mod systemd;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cli::{Cli, Command, ModelCommand};
+use config::Config;
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run_cli(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Status {
+            socket,
+            config,
+            json,
+        } => status(socket.as_deref(), &config, json),
+        Command::Model {
+            command: ModelCommand::Inspect { path, json },
+        } => inspect_model(&path, json),
+    }
+}
+
+fn check_config(path: &Path) -> u8 {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            exit::CONFIG
+        }
+    }
+}
+
+/// `airgate serve`: the start-up order is configuration (every error,
+/// exit 64) -> logging -> sockets from systemd -> runtime -> bind -> READY
+/// -> serve -> drain on SIGTERM/SIGINT, reload on SIGHUP.
+fn serve(path: &Path) -> u8 {
+    // The configuration decides where logs go, so it is read first; its
+    // errors go to stderr, which systemd also sends to the journal.
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("airgate: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let (log, log_target) = logging::init(&config.log);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %path.display(),
+        logs = log_target,
+        "starting"
+    );
+    let failpoints = match failpoint::Failpoints::from_env() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "bad failpoint specification");
+            return exit::CONFIG;
+        }
+    };
+    if failpoints.any() {
+        tracing::warn!(failpoints = ?failpoints, "FAULT INJECTION ACTIVE ({}): for tests only", failpoint::ENV);
+    }
+    // Before any thread exists: this reads and unsets LISTEN_* variables.
+    let mut activated = match systemd::ActivatedFds::take() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "bad socket activation environment");
+            return exit::UNAVAILABLE;
+        }
+    };
+    if let Err(e) = server::prepare_state_dir(&config.state_dir) {
+        tracing::error!(error = %e, "cannot use the state directory");
+        return exit::CANT_CREATE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("airgate")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return exit::SOFTWARE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        let unix = match listener::UnixSocket::open(&config.unix, &mut activated) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the Unix socket");
+                return exit::UNAVAILABLE;
+            }
+        };
+        for (name, fd) in activated.into_unclaimed() {
+            tracing::warn!(name, fd, "socket passed by systemd matches no configured listener; closing it");
+            sys::close_unclaimed(fd);
+        }
+        let signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return exit::SOFTWARE;
+            }
+        };
+        let daemon = server::Daemon::new(config, Some(log), failpoints);
+        let reloader = daemon.clone();
+        let config_path = path.to_owned();
+        let Signals { mut term, mut int, mut hup } = signals;
+        let reload_task = tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let path = config_path.clone();
+                let next = tokio::task::spawn_blocking(move || Config::load(&path))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(config::ConfigError::Read {
+                            path: config_path.clone(),
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    });
+                reloader.reload(next);
+            }
+        });
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        };
+        daemon.run(listener::Listeners { unix }, shutdown).await;
+        reload_task.abort();
+        exit::OK
+    });
+    // A worker stuck in a blocking call must not hold the process hostage.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+fn status(socket: Option<&Path>, config: &Path, json: bool) -> u8 {
+    let socket = match socket {
+        Some(s) => s.to_owned(),
+        None => match Config::load(config) {
+            Ok(c) => c.unix.path,
+            Err(e) => {
+                eprintln!("airgate: {e}\n(pass --socket to name the daemon's socket directly)");
+                return exit::CONFIG;
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("airgate: cannot start the async runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    let (code, body) = match runtime.block_on(client::get(&socket, "/admin/status")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("airgate: {e}");
+            return exit::NO_DAEMON;
+        }
+    };
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if !code.is_success() {
+        let message = doc["error"]["message"].as_str().unwrap_or("(no message)");
+        eprintln!("airgate: the daemon answered {code}: {message}");
+        return exit::NO_DAEMON;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        print!("{}", render_status(&doc));
+    }
+    exit::OK
+}
+
+fn render_status(doc: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "airgate {} (pid {}), up {}s",
+        doc["version"].as_str().unwrap_or("?"),
+        doc["pid"],
+        doc["uptime_seconds"]
+    );
+    let reasons: Vec<&str> = doc["not_ready_reasons"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r.as_str()).collect())
+        .unwrap_or_default();
+    if reasons.is_empty() {
+        let _ = writeln!(out, "ready:       yes");
+    } else {
+        let _ = writeln!(out, "ready:       no: {}", reasons.join("; "));
+    }
+    for l in doc["listeners"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "listener:    {} {} {}{}",
+            l["name"].as_str().unwrap_or("?"),
+            l["kind"].as_str().unwrap_or("?"),
+            l["address"].as_str().unwrap_or("?"),
+            if l["activated"].as_bool() == Some(true) { " (socket-activated)" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "connections: {} of {}",
+        doc["connections"]["active"], doc["connections"]["max"]
+    );
+    for w in doc["workers"].as_array().into_iter().flatten() {
+        let state = if w["stuck"].as_bool() == Some(true) {
+            "STUCK"
+        } else if w["idle"].as_bool() == Some(true) {
+            "idle"
+        } else {
+            "ok"
+        };
+        let _ = writeln!(
+            out,
+            "worker:      {} {} (last progress {} ms ago)",
+            w["name"].as_str().unwrap_or("?"),
+            state,
+            w["since_progress_ms"]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "watchdog:    {}",
+        if doc["watchdog"]["enabled"].as_bool() == Some(true) {
+            format!("every {} ms", doc["watchdog"]["period_ms"])
+        } else {
+            "off".to_owned()
+        }
+    );
+    if let Some(r) = doc["last_reload"].as_object() {
+        let _ = writeln!(
+            out,
+            "last reload: {} at {}",
+            if r["ok"].as_bool() == Some(true) { "ok" } else { "REFUSED" },
+            r["at_unix"]
+        );
+    }
+    out
+}
+
+fn inspect_model(path: &Path, json: bool) -> u8 {
+    match model::inspect(path) {
+        Ok(info) if json => {
+            println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+            exit::OK
+        }
+        Ok(info) => {
+            println!("{info}");
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("airgate: {e}");
+            exit::DATA
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Prometheus metrics, served to operators at `GET /metrics`.
+//!
+//! Label values are bounded by construction (route templates, status codes,
+//! listener and worker names, fixed reason strings), never taken from a
+//! request, so a client cannot grow the series count.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::heartbeat::WorkerHealth;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub listener: String,
+    pub how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the daemon exports. Clones share the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub connections_accepted: Family<ListenerLabels, Counter>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    pub connections_active: Family<ListenerLabels, Gauge>,
+    pub connections_closed: Family<ClosedLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily<RouteLabels>,
+    pub watchdog_pings: Counter,
+    pub worker_stuck: Family<WorkerLabels, Gauge>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub state_dir_free_bytes: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~65 s: from a health check to a long generation.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("airgate");
+        let m = Self {
+            registry: Arc::new(Registry::default()),
+            connections_accepted: Family::default(),
+            connections_refused: Family::default(),
+            connections_active: Family::default(),
+            connections_closed: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            watchdog_pings: Counter::default(),
+            worker_stuck: Family::default(),
+            config_reloads: Family::default(),
+            state_dir_free_bytes: Gauge::default(),
+        };
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build of the running daemon", build);
+        registry.register(
+            "connections_accepted",
+            "Connections accepted, by listener",
+            m.connections_accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused before any request was read, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections open now, by listener",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections ended, by listener and how (closed, error, header_timeout, aborted)",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request head to response head, by route",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "watchdog_pings",
+            "WATCHDOG=1 notifications sent to systemd",
+            m.watchdog_pings.clone(),
+        );
+        registry.register(
+            "worker_stuck",
+            "1 while a registered worker has stopped reporting progress",
+            m.worker_stuck.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "state_dir_free_bytes",
+            "Free bytes in the state directory's file system, as last probed",
+            m.state_dir_free_bytes.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    pub fn count_close(&self, listener: &str, how: &'static str) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels {
+                listener: listener.to_owned(),
+                how,
+            })
+            .inc();
+    }
+
+    pub fn set_workers(&self, health: &[WorkerHealth]) {
+        for w in health {
+            self.worker_stuck
+                .get_or_create(&WorkerLabels {
+                    worker: w.name.clone(),
+                })
+                .set(i64::from(w.stuck));
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,496 @@
+//! The server: shared state, the accept loop, background workers, reload and
+//! the drain on shutdown.
+//!
+//! `Daemon::run(listeners, shutdown)` takes its sockets and its shutdown
+//! trigger from the caller, so tests and `serve` drive it the same way.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use airgate_policy::identity::Identity;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::connection::{self, Conn};
+use crate::failpoint::Failpoints;
+use crate::heartbeat::{Heartbeat, Worker};
+use crate::listener::{ListenerInfo, Listeners, UnixSocket};
+use crate::logging::LogHandle;
+use crate::metrics::{ListenerLabels, Metrics, ResultLabels};
+use crate::systemd::{self, Notifier};
+
+/// State every task shares.
+pub struct Shared {
+    config: ArcSwap<Config>,
+    pub metrics: Metrics,
+    pub heartbeat: Heartbeat,
+    notifier: Notifier,
+    log: Option<LogHandle>,
+    failpoints: Failpoints,
+    started: Instant,
+    started_unix: u64,
+    watchdog: Option<Duration>,
+    listeners: Mutex<Vec<ListenerInfo>>,
+    last_reload: Mutex<Option<ReloadRecord>>,
+    state_probe: Mutex<Option<StateProbe>>,
+    /// Settings changed by a reload that only a restart applies.
+    pending_restart: Mutex<Vec<&'static str>>,
+    conn_ids: AtomicU64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct ReloadRecord {
+    at_unix: u64,
+    ok: bool,
+    message: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct StateProbe {
+    at_unix: u64,
+    free_bytes: Option<u64>,
+    writable: bool,
+    error: Option<String>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Operators are uid 0 and members (primary or supplementary) of an admin group.
+    pub fn is_operator(&self, identity: &Identity) -> bool {
+        let Identity::Unix(peer) = identity;
+        peer.uid == 0 || self.config().admin.groups.iter().any(|g| peer.in_group(*g))
+    }
+
+    /// Why inference is not being served; empty when it is.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons = vec![
+            "no policy bundle loaded".to_owned(),
+            "no models loaded".to_owned(),
+        ];
+        if let Some(probe) = &*self.state_probe.lock().unwrap_or_else(PoisonError::into_inner) {
+            if let Some(e) = &probe.error {
+                reasons.push(format!("state directory: {e}"));
+            }
+        }
+        reasons
+    }
+
+    fn status_line(&self) -> String {
+        let listeners = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+        let listening = listeners
+            .iter()
+            .map(|l| format!("{}:{}", l.kind, l.address))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let reasons = self.not_ready_reasons();
+        if reasons.is_empty() {
+            format!("serving on {listening}")
+        } else {
+            format!("listening on {listening}; not serving inference: {}", reasons.join("; "))
+        }
+    }
+
+    /// The document behind `GET /admin/status` and `airgate status`.
+    pub fn status(&self) -> serde_json::Value {
+        let config = self.config();
+        let reasons = self.not_ready_reasons();
+        let active: i64 = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|l| {
+                self.metrics
+                    .connections_active
+                    .get_or_create(&ListenerLabels {
+                        listener: l.name.clone(),
+                    })
+                    .get()
+            })
+            .sum();
+        let active_failpoints = self.failpoints.any().then(|| format!("{:?}", self.failpoints));
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "started_at_unix": self.started_unix,
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "config_file": config.source.as_ref().map(|p| p.display().to_string()),
+            "ready": reasons.is_empty(),
+            "not_ready_reasons": reasons,
+            "listeners": *self.listeners.lock().unwrap_or_else(PoisonError::into_inner),
+            "connections": {"active": active, "max": config.limits.max_connections},
+            "bundle": null,
+            "models": [],
+            "static_tenants": config.tenants.len(),
+            "workers": self.heartbeat.check(),
+            "watchdog": {
+                "enabled": self.watchdog.is_some(),
+                "period_ms": self.watchdog.map(|d| d.as_millis() as u64),
+                "healthy": self.heartbeat.healthy(),
+            },
+            "state_dir": {
+                "path": config.state_dir.display().to_string(),
+                "last_probe": *self.state_probe.lock().unwrap_or_else(PoisonError::into_inner),
+            },
+            "last_reload": *self.last_reload.lock().unwrap_or_else(PoisonError::into_inner),
+            "pending_restart": *self.pending_restart.lock().unwrap_or_else(PoisonError::into_inner),
+            "failpoints": active_failpoints,
+        })
+    }
+}
+
+/// The running daemon's handle: clone it to reload from a signal handler.
+#[derive(Clone)]
+pub struct Daemon {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Creates the state directory (0700) if it is missing and checks it is a
+/// writable directory. systemd's StateDirectory= normally creates it.
+pub fn prepare_state_dir(path: &Path) -> Result<(), StateDirError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |source| StateDirError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(err)?;
+    }
+    if !path.is_dir() {
+        return Err(err(std::io::Error::other("not a directory")));
+    }
+    nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).map_err(|e| err(e.into()))?;
+    Ok(())
+}
+
+impl Daemon {
+    pub fn new(config: Config, log: Option<LogHandle>, failpoints: Failpoints) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config: ArcSwap::from_pointee(config),
+                metrics: Metrics::new(),
+                heartbeat: Heartbeat::new(),
+                notifier: Notifier::default(),
+                log,
+                failpoints,
+                started: Instant::now(),
+                started_unix: unix_now(),
+                watchdog: systemd::watchdog_period(),
+                listeners: Mutex::new(Vec::new()),
+                last_reload: Mutex::new(None),
+                state_probe: Mutex::new(None),
+                pending_restart: Mutex::new(Vec::new()),
+                conn_ids: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Applies a re-read configuration, or keeps the running one if it is
+    /// invalid. Connections stay up either way; settings that need new
+    /// sockets or stores are reported as pending a restart.
+    pub fn reload(&self, next: Result<Config, ConfigError>) {
+        let shared = &self.shared;
+        shared.notifier.reloading();
+        let record = match next {
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; keeping the running configuration");
+                shared
+                    .metrics
+                    .config_reloads
+                    .get_or_create(&ResultLabels { result: "error" })
+                    .inc();
+                ReloadRecord {
+                    at_unix: unix_now(),
+                    ok: false,
+                    message: e.to_string(),
+                }
+            }
+            Ok(next) => {
+                let current = shared.config();
+                let mut pending = Vec::new();
+                if next.unix != current.unix {
+                    pending.push("listen.unix");
+                }
+                if next.state_dir != current.state_dir {
+                    pending.push("state_dir");
+                }
+                if next.models_dir != current.models_dir {
+                    pending.push("models_dir");
+                }
+                if next.limits.max_connections != current.limits.max_connections {
+                    pending.push("limits.max_connections");
+                }
+                if next.state_probe_interval != current.state_probe_interval {
+                    pending.push("state_probe_interval");
+                }
+                if let Some(log) = &shared.log {
+                    if let Err(e) = log.set_level(&next.log.level) {
+                        tracing::warn!(error = %e, "cannot apply log.level");
+                    }
+                }
+                if next.log.target != current.log.target {
+                    pending.push("log.target");
+                }
+                for key in &pending {
+                    tracing::warn!(key, "changed setting takes effect after a restart");
+                }
+                *shared.pending_restart.lock().unwrap_or_else(PoisonError::into_inner) = pending;
+                shared.config.store(Arc::new(next));
+                shared
+                    .metrics
+                    .config_reloads
+                    .get_or_create(&ResultLabels { result: "ok" })
+                    .inc();
+                tracing::info!("configuration reloaded");
+                ReloadRecord {
+                    at_unix: unix_now(),
+                    ok: true,
+                    message: "reloaded".to_owned(),
+                }
+            }
+        };
+        *shared.last_reload.lock().unwrap_or_else(PoisonError::into_inner) = Some(record);
+        shared.notifier.reloaded(&shared.status_line());
+    }
+
+    /// Serves until `shutdown` completes, then drains: no new connections,
+    /// in-flight requests get `shutdown_grace` to finish, the rest are cut.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        let Listeners { unix } = listeners;
+        shared
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(unix.info.clone());
+
+        let drain = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let background = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(shared.config().limits.max_connections));
+
+        let probe_budget = (shared.config().state_probe_interval * 3).max(Duration::from_secs(1));
+        let probe = tokio::spawn(run_state_probe(
+            Arc::clone(&shared),
+            shared.heartbeat.register("state-probe", probe_budget),
+            background.clone(),
+        ));
+        let watchdog = shared.watchdog.map(|period| {
+            tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+            tokio::spawn(systemd::run_watchdog(
+                period,
+                shared.heartbeat.clone(),
+                shared.notifier.clone(),
+                shared.metrics.clone(),
+                background.clone(),
+            ))
+        });
+
+        let accept = tokio::spawn(accept_unix(
+            Arc::clone(&shared),
+            unix,
+            permits,
+            connections.clone(),
+            drain.clone(),
+            abort.clone(),
+        ));
+
+        let status = shared.status_line();
+        tracing::info!(status = %status, "ready");
+        shared.notifier.ready(&status);
+
+        shutdown.await;
+
+        let grace = shared.config().shutdown_grace;
+        let open = connections.len();
+        tracing::info!(connections = open, grace_ms = grace.as_millis() as u64, "draining");
+        shared
+            .notifier
+            .stopping(&format!("draining {open} connection(s)"));
+        drain.cancel();
+        if let Err(e) = accept.await {
+            tracing::error!(error = %e, "accept loop failed");
+        }
+        connections.close();
+        if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+            tracing::warn!(
+                connections = connections.len(),
+                "grace period over; closing the remaining connections"
+            );
+            abort.cancel();
+            connections.wait().await;
+        }
+        background.cancel();
+        let _ = probe.await;
+        if let Some(w) = watchdog {
+            let _ = w.await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Accepts until drain, then closes the listening socket (and removes the
+/// node it created) at once, so new clients are refused while the open
+/// connections drain. With socket activation systemd keeps its own copy of
+/// the socket, and new clients queue for the next start instead.
+async fn accept_unix(
+    shared: Arc<Shared>,
+    socket: UnixSocket,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    drain: CancellationToken,
+    abort: CancellationToken,
+) {
+    let name = socket.info.name.clone();
+    let labels = ListenerLabels {
+        listener: name.clone(),
+    };
+    loop {
+        let stream = tokio::select! {
+            () = drain.cancelled() => {
+                socket.remove_node();
+                return;
+            }
+            accepted = socket.listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        shared.metrics.connections_accepted.get_or_create(&labels).inc();
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!(listener = %name, "connection limit reached; refusing connection");
+            connection::refuse(stream, &shared, &name, "connection_limit");
+            continue;
+        };
+        let identity = match crate::listener::peer_identity(&stream) {
+            Ok(identity) => identity,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; refusing connection");
+                connection::refuse(stream, &shared, &name, "peer_credentials");
+                continue;
+            }
+        };
+        let conn = Conn {
+            id: shared.conn_ids.fetch_add(1, Ordering::Relaxed) + 1,
+            listener: name.clone(),
+            identity,
+        };
+        tracker.spawn(connection::serve(
+            Arc::clone(&shared),
+            stream,
+            conn,
+            permit,
+            drain.clone(),
+            abort.clone(),
+        ));
+    }
+}
+
+/// Checks the state directory's free space and writability on a blocking
+/// thread. A hung file system hangs this worker, and the watchdog notices.
+async fn run_state_probe(shared: Arc<Shared>, worker: Worker, stop: CancellationToken) {
+    let mut low_space_warned = false;
+    loop {
+        let config = shared.config();
+        let dir = config.state_dir.clone();
+        let hang_after = shared.failpoints.state_probe_hang_after;
+        let started = shared.started;
+        let result = tokio::task::spawn_blocking(move || {
+            if hang_after.is_some_and(|after| started.elapsed() >= after) {
+                tracing::warn!("failpoint state-probe-hang-after: the state probe now hangs");
+                loop {
+                    std::thread::park();
+                }
+            }
+            probe_state_dir(&dir)
+        })
+        .await;
+        worker.progress();
+        let probe = match result {
+            Ok(p) => p,
+            Err(e) => StateProbe {
+                at_unix: unix_now(),
+                free_bytes: None,
+                writable: false,
+                error: Some(format!("probe failed: {e}")),
+            },
+        };
+        if let Some(free) = probe.free_bytes {
+            shared
+                .metrics
+                .state_dir_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+            let low = free < config.state_min_free_bytes;
+            if low && !low_space_warned {
+                tracing::warn!(
+                    free_bytes = free,
+                    min_free_bytes = config.state_min_free_bytes,
+                    "state directory is low on space"
+                );
+            }
+            low_space_warned = low;
+        }
+        if let Some(e) = &probe.error {
+            tracing::error!(error = %e, "state directory probe failed");
+        }
+        *shared.state_probe.lock().unwrap_or_else(PoisonError::into_inner) = Some(probe);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(config.state_probe_interval) => {}
+        }
+    }
+}
+
+fn probe_state_dir(dir: &Path) -> StateProbe {
+    let free = nix::sys::statvfs::statvfs(dir)
+        .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())));
+    let writable = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK);
+    let error = match (&free, &writable) {
+        (Err(e), _) => Some(format!("{}: {e}", dir.display())),
+        (_, Err(e)) => Some(format!("{} is not writable: {e}", dir.display())),
+        _ => None,
+    };
+    StateProbe {
+        at_unix: unix_now(),
+        free_bytes: free.ok(),
+        writable: writable.is_ok(),
+        error,
+    }
+}

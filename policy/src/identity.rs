@@ -1,0 +1,169 @@
+//! Transport identities and their mapping to tenants.
+//!
+//! The daemon reads an [`Identity`] from the transport (SO_PEERCRED and
+//! SO_PEERGROUPS on the Unix socket; the client certificate on TLS, in a later
+//! issue) and asks a [`TenantMap`] which tenant it belongs to. Until signed
+//! bundles carry the tenants, the map is built from the static table in the
+//! daemon's configuration.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Who is on the other end of a connection, as the transport proved it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "transport", rename_all = "snake_case")]
+pub enum Identity {
+    /// A peer on a Unix-domain socket; the kernel vouches for these values.
+    Unix(UnixPeer),
+}
+
+/// Credentials of a Unix-socket peer, taken when it connected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnixPeer {
+    pub uid: u32,
+    pub gid: u32,
+    /// Absent when the kernel could not name the process (e.g. another pid namespace).
+    pub pid: Option<i32>,
+    /// Supplementary groups (SO_PEERGROUPS), sorted and without duplicates.
+    pub groups: Vec<u32>,
+}
+
+impl UnixPeer {
+    /// Builds a peer, normalising the supplementary groups.
+    pub fn new(uid: u32, gid: u32, pid: Option<i32>, mut groups: Vec<u32>) -> Self {
+        groups.sort_unstable();
+        groups.dedup();
+        Self {
+            uid,
+            gid,
+            pid,
+            groups,
+        }
+    }
+
+    /// Whether the peer is in `gid`, as its primary or a supplementary group.
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.binary_search(&gid).is_ok()
+    }
+}
+
+/// A tenant's name as the policy knows it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct TenantId(String);
+
+impl TenantId {
+    /// Tenant names are short, printable and safe in logs, metrics labels and file names.
+    pub fn parse(name: &str) -> Result<Self, InvalidTenantId> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && name.as_bytes()[0].is_ascii_alphanumeric();
+        if ok {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(InvalidTenantId(name.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid tenant name {0:?}: 1 to 64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+)]
+pub struct InvalidTenantId(pub String);
+
+/// A rule that places a Unix peer in a tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Principal {
+    /// The peer's uid.
+    Uid(u32),
+    /// The peer's primary or any supplementary group.
+    Gid(u32),
+}
+
+/// Why an identity could not be placed in exactly one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TenantLookupError {
+    #[error("identity matches no tenant")]
+    NoTenant,
+    #[error("identity matches more than one tenant at the same precedence: {}", names(.0))]
+    Ambiguous(Vec<TenantId>),
+}
+
+fn names(tenants: &[TenantId]) -> String {
+    tenants
+        .iter()
+        .map(TenantId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Maps transport identities to tenants.
+///
+/// A uid rule is more specific than a group rule, so it wins; two tenants
+/// matching at the same precedence is an ambiguity and is refused rather than
+/// guessed (a caller must never land in a tenant by the order of a table).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantMap {
+    tenants: Vec<(TenantId, Vec<Principal>)>,
+}
+
+impl TenantMap {
+    pub fn new(tenants: Vec<(TenantId, Vec<Principal>)>) -> Self {
+        Self { tenants }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    pub fn resolve(&self, identity: &Identity) -> Result<&TenantId, TenantLookupError> {
+        let Identity::Unix(peer) = identity;
+        let by = |want_uid: bool| -> Vec<&TenantId> {
+            self.tenants
+                .iter()
+                .filter(|(_, rules)| {
+                    rules.iter().any(|rule| match *rule {
+                        Principal::Uid(uid) => want_uid && peer.uid == uid,
+                        Principal::Gid(gid) => !want_uid && peer.in_group(gid),
+                    })
+                })
+                .map(|(id, _)| id)
+                .collect()
+        };
+        for matches in [by(true), by(false)] {
+            match matches.as_slice() {
+                [] => continue,
+                [one] => return Ok(one),
+                many => {
+                    return Err(TenantLookupError::Ambiguous(
+                        many.iter().map(|t| (*t).clone()).collect(),
+                    ));
+                }
+            }
+        }
+        Err(TenantLookupError::NoTenant)
+    }
+}
+
+#[cfg(test)]
+mod tests;

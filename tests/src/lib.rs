@@ -1,0 +1,319 @@
+//! Support for airgate's end-to-end tests: start the real `airgate` binary on
+//! a temporary Unix socket, talk raw HTTP to it, listen on a NOTIFY_SOCKET.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// The airgate binary under test: `AIRGATE_BIN`, else the one cargo built
+/// next to this test executable (target/<profile>/airgate).
+pub fn airgate_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AIRGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("airgate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// The test client binary (a raw HTTP/1.1 client that can be run as another user).
+pub fn client_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_airgate-test-client"))
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+}
+
+/// Parses one HTTP/1.1 response from raw bytes read until EOF.
+pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no end of head in {:?}", String::from_utf8_lossy(raw)))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|e| e.to_string())?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or("empty response")?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut headers = BTreeMap::new();
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let mut body = raw[end + 4..].to_vec();
+    if let Some(len) = headers.get("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        body.truncate(len);
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends raw request bytes and reads the response until the server closes.
+pub fn raw_request(socket: &Path, request: &[u8]) -> std::io::Result<Response> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(request)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw).map_err(std::io::Error::other)
+}
+
+/// `GET path` with extra headers, `Connection: close`.
+pub fn get(socket: &Path, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    raw_request(socket, req.as_bytes()).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// `POST path` with a JSON body.
+pub fn post_json(socket: &Path, path: &str, body: &str) -> Response {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw_request(socket, req.as_bytes()).unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    socket: UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        Self { path, socket }
+    }
+
+    /// The next message, or None after `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(timeout)).ok()?;
+        let mut buf = vec![0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Every message that arrives within `window`, with its arrival time.
+    pub fn collect(&self, window: Duration) -> Vec<(Duration, String)> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while let Some(left) = window.checked_sub(start.elapsed()) {
+            if left.is_zero() {
+                break;
+            }
+            if let Some(m) = self.recv(left) {
+                out.push((start.elapsed(), m));
+            }
+        }
+        out
+    }
+
+    /// Waits for a message containing `needle`, returning everything seen up to it.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Vec<String> {
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        while start.elapsed() < timeout {
+            if let Some(m) = self.recv(timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1))) {
+                let done = m.lines().any(|l| l == needle);
+                seen.push(m);
+                if done {
+                    return seen;
+                }
+            }
+        }
+        panic!("no {needle:?} within {timeout:?}; saw {seen:?}");
+    }
+}
+
+/// A temporary directory holding a config, a socket and a state directory.
+pub struct Sandbox {
+    pub dir: TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("airgate-e2e-")
+                .tempdir()
+                .expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path().join("airgate.sock")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("airgate.toml")
+    }
+
+    /// A configuration with this sandbox's paths; `extra` is appended (and
+    /// may add keys to `[listen.unix]` right after it via `unix_extra`).
+    pub fn config(&self, unix_extra: &str, extra: &str) -> String {
+        format!(
+            "state_dir = \"{state}\"\nstate_probe_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\n[listen.unix]\npath = \"{sock}\"\n{unix_extra}\n\n[log]\ntarget = \"stderr\"\nlevel = \"airgate=debug,info\"\n\n{extra}\n",
+            state = self.path().join("state").display(),
+            sock = self.socket().display(),
+        )
+    }
+
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.config_path();
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+/// A running `airgate serve`, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `airgate serve` with `config` and waits until /healthz answers.
+    pub fn start(sandbox: &Sandbox, config: &str, env: &[(&str, &str)]) -> Self {
+        let daemon = Self::spawn(sandbox, config, env, Command::new(airgate_bin()));
+        daemon.wait_healthy();
+        daemon
+    }
+
+    /// Spawns `cmd serve --config ...` without waiting; `cmd` may be a wrapper.
+    pub fn spawn(sandbox: &Sandbox, config: &str, env: &[(&str, &str)], mut cmd: Command) -> Self {
+        let config_path = sandbox.write_config(config);
+        let stderr_path = sandbox.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr log");
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn airgate");
+        Self {
+            child,
+            socket: sandbox.socket(),
+            stderr_path,
+        }
+    }
+
+    pub fn wait_healthy(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = raw_request(
+                &self.socket,
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            ) {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon not healthy in time; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).expect("kill");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "daemon did not exit within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests against the real `airgate` binary. One test binary (link
+//! time matters on 2 cores); the files below share it through `#[path]`.
+//! Signals go to the daemon child process, never to this process.
+
+#[path = "e2e/api.rs"]
+mod api;
+#[path = "e2e/lifecycle.rs"]
+mod lifecycle;
+#[path = "e2e/units.rs"]
+mod units;
