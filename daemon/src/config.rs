@@ -401,18 +401,19 @@ fn parse_tenant(
     let name = s.required(errors, "name", |v| {
         TenantId::parse(string(v)?).map_err(|e| e.to_string())
     });
-    let uids = s
-        .optional(errors, "uids", |v| array_of(v, id_number))
-        .unwrap_or_default();
-    let gids = s
-        .optional(errors, "gids", |v| array_of(v, id_number))
-        .unwrap_or_default();
-    if uids.is_empty() && gids.is_empty() {
+    let uids = s.optional(errors, "uids", |v| array_of(v, id_number));
+    let gids = s.optional(errors, "gids", |v| array_of(v, id_number));
+    // Only complain about "no rules" when there is no bad entry already reported.
+    let empty = |parsed: &Option<Vec<u32>>, key: &str| {
+        parsed.as_ref().map_or(!s.table.contains_key(key), Vec::is_empty)
+    };
+    if empty(&uids, "uids") && empty(&gids, "gids") {
         errors.push(FieldError {
             path: s.path.clone(),
             message: "a tenant needs at least one of uids or gids".to_owned(),
         });
     }
+    let (uids, gids) = (uids.unwrap_or_default(), gids.unwrap_or_default());
     let rules = uids
         .into_iter()
         .map(Principal::Uid)

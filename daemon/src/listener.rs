@@ -112,9 +112,10 @@ impl UnixSocket {
     }
 }
 
-fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> ListenerError + '_ {
+fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> ListenerError {
+    let path = path.to_owned();
     move |source| ListenerError::Io {
-        path: path.to_owned(),
+        path,
         action,
         source,
     }

@@ -43,13 +43,13 @@ pub struct GgufInfo {
 
 #[derive(Debug, Serialize)]
 pub struct OnnxInfo {
-    pub inputs: Vec<Tensor>,
-    pub outputs: Vec<Tensor>,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
     pub nodes: usize,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Tensor {
+pub struct TensorInfo {
     pub name: String,
     pub datatype: String,
     pub shape: String,
@@ -104,18 +104,18 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo, String> {
 }
 
 fn inspect_onnx(path: &Path) -> Result<ModelInfo, String> {
-    use tract_onnx::prelude::*;
+    use tract_onnx::prelude::{Framework, InferenceModelExt, OutletId};
 
     let model = tract_onnx::onnx()
         .model_for_path(path)
         .and_then(|m| m.into_typed())
         .map_err(|e| format!("{e:#}"))?;
-    let describe = |outlets: &[OutletId]| -> Result<Vec<Tensor>, String> {
+    let describe = |outlets: &[OutletId]| -> Result<Vec<TensorInfo>, String> {
         outlets
             .iter()
             .map(|o| {
                 let fact = model.outlet_fact(*o).map_err(|e| format!("{e:#}"))?;
-                Ok(Tensor {
+                Ok(TensorInfo {
                     name: model.node(o.node).name.clone(),
                     datatype: format!("{:?}", fact.datum_type),
                     shape: format!("{:?}", fact.shape),

@@ -45,7 +45,12 @@ impl Notifier {
     }
 
     pub fn reloading(&self) {
-        self.send(&[NotifyState::Reloading]);
+        // MONOTONIC_USEC is what systemd 253+ (Type=notify-reload) expects
+        // with RELOADING=1; 252 ignores it.
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => self.send(&[NotifyState::Reloading, now]),
+            Err(_) => self.send(&[NotifyState::Reloading]),
+        }
     }
 
     /// Ends a reload; systemd 252 expects READY=1 after RELOADING=1.

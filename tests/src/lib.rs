@@ -30,11 +30,6 @@ pub fn airgate_bin() -> PathBuf {
     bin
 }
 
-/// The test client binary (a raw HTTP/1.1 client that can be run as another user).
-pub fn client_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_airgate-test-client"))
-}
-
 /// A parsed HTTP/1.1 response.
 #[derive(Debug, Clone)]
 pub struct Response {

@@ -6,7 +6,12 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use airgate_tests::{Daemon, Sandbox, client_bin, get, post_json, raw_request};
+use airgate_tests::{Daemon, Sandbox, get, post_json, raw_request};
+
+/// The test client (a raw HTTP/1.1 client that can be run as another user).
+fn client_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_airgate-test-client"))
+}
 
 /// Runs the test client as `uid`/`gid` with supplementary `groups`, via setpriv.
 fn get_as(uid: u32, gid: u32, groups: &[u32], socket: &std::path::Path, path: &str) -> (u16, String) {
