@@ -60,6 +60,7 @@ pub fn init(config: &LogConfig) -> (LogHandle, &'static str) {
     let fmt = journald.is_none().then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
     });
     // A subscriber may already be installed (a second call in one process);

@@ -307,17 +307,6 @@ impl Daemon {
             shared.heartbeat.register("state-probe", probe_budget),
             background.clone(),
         ));
-        let watchdog = shared.watchdog.map(|period| {
-            tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
-            tokio::spawn(systemd::run_watchdog(
-                period,
-                shared.heartbeat.clone(),
-                shared.notifier.clone(),
-                shared.metrics.clone(),
-                background.clone(),
-            ))
-        });
-
         let accept = tokio::spawn(accept_unix(
             Arc::clone(&shared),
             unix,
@@ -330,6 +319,18 @@ impl Daemon {
         let status = shared.status_line();
         tracing::info!(status = %status, "ready");
         shared.notifier.ready(&status);
+        // Pings start after READY=1: systemd ignores them before it anyway.
+        let watchdog = shared.watchdog.map(|period| {
+            tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+            tokio::spawn(systemd::run_watchdog(
+                period,
+                shared.heartbeat.clone(),
+                shared.notifier.clone(),
+                shared.metrics.clone(),
+                background.clone(),
+            ))
+        });
+
 
         shutdown.await;
 
@@ -432,7 +433,7 @@ async fn run_state_probe(shared: Arc<Shared>, worker: Worker, stop: Cancellation
         let dir = config.state_dir.clone();
         let hang_after = shared.failpoints.state_probe_hang_after;
         let started = shared.started;
-        let result = tokio::task::spawn_blocking(move || {
+        let blocking = tokio::task::spawn_blocking(move || {
             if hang_after.is_some_and(|after| started.elapsed() >= after) {
                 tracing::warn!("failpoint state-probe-hang-after: the state probe now hangs");
                 loop {
@@ -440,8 +441,12 @@ async fn run_state_probe(shared: Arc<Shared>, worker: Worker, stop: Cancellation
                 }
             }
             probe_state_dir(&dir)
-        })
-        .await;
+        });
+        // A hung probe must not hold up shutdown: stop waiting for it.
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            result = blocking => result,
+        };
         worker.progress();
         let probe = match result {
             Ok(p) => p,

@@ -69,14 +69,22 @@ impl Notifier {
     }
 }
 
-/// The watchdog period systemd asked for (WATCHDOG_USEC), if it is meant for this process.
+/// The watchdog period systemd asked for (WATCHDOG_USEC), if it is meant for
+/// this process: as sd_watchdog_enabled(3), WATCHDOG_PID must name this
+/// process when it is set, and may be absent.
 pub fn watchdog_period() -> Option<Duration> {
-    let mut usec = 0;
-    // WATCHDOG_PID, when set, must name this process; sd_notify checks it.
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Some(Duration::from_micros(usec))
-    } else {
-        None
+    parse_watchdog(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+fn parse_watchdog(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let usec: u64 = usec?.parse().ok().filter(|u| *u > 0)?;
+    match pid {
+        Some(pid) if pid.parse::<u32>().ok() != Some(me) => None,
+        _ => Some(Duration::from_micros(usec)),
     }
 }
 

@@ -85,13 +85,39 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
 }
 
 /// Sends raw request bytes and reads the response until the server closes.
+///
+/// A server may answer and close before it has read the whole request (a
+/// refused connection, a 413 or 431): then writing fails with EPIPE and, on a
+/// Unix socket, reading ends in ECONNRESET after the response. Both are fine
+/// as long as a response arrived.
 pub fn raw_request(socket: &Path, request: &[u8]) -> std::io::Result<Response> {
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    stream.write_all(request)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    let write_error = stream.write_all(request).err();
+    let raw = read_until_close(&mut stream)?;
+    if raw.is_empty() {
+        if let Some(e) = write_error {
+            return Err(e);
+        }
+    }
     parse_response(&raw).map_err(std::io::Error::other)
+}
+
+/// Reads until EOF; a reset after some data counts as the end.
+pub fn read_until_close(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(raw),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => {
+                return Ok(raw);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// `GET path` with extra headers, `Connection: close`.
@@ -131,7 +157,8 @@ impl NotifySocket {
         self.socket.set_read_timeout(Some(timeout)).ok()?;
         let mut buf = vec![0u8; 4096];
         let n = self.socket.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        // sd_notify ends every message with a newline.
+        Some(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
     }
 
     /// Every message that arrives within `window`, with its arrival time.

@@ -29,3 +29,23 @@ fn several_unnamed_sockets_are_not_guessed() {
     assert_eq!(a.claim("unix"), None);
     assert_eq!(a.into_unclaimed().len(), 2);
 }
+
+#[test]
+fn watchdog_environment() {
+    let cases = [
+        (Some("300000"), None, Some(300_000)),
+        (Some("300000"), Some("42"), Some(300_000)),
+        (Some("300000"), Some("43"), None),
+        (Some("300000"), Some("junk"), None),
+        (Some("0"), None, None),
+        (Some("soon"), None, None),
+        (None, Some("42"), None),
+    ];
+    for (usec, pid, want) in cases {
+        assert_eq!(
+            parse_watchdog(usec, pid, 42),
+            want.map(Duration::from_micros),
+            "{usec:?} {pid:?}"
+        );
+    }
+}
