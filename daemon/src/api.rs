@@ -204,7 +204,11 @@ pub async fn handle(
             .request_duration
             .get_or_create(&RouteLabels { route })
             .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(status, elapsed_ms = started.elapsed().as_millis() as u64, "response");
+        tracing::debug!(
+            status,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "response"
+        );
         response
     }
     .instrument(span)
@@ -238,13 +242,17 @@ async fn dispatch(
                 &json!({"ready": reasons.is_empty(), "reasons": reasons}),
             ))
         }
-        ("/v1/whoami", &Method::GET) => Ok(json_response(StatusCode::OK, &whoami(shared, conn, id))),
+        ("/v1/whoami", &Method::GET) => {
+            Ok(json_response(StatusCode::OK, &whoami(shared, conn, id)))
+        }
         ("/metrics", &Method::GET) => {
             require_operator(shared, conn)?;
             let mut response = Response::new(ResponseBody::new(shared.metrics.render()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             Ok(response)
         }
@@ -261,7 +269,9 @@ async fn dispatch(
             let _ = body;
             Err(ApiError::NotServing(shared.not_ready_reasons().join("; ")))
         }
-        ("/healthz" | "/readyz" | "/v1/whoami" | "/metrics" | "/admin/status", _) => Err(allow("GET")),
+        ("/healthz" | "/readyz" | "/v1/whoami" | "/metrics" | "/admin/status", _) => {
+            Err(allow("GET"))
+        }
         ("/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", _) => Err(allow("POST")),
         _ => Err(ApiError::NotFound { method, path }),
     }
@@ -310,7 +320,10 @@ async fn read_json_body(req: Request<Incoming>, limit: u64) -> Result<serde_json
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let limited = Limited::new(req.into_body(), usize::try_from(limit).unwrap_or(usize::MAX));
+    let limited = Limited::new(
+        req.into_body(),
+        usize::try_from(limit).unwrap_or(usize::MAX),
+    );
     let bytes = match limited.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {

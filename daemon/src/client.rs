@@ -36,7 +36,8 @@ pub async fn get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), Clien
                 path: socket.display().to_string(),
                 source,
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let driver = tokio::spawn(conn);
         let req = Request::get(path)
             .header(http::header::HOST, "localhost")

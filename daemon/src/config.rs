@@ -212,21 +212,27 @@ fn parse_root(
     let state_dir = root.required(errors, "state_dir", absolute_path);
     let models_dir = root.optional(errors, "models_dir", absolute_path);
     let state_probe_interval = root
-        .optional(errors, "state_probe_interval", duration_between(Duration::from_millis(100), Duration::from_secs(3600)))
+        .optional(
+            errors,
+            "state_probe_interval",
+            duration_between(Duration::from_millis(100), Duration::from_secs(3600)),
+        )
         .unwrap_or(Duration::from_secs(10));
     let state_min_free_bytes = root
         .optional(errors, "state_min_free_bytes", integer_between(0, u64::MAX))
         .unwrap_or(1 << 30);
     let shutdown_grace = root
-        .optional(errors, "shutdown_grace", duration_between(Duration::from_millis(0), Duration::from_secs(3600)))
+        .optional(
+            errors,
+            "shutdown_grace",
+            duration_between(Duration::from_millis(0), Duration::from_secs(3600)),
+        )
         .unwrap_or(Duration::from_secs(30));
 
     let unix = root.section(errors, "listen", true).and_then(|mut listen| {
         let unix = listen.section(errors, "unix", true).and_then(|mut unix| {
             let path = unix.required(errors, "path", absolute_path);
-            let mode = unix
-                .optional(errors, "mode", file_mode)
-                .unwrap_or(0o660);
+            let mode = unix.optional(errors, "mode", file_mode).unwrap_or(0o660);
             let group = unix.optional(errors, "group", |v| group_ref(v, groups));
             let fd_name = unix
                 .optional(errors, "fd_name", fd_name)
@@ -258,7 +264,11 @@ fn parse_root(
         Some(mut s) => {
             let l = Limits {
                 header_read_timeout: s
-                    .optional(errors, "header_read_timeout", duration_between(Duration::from_millis(100), Duration::from_secs(600)))
+                    .optional(
+                        errors,
+                        "header_read_timeout",
+                        duration_between(Duration::from_millis(100), Duration::from_secs(600)),
+                    )
                     .unwrap_or(defaults.header_read_timeout),
                 max_headers: s
                     .optional(errors, "max_headers", integer_between(1, 1024))
@@ -270,13 +280,21 @@ fn parse_root(
                     .optional(errors, "max_body_bytes", integer_between(1, 1 << 34))
                     .unwrap_or(defaults.max_body_bytes),
                 idle_timeout: s
-                    .optional(errors, "idle_timeout", duration_between(Duration::from_millis(100), Duration::from_secs(86400)))
+                    .optional(
+                        errors,
+                        "idle_timeout",
+                        duration_between(Duration::from_millis(100), Duration::from_secs(86400)),
+                    )
                     .unwrap_or(defaults.idle_timeout),
                 max_connections: s
                     .optional(errors, "max_connections", integer_between(1, 1 << 20))
                     .map_or(defaults.max_connections, to_usize),
                 http2_max_concurrent_streams: s
-                    .optional(errors, "http2_max_concurrent_streams", integer_between(1, 10_000))
+                    .optional(
+                        errors,
+                        "http2_max_concurrent_streams",
+                        integer_between(1, 10_000),
+                    )
                     .map_or(defaults.http2_max_concurrent_streams, |v| {
                         u32::try_from(v).unwrap_or(u32::MAX)
                     }),
@@ -303,7 +321,9 @@ fn parse_root(
 
     let log = match root.section(errors, "log", false) {
         Some(mut s) => {
-            let target = s.optional(errors, "target", log_target).unwrap_or(LogTarget::Auto);
+            let target = s
+                .optional(errors, "target", log_target)
+                .unwrap_or(LogTarget::Auto);
             let level = s
                 .optional(errors, "level", log_level)
                 .unwrap_or_else(|| "info".to_owned());
@@ -405,7 +425,9 @@ fn parse_tenant(
     let gids = s.optional(errors, "gids", |v| array_of(v, id_number));
     // Only complain about "no rules" when there is no bad entry already reported.
     let empty = |parsed: &Option<Vec<u32>>, key: &str| {
-        parsed.as_ref().map_or(!s.table.contains_key(key), Vec::is_empty)
+        parsed
+            .as_ref()
+            .map_or(!s.table.contains_key(key), Vec::is_empty)
     };
     if empty(&uids, "uids") && empty(&gids, "gids") {
         errors.push(FieldError {
@@ -541,7 +563,10 @@ fn tables_of<T>(
     parse: impl Fn(&mut Section<'_>, &mut Vec<FieldError>) -> Option<T>,
 ) -> Result<Vec<T>, String> {
     let Value::Array(items) = value else {
-        return Err(format!("expected an array of tables, found {}", value.type_str()));
+        return Err(format!(
+            "expected an array of tables, found {}",
+            value.type_str()
+        ));
     };
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
@@ -561,7 +586,10 @@ fn tables_of<T>(
     Ok(out)
 }
 
-fn array_of<T>(value: &Value, parse: impl Fn(&Value) -> Result<T, String>) -> Result<Vec<T>, String> {
+fn array_of<T>(
+    value: &Value,
+    parse: impl Fn(&Value) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
     let Value::Array(items) = value else {
         return Err(format!("expected an array, found {}", value.type_str()));
     };
@@ -617,7 +645,8 @@ fn id_number(value: &Value) -> Result<u32, String> {
 
 /// Durations are strings with a unit: "500ms", "10s", "5m", "1h".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("expected a duration such as \"500ms\", \"10s\", \"5m\" or \"1h\", found {s:?}");
+    let err =
+        || format!("expected a duration such as \"500ms\", \"10s\", \"5m\" or \"1h\", found {s:?}");
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
     let (digits, unit) = s.split_at(split);
     let n: u64 = digits.parse().map_err(|_| err())?;
@@ -656,14 +685,17 @@ fn show_duration(d: Duration) -> String {
 }
 
 fn file_mode(value: &Value) -> Result<u32, String> {
-    let s = string(value).map_err(|_| "expected an octal mode as a string, e.g. \"0660\"".to_owned())?;
+    let s = string(value)
+        .map_err(|_| "expected an octal mode as a string, e.g. \"0660\"".to_owned())?;
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .map_err(|_| format!("expected an octal mode such as \"0660\", found {s:?}"))?;
     if mode > 0o777 {
         return Err(format!("{s:?} has bits beyond 0777"));
     }
     if mode & 0o600 != 0o600 {
-        return Err(format!("{s:?} must let the owner read and write (0600 at least)"));
+        return Err(format!(
+            "{s:?} must let the owner read and write (0600 at least)"
+        ));
     }
     if mode & 0o002 != 0 {
         return Err(format!(
@@ -681,7 +713,10 @@ fn group_ref(value: &Value, groups: &dyn GroupLookup) -> Result<u32, String> {
             Ok(None) => Err(format!("no such group {name:?}")),
             Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
         },
-        other => Err(format!("expected a group name or gid, found {}", other.type_str())),
+        other => Err(format!(
+            "expected a group name or gid, found {}",
+            other.type_str()
+        )),
     }
 }
 
@@ -699,7 +734,9 @@ fn log_target(value: &Value) -> Result<LogTarget, String> {
         "auto" => Ok(LogTarget::Auto),
         "journald" => Ok(LogTarget::Journald),
         "stderr" => Ok(LogTarget::Stderr),
-        other => Err(format!("expected \"auto\", \"journald\" or \"stderr\", found {other:?}")),
+        other => Err(format!(
+            "expected \"auto\", \"journald\" or \"stderr\", found {other:?}"
+        )),
     }
 }
 

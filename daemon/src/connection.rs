@@ -146,7 +146,11 @@ impl AsyncRead for Watched {
 }
 
 impl AsyncWrite for Watched {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -221,7 +225,11 @@ pub async fn serve(
     let labels = ListenerLabels {
         listener: conn.listener.clone(),
     };
-    shared.metrics.connections_active.get_or_create(&labels).inc();
+    shared
+        .metrics
+        .connections_active
+        .get_or_create(&labels)
+        .inc();
     let activity = Arc::new(Activity::new());
     let limits = shared.config().limits.clone();
     let conn = Arc::new(conn);
@@ -243,7 +251,11 @@ pub async fn serve(
             };
             let shared = Arc::clone(&shared);
             let conn = Arc::clone(&conn);
-            async move { Ok::<_, std::convert::Infallible>(crate::api::handle(shared, conn, in_flight, req).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    crate::api::handle(shared, conn, in_flight, req).await,
+                )
+            }
         })
     };
     let io = TokioIo::new(Watched {
@@ -288,6 +300,10 @@ pub async fn serve(
             },
         }
     };
-    shared.metrics.connections_active.get_or_create(&labels).dec();
+    shared
+        .metrics
+        .connections_active
+        .get_or_create(&labels)
+        .dec();
     shared.metrics.count_close(&conn.listener, outcome);
 }

@@ -168,7 +168,9 @@ impl Worker {
     /// Counts progress now and allows `budget` until the next report, for a
     /// step known to take long (hashing a large model, a long prefill).
     pub fn expect(&self, budget: Duration) {
-        self.state.budget_ms.store(millis(budget), Ordering::Relaxed);
+        self.state
+            .budget_ms
+            .store(millis(budget), Ordering::Relaxed);
         self.progress();
     }
 }

@@ -119,7 +119,11 @@ fn serve(path: &Path) -> u8 {
             }
         };
         for (name, fd) in activated.into_unclaimed() {
-            tracing::warn!(name, fd, "socket passed by systemd matches no configured listener; closing it");
+            tracing::warn!(
+                name,
+                fd,
+                "socket passed by systemd matches no configured listener; closing it"
+            );
             sys::close_unclaimed(fd);
         }
         let signals = match Signals::new() {
@@ -132,7 +136,11 @@ fn serve(path: &Path) -> u8 {
         let daemon = server::Daemon::new(config, Some(log), failpoints);
         let reloader = daemon.clone();
         let config_path = path.to_owned();
-        let Signals { mut term, mut int, mut hup } = signals;
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+        } = signals;
         let reload_task = tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the configuration");
@@ -191,7 +199,10 @@ fn status(socket: Option<&Path>, config: &Path, json: bool) -> u8 {
             }
         },
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("airgate: cannot start the async runtime: {e}");
@@ -245,7 +256,11 @@ fn render_status(doc: &serde_json::Value) -> String {
             l["name"].as_str().unwrap_or("?"),
             l["kind"].as_str().unwrap_or("?"),
             l["address"].as_str().unwrap_or("?"),
-            if l["activated"].as_bool() == Some(true) { " (socket-activated)" } else { "" }
+            if l["activated"].as_bool() == Some(true) {
+                " (socket-activated)"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(
@@ -282,7 +297,11 @@ fn render_status(doc: &serde_json::Value) -> String {
         let _ = writeln!(
             out,
             "last reload: {} at {}",
-            if r["ok"].as_bool() == Some(true) { "ok" } else { "REFUSED" },
+            if r["ok"].as_bool() == Some(true) {
+                "ok"
+            } else {
+                "REFUSED"
+            },
             r["at_unix"]
         );
     }
@@ -292,7 +311,10 @@ fn render_status(doc: &serde_json::Value) -> String {
 fn inspect_model(path: &Path, json: bool) -> u8 {
     match model::inspect(path) {
         Ok(info) if json => {
-            println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&info).unwrap_or_default()
+            );
             exit::OK
         }
         Ok(info) => {

@@ -63,7 +63,10 @@ pub struct Listeners {
 impl UnixSocket {
     /// Takes the socket systemd passed under the configured name, or binds
     /// the configured path with the configured mode and group.
-    pub fn open(config: &UnixListenerConfig, activated: &mut ActivatedFds) -> Result<Self, ListenerError> {
+    pub fn open(
+        config: &UnixListenerConfig,
+        activated: &mut ActivatedFds,
+    ) -> Result<Self, ListenerError> {
         if let Some(fd) = activated.claim(&config.fd_name) {
             let activated_err = |source| ListenerError::Activated {
                 name: config.fd_name.clone(),
@@ -104,10 +107,10 @@ impl UnixSocket {
 
     /// Removes the socket node if this process created it.
     pub fn remove_node(&self) {
-        if let Some(path) = &self.cleanup {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove socket");
-            }
+        if let Some(path) = &self.cleanup
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove socket");
         }
     }
 }
@@ -126,13 +129,13 @@ fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> Listen
 fn bind(config: &UnixListenerConfig) -> Result<UnixListener, ListenerError> {
     use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, socket};
     let path = &config.path;
-    if let Some(dir) = path.parent() {
-        if !dir.is_dir() {
-            return Err(ListenerError::NoParent {
-                path: path.clone(),
-                dir: dir.to_owned(),
-            });
-        }
+    if let Some(dir) = path.parent()
+        && !dir.is_dir()
+    {
+        return Err(ListenerError::NoParent {
+            path: path.clone(),
+            dir: dir.to_owned(),
+        });
     }
     remove_stale(path)?;
     let fd = socket(
@@ -143,8 +146,7 @@ fn bind(config: &UnixListenerConfig) -> Result<UnixListener, ListenerError> {
     )
     .map_err(|e| io_err(path, "socket")(e.into()))?;
     let addr = UnixAddr::new(path.as_path()).map_err(|e| io_err(path, "address")(e.into()))?;
-    nix::sys::socket::bind(fd.as_raw_fd(), &addr)
-        .map_err(|e| io_err(path, "bind")(e.into()))?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(|e| io_err(path, "bind")(e.into()))?;
     let finish = || -> Result<(), ListenerError> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.mode))
             .map_err(io_err(path, "chmod"))?;

@@ -56,7 +56,11 @@ pub fn init(config: &LogConfig) -> (LogHandle, &'static str) {
     } else {
         None
     };
-    let target = if journald.is_some() { "journald" } else { "stderr" };
+    let target = if journald.is_some() {
+        "journald"
+    } else {
+        "stderr"
+    };
     let fmt = journald.is_none().then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

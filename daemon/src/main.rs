@@ -9,7 +9,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are not errors.
-            let code = if e.use_stderr() { airgate::exit::CONFIG } else { airgate::exit::OK };
+            let code = if e.use_stderr() {
+                airgate::exit::CONFIG
+            } else {
+                airgate::exit::OK
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }

@@ -17,7 +17,9 @@ pub enum ModelError {
     },
     #[error("{path}: llama.cpp could not load it as a GGUF model: {reason}")]
     Gguf { path: String, reason: String },
-    #[error("{path}: not a GGUF file (no GGUF magic), and tract could not load it as ONNX: {reason}")]
+    #[error(
+        "{path}: not a GGUF file (no GGUF magic), and tract could not load it as ONNX: {reason}"
+    )]
     Onnx { path: String, reason: String },
 }
 
@@ -136,7 +138,11 @@ impl std::fmt::Display for ModelInfo {
             Self::Gguf(g) => {
                 writeln!(f, "format:        GGUF (llama.cpp)")?;
                 writeln!(f, "name:          {}", g.name.as_deref().unwrap_or("-"))?;
-                writeln!(f, "architecture:  {}", g.architecture.as_deref().unwrap_or("-"))?;
+                writeln!(
+                    f,
+                    "architecture:  {}",
+                    g.architecture.as_deref().unwrap_or("-")
+                )?;
                 writeln!(f, "license:       {}", g.license.as_deref().unwrap_or("-"))?;
                 writeln!(f, "parameters:    {}", g.parameters)?;
                 writeln!(f, "size:          {} bytes", g.size_bytes)?;

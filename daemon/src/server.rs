@@ -84,16 +84,21 @@ impl Shared {
             "no policy bundle loaded".to_owned(),
             "no models loaded".to_owned(),
         ];
-        if let Some(probe) = &*self.state_probe.lock().unwrap_or_else(PoisonError::into_inner) {
-            if let Some(e) = &probe.error {
-                reasons.push(format!("state directory: {e}"));
-            }
+        let probe = self
+            .state_probe
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = probe.as_ref().and_then(|p| p.error.as_ref()) {
+            reasons.push(format!("state directory: {e}"));
         }
         reasons
     }
 
     fn status_line(&self) -> String {
-        let listeners = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+        let listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let listening = listeners
             .iter()
             .map(|l| format!("{}:{}", l.kind, l.address))
@@ -103,7 +108,10 @@ impl Shared {
         if reasons.is_empty() {
             format!("serving on {listening}")
         } else {
-            format!("listening on {listening}; not serving inference: {}", reasons.join("; "))
+            format!(
+                "listening on {listening}; not serving inference: {}",
+                reasons.join("; ")
+            )
         }
     }
 
@@ -125,7 +133,10 @@ impl Shared {
                     .get()
             })
             .sum();
-        let active_failpoints = self.failpoints.any().then(|| format!("{:?}", self.failpoints));
+        let active_failpoints = self
+            .failpoints
+            .any()
+            .then(|| format!("{:?}", self.failpoints));
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
@@ -254,10 +265,10 @@ impl Daemon {
                 if next.state_probe_interval != current.state_probe_interval {
                     pending.push("state_probe_interval");
                 }
-                if let Some(log) = &shared.log {
-                    if let Err(e) = log.set_level(&next.log.level) {
-                        tracing::warn!(error = %e, "cannot apply log.level");
-                    }
+                if let Some(log) = &shared.log
+                    && let Err(e) = log.set_level(&next.log.level)
+                {
+                    tracing::warn!(error = %e, "cannot apply log.level");
                 }
                 if next.log.target != current.log.target {
                     pending.push("log.target");
@@ -265,7 +276,10 @@ impl Daemon {
                 for key in &pending {
                     tracing::warn!(key, "changed setting takes effect after a restart");
                 }
-                *shared.pending_restart.lock().unwrap_or_else(PoisonError::into_inner) = pending;
+                *shared
+                    .pending_restart
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = pending;
                 shared.config.store(Arc::new(next));
                 shared
                     .metrics
@@ -280,7 +294,10 @@ impl Daemon {
                 }
             }
         };
-        *shared.last_reload.lock().unwrap_or_else(PoisonError::into_inner) = Some(record);
+        *shared
+            .last_reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(record);
         shared.notifier.reloaded(&shared.status_line());
     }
 
@@ -321,7 +338,10 @@ impl Daemon {
         shared.notifier.ready(&status);
         // Pings start after READY=1: systemd ignores them before it anyway.
         let watchdog = shared.watchdog.map(|period| {
-            tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+            tracing::info!(
+                period_ms = period.as_millis() as u64,
+                "systemd watchdog enabled"
+            );
             tokio::spawn(systemd::run_watchdog(
                 period,
                 shared.heartbeat.clone(),
@@ -331,12 +351,15 @@ impl Daemon {
             ))
         });
 
-
         shutdown.await;
 
         let grace = shared.config().shutdown_grace;
         let open = connections.len();
-        tracing::info!(connections = open, grace_ms = grace.as_millis() as u64, "draining");
+        tracing::info!(
+            connections = open,
+            grace_ms = grace.as_millis() as u64,
+            "draining"
+        );
         shared
             .notifier
             .stopping(&format!("draining {open} connection(s)"));
@@ -345,7 +368,10 @@ impl Daemon {
             tracing::error!(error = %e, "accept loop failed");
         }
         connections.close();
-        if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+        if tokio::time::timeout(grace, connections.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 connections = connections.len(),
                 "grace period over; closing the remaining connections"
@@ -394,7 +420,11 @@ async fn accept_unix(
                 }
             },
         };
-        shared.metrics.connections_accepted.get_or_create(&labels).inc();
+        shared
+            .metrics
+            .connections_accepted
+            .get_or_create(&labels)
+            .inc();
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tracing::warn!(listener = %name, "connection limit reached; refusing connection");
             connection::refuse(stream, &shared, &name, "connection_limit");
@@ -475,7 +505,10 @@ async fn run_state_probe(shared: Arc<Shared>, worker: Worker, stop: Cancellation
         if let Some(e) = &probe.error {
             tracing::error!(error = %e, "state directory probe failed");
         }
-        *shared.state_probe.lock().unwrap_or_else(PoisonError::into_inner) = Some(probe);
+        *shared
+            .state_probe
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(probe);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(config.state_probe_interval) => {}
@@ -485,7 +518,7 @@ async fn run_state_probe(shared: Arc<Shared>, worker: Worker, stop: Cancellation
 
 fn probe_state_dir(dir: &Path) -> StateProbe {
     let free = nix::sys::statvfs::statvfs(dir)
-        .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())));
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()));
     let writable = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK);
     let error = match (&free, &writable) {
         (Err(e), _) => Some(format!("{}: {e}", dir.display())),

@@ -25,10 +25,10 @@ impl Notifier {
     fn send(&self, states: &[NotifyState<'_>]) {
         // unset_env = false: the environment is shared with other threads, and
         // child processes are not spawned by the daemon.
-        if let Err(e) = sd_notify::notify(false, states) {
-            if !self.warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!(error = %e, "cannot send to NOTIFY_SOCKET");
-            }
+        if let Err(e) = sd_notify::notify(false, states)
+            && !self.warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(error = %e, "cannot send to NOTIFY_SOCKET");
         }
     }
 

@@ -49,7 +49,9 @@ impl Response {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -74,7 +76,10 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
         }
     }
     let mut body = raw[end + 4..].to_vec();
-    if let Some(len) = headers.get("content-length").and_then(|l| l.parse::<usize>().ok()) {
+    if let Some(len) = headers
+        .get("content-length")
+        .and_then(|l| l.parse::<usize>().ok())
+    {
         body.truncate(len);
     }
     Ok(Response {
@@ -95,10 +100,10 @@ pub fn raw_request(socket: &Path, request: &[u8]) -> std::io::Result<Response> {
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     let write_error = stream.write_all(request).err();
     let raw = read_until_close(&mut stream)?;
-    if raw.is_empty() {
-        if let Some(e) = write_error {
-            return Err(e);
-        }
+    if raw.is_empty()
+        && let Some(e) = write_error
+    {
+        return Err(e);
     }
     parse_response(&raw).map_err(std::io::Error::other)
 }
@@ -181,7 +186,11 @@ impl NotifySocket {
         let start = Instant::now();
         let mut seen = Vec::new();
         while start.elapsed() < timeout {
-            if let Some(m) = self.recv(timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1))) {
+            if let Some(m) = self.recv(
+                timeout
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_millis(1)),
+            ) {
                 let done = m.lines().any(|l| l == needle);
                 seen.push(m);
                 if done {
@@ -287,13 +296,9 @@ impl Daemon {
     pub fn wait_healthy(&self) {
         let start = Instant::now();
         loop {
-            if let Ok(r) = raw_request(
-                &self.socket,
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            ) {
-                if r.status == 200 {
-                    return;
-                }
+            let probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+            if raw_request(&self.socket, probe).is_ok_and(|r| r.status == 200) {
+                return;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),

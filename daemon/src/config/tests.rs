@@ -15,7 +15,9 @@ impl GroupLookup for FakeGroups {
 fn parse(text: &str) -> Result<Config, Vec<String>> {
     match Config::parse(text, "test.toml", &FakeGroups) {
         Ok(c) => Ok(c),
-        Err(ConfigError::Invalid { errors, .. }) => Err(errors.iter().map(ToString::to_string).collect()),
+        Err(ConfigError::Invalid { errors, .. }) => {
+            Err(errors.iter().map(ToString::to_string).collect())
+        }
         Err(other) => panic!("unexpected error {other}"),
     }
 }
@@ -140,7 +142,10 @@ fn missing_sections_are_named() {
     let errors = parse("").expect_err("invalid");
     assert_eq!(
         errors,
-        vec!["state_dir: required key is missing", "listen: required table is missing"]
+        vec![
+            "state_dir: required key is missing",
+            "listen: required table is missing"
+        ]
     );
 }
 
@@ -148,14 +153,23 @@ fn missing_sections_are_named() {
 fn syntax_error_is_one_error_with_position() {
     let errors = parse("state_dir = \n[").expect_err("invalid");
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].contains("not valid TOML") && errors[0].contains("line"), "{errors:?}");
+    assert!(
+        errors[0].contains("not valid TOML") && errors[0].contains("line"),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn wrong_types_for_tables() {
     let errors = parse("state_dir = \"/x\"\nlisten = 3\nlimits = []\n").expect_err("invalid");
-    assert!(errors.contains(&"listen: expected a table, found integer".to_owned()), "{errors:?}");
-    assert!(errors.contains(&"limits: expected a table, found array".to_owned()), "{errors:?}");
+    assert!(
+        errors.contains(&"listen: expected a table, found integer".to_owned()),
+        "{errors:?}"
+    );
+    assert!(
+        errors.contains(&"limits: expected a table, found array".to_owned()),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -175,25 +189,58 @@ gids = [2]
         p = key.path().display()
     );
     let errors = parse(&text).expect_err("invalid");
-    assert!(errors.iter().any(|e| e.starts_with("trust.anchors[1].key_id: duplicate key id")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("trust.anchors[1].key_id: duplicate key id")),
+        "{errors:?}"
+    );
     assert!(errors.iter().any(|e| e.starts_with("trust.anchors[2].public_key: cannot read /nonexistent/key.pub")), "{errors:?}");
-    assert!(errors.iter().any(|e| e == "tenants[1].name: duplicate tenant a"), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e == "tenants[1].name: duplicate tenant a"),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn durations() {
-    let ok = [("0ms", 0), ("500ms", 500), ("10s", 10_000), ("2m", 120_000), ("1h", 3_600_000)];
+    let ok = [
+        ("0ms", 0),
+        ("500ms", 500),
+        ("10s", 10_000),
+        ("2m", 120_000),
+        ("1h", 3_600_000),
+    ];
     for (text, ms) in ok {
-        assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
+        assert_eq!(
+            parse_duration(text),
+            Ok(Duration::from_millis(ms)),
+            "{text}"
+        );
     }
-    for bad in ["", "10", "s", "1.5s", "-1s", "10 s", "3d", "99999999999999999999h"] {
+    for bad in [
+        "",
+        "10",
+        "s",
+        "1.5s",
+        "-1s",
+        "10 s",
+        "3d",
+        "99999999999999999999h",
+    ] {
         assert!(parse_duration(bad).is_err(), "{bad:?}");
     }
 }
 
 #[test]
 fn file_modes() {
-    let cases = [("0660", Ok(0o660)), ("0o600", Ok(0o600)), ("0640", Ok(0o640))];
+    let cases = [
+        ("0660", Ok(0o660)),
+        ("0o600", Ok(0o600)),
+        ("0640", Ok(0o640)),
+    ];
     for (text, want) in cases {
         assert_eq!(file_mode(&Value::String(text.into())), want);
     }

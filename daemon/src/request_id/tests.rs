@@ -15,8 +15,13 @@ const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 #[test]
 fn sources_in_order_of_preference() {
-    let cases: &[(&[(&str, &str)], Origin, Option<&str>)] = &[
-        (&[("x-request-id", "abc-123")], Origin::Header, Some("abc-123")),
+    type Case<'a> = (&'a [(&'a str, &'a str)], Origin, Option<&'a str>);
+    let cases: &[Case<'_>] = &[
+        (
+            &[("x-request-id", "abc-123")],
+            Origin::Header,
+            Some("abc-123"),
+        ),
         (
             &[("x-request-id", "abc"), ("traceparent", TRACE)],
             Origin::Header,
@@ -35,17 +40,26 @@ fn sources_in_order_of_preference() {
         (&[("x-request-id", "")], Origin::Generated, None),
         (&[("x-request-id", "line\tbreak")], Origin::Generated, None),
         (
-            &[("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")],
+            &[(
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            )],
             Origin::Generated,
             None,
         ),
         (
-            &[("traceparent", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+            &[(
+                "traceparent",
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
             Origin::Generated,
             None,
         ),
         (
-            &[("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")],
+            &[(
+                "traceparent",
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            )],
             Origin::Generated,
             None,
         ),
@@ -67,7 +81,12 @@ fn long_ids_are_replaced() {
     assert_eq!(origin, Origin::Generated);
     assert_ne!(id.as_str(), long);
     let ok = "a".repeat(128);
-    assert_eq!(RequestId::from_headers(&headers(&[("x-request-id", &ok)])).0.as_str(), ok);
+    assert_eq!(
+        RequestId::from_headers(&headers(&[("x-request-id", &ok)]))
+            .0
+            .as_str(),
+        ok
+    );
 }
 
 #[test]

@@ -10,9 +10,15 @@ fn peer(uid: u32, gid: u32, groups: &[u32]) -> Identity {
 
 fn map() -> TenantMap {
     TenantMap::new(vec![
-        (tenant("claims"), vec![Principal::Uid(1001), Principal::Gid(2001)]),
+        (
+            tenant("claims"),
+            vec![Principal::Uid(1001), Principal::Gid(2001)],
+        ),
         (tenant("search"), vec![Principal::Gid(2002)]),
-        (tenant("ops"), vec![Principal::Gid(2002), Principal::Uid(1003)]),
+        (
+            tenant("ops"),
+            vec![Principal::Gid(2002), Principal::Uid(1003)],
+        ),
     ])
 }
 
@@ -23,7 +29,11 @@ fn resolves_by_table() {
     let cases: &[(&str, Identity, Result<&str, TenantLookupError>)] = &[
         ("uid rule", peer(1001, 100, &[]), Ok("claims")),
         ("primary group", peer(5000, 2001, &[]), Ok("claims")),
-        ("supplementary group", peer(5000, 100, &[7, 2001]), Ok("claims")),
+        (
+            "supplementary group",
+            peer(5000, 100, &[7, 2001]),
+            Ok("claims"),
+        ),
         ("nobody", peer(5000, 100, &[7]), Err(NoTenant)),
         (
             "two tenants by group",
@@ -31,7 +41,11 @@ fn resolves_by_table() {
             Err(Ambiguous(vec![tenant("search"), tenant("ops")])),
         ),
         ("uid beats group", peer(1003, 2002, &[]), Ok("ops")),
-        ("uid beats another tenant's group", peer(1001, 2002, &[]), Ok("claims")),
+        (
+            "uid beats another tenant's group",
+            peer(1001, 2002, &[]),
+            Ok("claims"),
+        ),
     ];
     for (name, identity, want) in cases {
         let got = m.resolve(identity).map(TenantId::as_str);
@@ -58,7 +72,15 @@ fn tenant_names() {
     for ok in ["a", "claims", "team-7.prod_eu", &"x".repeat(64)] {
         assert!(TenantId::parse(ok).is_ok(), "{ok:?}");
     }
-    for bad in ["", "-lead", ".hidden", "has space", "ünï", "a/b", &"x".repeat(65)] {
+    for bad in [
+        "",
+        "-lead",
+        ".hidden",
+        "has space",
+        "ünï",
+        "a/b",
+        &"x".repeat(65),
+    ] {
         assert!(TenantId::parse(bad).is_err(), "{bad:?}");
     }
 }

@@ -14,18 +14,36 @@ fn client_bin() -> std::path::PathBuf {
 }
 
 /// Runs the test client as `uid`/`gid` with supplementary `groups`, via setpriv.
-fn get_as(uid: u32, gid: u32, groups: &[u32], socket: &std::path::Path, path: &str) -> (u16, String) {
-    let groups = groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+fn get_as(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    socket: &std::path::Path,
+    path: &str,
+) -> (u16, String) {
+    let groups = groups
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let out = Command::new("setpriv")
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
-        .arg(if groups.is_empty() { "--clear-groups".to_owned() } else { format!("--groups={groups}") })
+        .arg(if groups.is_empty() {
+            "--clear-groups".to_owned()
+        } else {
+            format!("--groups={groups}")
+        })
         .arg(client_bin())
         .arg(socket)
         .arg(path)
         .output()
         .expect("run setpriv (util-linux)");
-    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (status, body) = text.split_once('\n').expect("status line");
     (status.parse().expect("status"), body.to_owned())
@@ -33,7 +51,8 @@ fn get_as(uid: u32, gid: u32, groups: &[u32], socket: &std::path::Path, path: &s
 
 /// The sandbox must be reachable by the unprivileged users the tests become.
 fn open_to_everyone(sandbox: &Sandbox) {
-    std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
 }
 
 #[test]
@@ -89,7 +108,10 @@ fn socket_node_has_the_configured_mode_and_group() {
 fn operators_only_for_metrics_and_status() {
     let sb = Sandbox::new();
     open_to_everyone(&sb);
-    let config = sb.config("mode = \"0660\"\ngroup = 4243", "[admin]\ngroups = [4250]\n");
+    let config = sb.config(
+        "mode = \"0660\"\ngroup = 4243",
+        "[admin]\ngroups = [4250]\n",
+    );
     let d = Daemon::start(&sb, &config, &[]);
 
     for path in ["/metrics", "/admin/status"] {
@@ -104,8 +126,14 @@ fn operators_only_for_metrics_and_status() {
     let m = get(&d.socket, "/metrics", &[]);
     assert_eq!(m.status, 200);
     let text = m.text();
-    assert!(text.contains("airgate_http_requests_total{route=\"/metrics\",status=\"403\"} 1"), "{text}");
-    assert!(text.contains("airgate_connections_accepted_total{listener=\"unix\"}"), "{text}");
+    assert!(
+        text.contains("airgate_http_requests_total{route=\"/metrics\",status=\"403\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("airgate_connections_accepted_total{listener=\"unix\"}"),
+        "{text}"
+    );
     assert!(text.contains("airgate_build_info{version="), "{text}");
 
     let s = get(&d.socket, "/admin/status", &[]).json();
@@ -124,7 +152,10 @@ fn operators_only_for_metrics_and_status() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("(pid {})", d.pid())), "{text}");
-    assert!(text.contains("ready:       no: no policy bundle loaded"), "{text}");
+    assert!(
+        text.contains("ready:       no: no policy bundle loaded"),
+        "{text}"
+    );
     let out = Command::new("setpriv")
         .args(["--reuid=5002", "--regid=4243", "--clear-groups"])
         .arg(airgate_tests::airgate_bin())
@@ -150,14 +181,23 @@ fn unknown_paths_and_methods_get_json_errors() {
     let r = get(&d.socket, "/readyz", &[]);
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["ready"], false);
-    assert!(r.json()["reasons"][0].as_str().expect("reason").contains("no policy bundle"));
+    assert!(
+        r.json()["reasons"][0]
+            .as_str()
+            .expect("reason")
+            .contains("no policy bundle")
+    );
 }
 
 #[test]
 fn inference_fails_closed_without_a_bundle_but_bad_bodies_are_named() {
     let sb = Sandbox::new();
     let d = Daemon::start(&sb, &sb.config("", ""), &[]);
-    let r = post_json(&d.socket, "/v1/chat/completions", "{\"model\": \"m\", \"messages\": []}");
+    let r = post_json(
+        &d.socket,
+        "/v1/chat/completions",
+        "{\"model\": \"m\", \"messages\": []}",
+    );
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["code"], "policy_unavailable");
     let r = post_json(&d.socket, "/v1/chat/completions", "{not json");
@@ -168,9 +208,14 @@ fn inference_fails_closed_without_a_bundle_but_bad_bodies_are_named() {
 #[test]
 fn oversized_declared_body_is_refused_before_it_is_sent() {
     let sb = Sandbox::new();
-    let d = Daemon::start(&sb, &sb.config("", "[limits]\nmax_body_bytes = 1048576\n"), &[]);
+    let d = Daemon::start(
+        &sb,
+        &sb.config("", "[limits]\nmax_body_bytes = 1048576\n"),
+        &[],
+    );
     let mut s = UnixStream::connect(&d.socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     // Declare 100 MB and send none of it: the answer must come anyway.
     s.write_all(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n",
@@ -187,9 +232,14 @@ fn oversized_declared_body_is_refused_before_it_is_sent() {
 #[test]
 fn oversized_chunked_body_is_cut_off_without_reading_it_all() {
     let sb = Sandbox::new();
-    let d = Daemon::start(&sb, &sb.config("", "[limits]\nmax_body_bytes = 1048576\n"), &[]);
+    let d = Daemon::start(
+        &sb,
+        &sb.config("", "[limits]\nmax_body_bytes = 1048576\n"),
+        &[],
+    );
     let mut s = UnixStream::connect(&d.socket).expect("connect");
-    s.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_write_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut reader = s.try_clone().expect("clone");
     let response = std::thread::spawn(move || {
         let mut raw = Vec::new();
@@ -212,7 +262,10 @@ fn oversized_chunked_body_is_cut_off_without_reading_it_all() {
     }
     let r = airgate_tests::parse_response(&response.join().expect("reader")).expect("response");
     assert_eq!(r.status, 413);
-    assert!(sent < 16 << 20, "client managed to send {sent} bytes before the daemon closed");
+    assert!(
+        sent < 16 << 20,
+        "client managed to send {sent} bytes before the daemon closed"
+    );
 }
 
 #[test]
@@ -245,11 +298,17 @@ fn too_many_or_too_large_headers_get_431() {
 #[test]
 fn slow_headers_are_cut_off() {
     let sb = Sandbox::new();
-    let d = Daemon::start(&sb, &sb.config("", "[limits]\nheader_read_timeout = \"1s\"\n"), &[]);
+    let d = Daemon::start(
+        &sb,
+        &sb.config("", "[limits]\nheader_read_timeout = \"1s\"\n"),
+        &[],
+    );
     let mut s = UnixStream::connect(&d.socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
     let start = Instant::now();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").expect("write");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
     let mut closed_at = None;
     // Trickle one header byte every 100 ms for up to 6 s.
     for b in "X-Slow: ".bytes().chain(std::iter::repeat(b'a')).take(60) {
@@ -269,25 +328,44 @@ fn slow_headers_are_cut_off() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let closed_at = closed_at.expect("connection was never cut");
-    assert!(closed_at >= Duration::from_millis(900), "cut too early: {closed_at:?}");
-    assert!(closed_at < Duration::from_secs(3), "cut too late: {closed_at:?}");
+    assert!(
+        closed_at >= Duration::from_millis(900),
+        "cut too early: {closed_at:?}"
+    );
+    assert!(
+        closed_at < Duration::from_secs(3),
+        "cut too late: {closed_at:?}"
+    );
     let m = get(&d.socket, "/metrics", &[]).text();
-    assert!(m.contains("airgate_connections_closed_total{listener=\"unix\",how=\"header_timeout\"} 1"), "{m}");
+    assert!(
+        m.contains("airgate_connections_closed_total{listener=\"unix\",how=\"header_timeout\"} 1"),
+        "{m}"
+    );
 }
 
 #[test]
 fn idle_keepalive_connections_are_closed() {
     let sb = Sandbox::new();
-    let d = Daemon::start(&sb, &sb.config("", "[limits]\nidle_timeout = \"500ms\"\n"), &[]);
+    let d = Daemon::start(
+        &sb,
+        &sb.config("", "[limits]\nidle_timeout = \"500ms\"\n"),
+        &[],
+    );
     let mut s = UnixStream::connect(&d.socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
     let start = Instant::now();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read until the daemon closes");
+    s.read_to_end(&mut raw)
+        .expect("read until the daemon closes");
     assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
 }
 
 #[test]
@@ -307,7 +385,9 @@ fn connections_over_the_limit_are_refused_and_counted() {
     let m = get(&d.socket, "/metrics", &[]);
     assert_eq!(m.status, 200, "a slot is free again");
     assert!(
-        m.text().contains("airgate_connections_refused_total{listener=\"unix\",reason=\"connection_limit\"} 1"),
+        m.text().contains(
+            "airgate_connections_refused_total{listener=\"unix\",reason=\"connection_limit\"} 1"
+        ),
         "{}",
         m.text()
     );
@@ -317,20 +397,33 @@ fn connections_over_the_limit_are_refused_and_counted() {
 fn request_ids_are_echoed_or_generated_and_logged() {
     let sb = Sandbox::new();
     let d = Daemon::start(&sb, &sb.config("", ""), &[]);
-    let r = get(&d.socket, "/v1/whoami", &[("X-Request-Id", "client-chosen-42")]);
+    let r = get(
+        &d.socket,
+        "/v1/whoami",
+        &[("X-Request-Id", "client-chosen-42")],
+    );
     assert_eq!(r.header("x-request-id"), Some("client-chosen-42"));
     assert_eq!(r.json()["request_id"], "client-chosen-42");
 
     let r = get(
         &d.socket,
         "/v1/whoami",
-        &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
     );
-    assert_eq!(r.header("x-request-id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(
+        r.header("x-request-id"),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
 
     let a = get(&d.socket, "/healthz", &[]);
     let b = get(&d.socket, "/healthz", &[]);
-    let (a, b) = (a.header("x-request-id").expect("id"), b.header("x-request-id").expect("id"));
+    let (a, b) = (
+        a.header("x-request-id").expect("id"),
+        b.header("x-request-id").expect("id"),
+    );
     assert_eq!(a.len(), 32);
     assert_ne!(a, b);
 
@@ -341,7 +434,10 @@ fn request_ids_are_echoed_or_generated_and_logged() {
     let log = d.stderr();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("/missing")).collect();
     assert!(!lines.is_empty(), "{log}");
-    assert!(lines.iter().all(|l| l.contains("request_id=trace-me-7")), "{lines:#?}");
+    assert!(
+        lines.iter().all(|l| l.contains("request_id=trace-me-7")),
+        "{lines:#?}"
+    );
 }
 
 #[test]
@@ -351,12 +447,18 @@ fn http2_with_prior_knowledge() {
 
     let sb = Sandbox::new();
     let d = Daemon::start(&sb, &sb.config("", ""), &[]);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
     rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(&d.socket).await.expect("connect");
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        let stream = tokio::net::UnixStream::connect(&d.socket)
             .await
-            .expect("h2 handshake");
+            .expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
         tokio::spawn(conn);
         for _ in 0..3 {
             let req = http::Request::get("http://localhost/v1/whoami")

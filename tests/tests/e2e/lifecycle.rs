@@ -15,7 +15,11 @@ fn bad_config_exits_64_and_names_every_bad_key() {
     let bad = "state_dir = \"relative\"\nfrobnicate = 1\n[listen.unix]\npath = \"/tmp/x.sock\"\nmode = \"0777\"\n[limits]\nmax_headers = 0\nidle_timeout = \"soon\"\n[[tenants]]\nname = \"a b\"\nuids = [1]\n";
     let path = sb.write_config(bad);
     for args in [vec!["serve", "--config"], vec!["check-config"]] {
-        let out = Command::new(airgate_bin()).args(&args).arg(&path).output().expect("run");
+        let out = Command::new(airgate_bin())
+            .args(&args)
+            .arg(&path)
+            .output()
+            .expect("run");
         assert_eq!(out.status.code(), Some(64), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         for key in [
@@ -31,13 +35,28 @@ fn bad_config_exits_64_and_names_every_bad_key() {
         assert!(err.contains("6 error(s)"), "{err}");
     }
     let good = sb.write_config(&sb.config("", ""));
-    let out = Command::new(airgate_bin()).arg("check-config").arg(&good).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(airgate_bin())
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let out = Command::new(airgate_bin()).args(["serve", "--no-such-flag"]).output().expect("run");
+    let out = Command::new(airgate_bin())
+        .args(["serve", "--no-such-flag"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64));
     let missing = sb.path().join("absent.toml");
-    let out = Command::new(airgate_bin()).arg("check-config").arg(&missing).output().expect("run");
+    let out = Command::new(airgate_bin())
+        .arg("check-config")
+        .arg(&missing)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
@@ -53,11 +72,15 @@ fn notify_messages_arrive_in_order_with_watchdog_pings() {
         &[("NOTIFY_SOCKET", &notify_path), ("WATCHDOG_USEC", "300000")],
         Command::new(airgate_bin()),
     );
-    let first = notify.recv(Duration::from_secs(20)).expect("first notify message");
+    let first = notify
+        .recv(Duration::from_secs(20))
+        .expect("first notify message");
     let lines: Vec<&str> = first.lines().collect();
     assert_eq!(lines[0], "READY=1", "READY comes first: {first:?}");
     assert!(
-        lines.iter().any(|l| l.starts_with("STATUS=listening on unix:") && l.contains("no policy bundle")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("STATUS=listening on unix:") && l.contains("no policy bundle")),
         "{first:?}"
     );
     // The socket is usable once READY=1 was sent.
@@ -110,7 +133,10 @@ fn watchdog_pings_stop_when_a_worker_stops_progressing() {
     assert_eq!(status["watchdog"]["healthy"], false);
     assert!(d.stderr().contains("withholding watchdog pings"));
     let m = get(&d.socket, "/metrics", &[]).text();
-    assert!(m.contains("airgate_worker_stuck{worker=\"state-probe\"} 1"), "{m}");
+    assert!(
+        m.contains("airgate_worker_stuck{worker=\"state-probe\"} 1"),
+        "{m}"
+    );
     // A stuck worker does not keep the process from stopping.
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(15)).success());
@@ -126,19 +152,28 @@ fn socket_passed_by_systemd_is_used() {
         &format!("path = \"{}\"", sb.path().join("unused.sock").display()),
     );
     let mut cmd = Command::new("systemd-socket-activate");
-    cmd.arg("--listen").arg(&socket).arg("--fdname=local").arg(airgate_bin());
+    cmd.arg("--listen")
+        .arg(&socket)
+        .arg("--fdname=local")
+        .arg(airgate_bin());
     let mut d = Daemon::spawn(&sb, &config, &[], cmd);
     // systemd-socket-activate starts airgate on the first connection.
     let start = Instant::now();
     while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "systemd-socket-activate did not listen");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "systemd-socket-activate did not listen"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     d.wait_healthy();
     let status = get(&socket, "/admin/status", &[]).json();
     assert_eq!(status["listeners"][0]["activated"], true, "{status}");
     assert_eq!(status["listeners"][0]["name"], "local");
-    assert_eq!(status["listeners"][0]["address"], socket.display().to_string());
+    assert_eq!(
+        status["listeners"][0]["address"],
+        socket.display().to_string()
+    );
     assert!(!sb.path().join("unused.sock").exists());
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(15)).success());
@@ -147,7 +182,8 @@ fn socket_passed_by_systemd_is_used() {
 /// Starts a POST whose body arrives slowly; returns the stream and how much is left.
 fn slow_post(socket: &std::path::Path, body_len: usize) -> UnixStream {
     let mut s = UnixStream::connect(socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     write!(
         s,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n"
@@ -169,13 +205,17 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     // New connections are refused once draining starts.
     let start = Instant::now();
     while UnixStream::connect(&d.socket).is_ok() {
-        assert!(start.elapsed() < Duration::from_secs(2), "still accepting while draining");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "still accepting while draining"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The in-flight request keeps trickling for ~1.5 s and still gets its answer.
     for chunk in body[5..].chunks(5) {
         std::thread::sleep(Duration::from_millis(150));
-        s.write_all(chunk).expect("the draining daemon keeps reading the body");
+        s.write_all(chunk)
+            .expect("the draining daemon keeps reading the body");
     }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("response");
@@ -184,14 +224,19 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert_eq!(r.json()["error"]["code"], "policy_unavailable");
     let status = d.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
-    assert!(sent_term.elapsed() >= Duration::from_millis(1000), "exited before the request finished");
+    assert!(
+        sent_term.elapsed() >= Duration::from_millis(1000),
+        "exited before the request finished"
+    );
     assert!(!d.socket.exists(), "socket node removed on exit");
 }
 
 #[test]
 fn sigterm_cuts_requests_that_outlive_the_grace_period() {
     let sb = Sandbox::new();
-    let config = sb.config("", "").replace("shutdown_grace = \"10s\"", "shutdown_grace = \"500ms\"");
+    let config = sb
+        .config("", "")
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"500ms\"");
     let mut d = Daemon::start(&sb, &config, &[]);
     let mut s = slow_post(&d.socket, 100);
     s.write_all(b"{").expect("first byte");
@@ -200,7 +245,10 @@ fn sigterm_cuts_requests_that_outlive_the_grace_period() {
     let sent = Instant::now();
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
     let took = sent.elapsed();
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(4), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
     assert!(d.stderr().contains("grace period over"));
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
@@ -220,13 +268,22 @@ fn sighup_reloads_valid_config_and_keeps_the_old_on_errors() {
     let sb = Sandbox::new();
     let notify = NotifySocket::bind(sb.path());
     let notify_path = notify.path.to_string_lossy().into_owned();
-    let d = Daemon::spawn(&sb, &sb.config("", ""), &[("NOTIFY_SOCKET", &notify_path)], Command::new(airgate_bin()));
+    let d = Daemon::spawn(
+        &sb,
+        &sb.config("", ""),
+        &[("NOTIFY_SOCKET", &notify_path)],
+        Command::new(airgate_bin()),
+    );
     notify.wait_for("READY=1", Duration::from_secs(20));
-    assert_eq!(get(&d.socket, "/v1/whoami", &[]).json()["tenant"], serde_json::Value::Null);
+    assert_eq!(
+        get(&d.socket, "/v1/whoami", &[]).json()["tenant"],
+        serde_json::Value::Null
+    );
 
     // An open keep-alive connection survives the reload.
     let mut keep = UnixStream::connect(&d.socket).expect("connect");
-    keep.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    keep.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let ask = b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\n\r\n";
     keep.write_all(ask).expect("write");
     read_one_response(&mut keep);
@@ -243,13 +300,28 @@ fn sighup_reloads_valid_config_and_keeps_the_old_on_errors() {
     sb.write_config("this is [not valid");
     d.signal(Signal::SIGHUP);
     notify.wait_for("READY=1", Duration::from_secs(10));
-    assert_eq!(get(&d.socket, "/v1/whoami", &[]).json()["tenant"], "ops", "old config kept");
+    assert_eq!(
+        get(&d.socket, "/v1/whoami", &[]).json()["tenant"],
+        "ops",
+        "old config kept"
+    );
     let status = get(&d.socket, "/admin/status", &[]).json();
     assert_eq!(status["last_reload"]["ok"], false);
-    assert!(status["last_reload"]["message"].as_str().expect("message").contains("not valid TOML"));
+    assert!(
+        status["last_reload"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("not valid TOML")
+    );
     let m = get(&d.socket, "/metrics", &[]).text();
-    assert!(m.contains("airgate_config_reloads_total{result=\"ok\"} 1"), "{m}");
-    assert!(m.contains("airgate_config_reloads_total{result=\"error\"} 1"), "{m}");
+    assert!(
+        m.contains("airgate_config_reloads_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("airgate_config_reloads_total{result=\"error\"} 1"),
+        "{m}"
+    );
 }
 
 /// Reads one Content-Length-delimited response from a keep-alive connection.
@@ -261,7 +333,10 @@ fn read_one_response(s: &mut UnixStream) -> serde_json::Value {
         assert!(n > 0, "connection closed");
         raw.extend_from_slice(&buf[..n]);
         if let Ok(r) = parse_response(&raw) {
-            let len: usize = r.header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+            let len: usize = r
+                .header("content-length")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(0);
             if r.body.len() >= len {
                 return r.json();
             }
@@ -275,12 +350,23 @@ fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
     let d = Daemon::start(&sb, &sb.config("", ""), &[]);
     // A second daemon on the same path must refuse, not unlink the live socket.
     let other = Sandbox::new();
-    let config = other
-        .config("", "")
-        .replace(&other.socket().display().to_string(), &d.socket.display().to_string());
+    let config = other.config("", "").replace(
+        &other.socket().display().to_string(),
+        &d.socket.display().to_string(),
+    );
     let path = other.write_config(&config);
-    let out = Command::new(airgate_bin()).arg("serve").arg("--config").arg(&path).output().expect("run");
-    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(airgate_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
     assert_eq!(get(&d.socket, "/healthz", &[]).status, 200);
 
@@ -298,13 +384,21 @@ fn model_inspect_rejects_files_that_are_no_model() {
     let sb = Sandbox::new();
     let junk = sb.path().join("junk.bin");
     std::fs::write(&junk, b"definitely not a model").expect("write");
-    let out = Command::new(airgate_bin()).args(["model", "inspect"]).arg(&junk).output().expect("run");
+    let out = Command::new(airgate_bin())
+        .args(["model", "inspect"])
+        .arg(&junk)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tract could not load it as ONNX"));
 
     let fake_gguf = sb.path().join("truncated.gguf");
     std::fs::write(&fake_gguf, b"GGUF\x03\x00\x00\x00").expect("write");
-    let out = Command::new(airgate_bin()).args(["model", "inspect"]).arg(&fake_gguf).output().expect("run");
+    let out = Command::new(airgate_bin())
+        .args(["model", "inspect"])
+        .arg(&fake_gguf)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("llama.cpp could not load it"));
 }
