@@ -1,6 +1,7 @@
 //! The command line. Kept apart from `main.rs` so the man page and shell
 //! completions (the packaging issue) can be generated from the same definition.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +51,71 @@ pub enum Command {
     Model {
         #[command(subcommand)]
         command: ModelCommand,
+    },
+    /// A small certificate authority for the mTLS listener.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a CA (ca.pem, ca.key 0600) and an empty CRL in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "airgate CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issue a server certificate (OUT.pem, OUT.key) for the host's names and addresses.
+    Server {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Output prefix: writes OUT.pem and OUT.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// A DNS name of the host (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address of the host (repeatable).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        #[arg(long, default_value_t = 397)]
+        days: i64,
+    },
+    /// Issue a client certificate whose URI SAN names the tenant identity.
+    Client {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Output prefix: writes OUT.pem and OUT.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// The identity, e.g. spiffe://corp.example/tenant/claims.
+        #[arg(long)]
+        uri: String,
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+    },
+    /// Revoke a certificate issued by the CA and re-issue the CRL.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate to revoke (PEM).
+        cert: PathBuf,
+        /// Validity of the re-issued CRL.
+        #[arg(long, default_value_t = 30)]
+        crl_days: i64,
+    },
+    /// Re-issue the CRL (moves its nextUpdate forward).
+    Crl {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        days: i64,
     },
 }
 

@@ -11,7 +11,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use airgate_policy::identity::{Principal, TenantId, TenantMap};
+use std::net::SocketAddr;
+
+use airgate_policy::identity::{Principal, TenantId, TenantMap, TlsNameRules};
 use toml::Value;
 
 /// A validated configuration. Everything past [`Config::parse`] can rely on it.
@@ -27,6 +29,8 @@ pub struct Config {
     pub state_min_free_bytes: u64,
     pub shutdown_grace: Duration,
     pub unix: UnixListenerConfig,
+    /// The mutual-TLS listener for the enclave network, if configured.
+    pub tls: Option<TlsListenerConfig>,
     pub admin: AdminConfig,
     pub limits: Limits,
     pub log: LogConfig,
@@ -46,6 +50,35 @@ pub struct UnixListenerConfig {
     pub group: Option<u32>,
     /// The name systemd passes in LISTEN_FDNAMES for this socket (FileDescriptorName=).
     pub fd_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsListenerConfig {
+    pub address: SocketAddr,
+    /// Server certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Server private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM), checked for the whole chain.
+    pub crls: Vec<PathBuf>,
+    pub expired_crl: ExpiredCrl,
+    pub handshake_timeout: Duration,
+    /// The name systemd passes in LISTEN_FDNAMES for this socket.
+    pub fd_name: String,
+    /// Whether DNS SANs and the subject CN may map a client to a tenant.
+    pub names: TlsNameRules,
+}
+
+/// What to do when a CRL's nextUpdate has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpiredCrl {
+    /// Refuse clients whose revocation status rests on the stale CRL.
+    Refuse,
+    /// Keep using it, with a warning in the log and in /admin/status.
+    Warn,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,7 +262,7 @@ fn parse_root(
         )
         .unwrap_or(Duration::from_secs(30));
 
-    let unix = root.section(errors, "listen", true).and_then(|mut listen| {
+    let listeners = root.section(errors, "listen", true).and_then(|mut listen| {
         let unix = listen.section(errors, "unix", true).and_then(|mut unix| {
             let path = unix.required(errors, "path", absolute_path);
             let mode = unix.optional(errors, "mode", file_mode).unwrap_or(0o660);
@@ -245,8 +278,13 @@ fn parse_root(
                 fd_name,
             })
         });
+        let tls = listen.section(errors, "tls", false).map(|mut tls| {
+            let parsed = parse_tls(&mut tls, errors);
+            tls.finish(errors);
+            parsed
+        });
         listen.finish(errors);
-        unix
+        unix.map(|u| (u, tls.flatten()))
     });
 
     let admin = match root.section(errors, "admin", false) {
@@ -376,6 +414,8 @@ fn parse_root(
     root.finish(errors);
     let state_dir = state_dir?;
     let models_dir = models_dir.unwrap_or_else(|| state_dir.join("models"));
+    let (unix, tls) = listeners?;
+    let names = tls.as_ref().map(|t| t.names).unwrap_or_default();
     Some(Config {
         source: None,
         state_dir,
@@ -383,12 +423,68 @@ fn parse_root(
         state_probe_interval,
         state_min_free_bytes,
         shutdown_grace,
-        unix: unix?,
+        unix,
+        tls,
         admin,
         limits,
         log,
         trust,
-        tenants: TenantMap::new(tenants),
+        tenants: TenantMap::new(tenants).with_tls_names(names),
+    })
+}
+
+fn parse_tls(s: &mut Section<'_>, errors: &mut Vec<FieldError>) -> Option<TlsListenerConfig> {
+    let address = s.required(errors, "address", |v| {
+        string(v)?.parse::<SocketAddr>().map_err(|_| {
+            format!("expected an address such as \"0.0.0.0:8443\" or \"[::]:8443\", found {v}")
+        })
+    });
+    let cert = s.required(errors, "cert", absolute_path);
+    let key = s.required(errors, "key", absolute_path);
+    let client_ca = s.required(errors, "client_ca", absolute_path);
+    let crls = s
+        .optional(errors, "crls", |v| array_of(v, absolute_path))
+        .unwrap_or_default();
+    let expired_crl = s
+        .optional(errors, "expired_crl", |v| match string(v)? {
+            "refuse" => Ok(ExpiredCrl::Refuse),
+            "warn" => Ok(ExpiredCrl::Warn),
+            other => Err(format!("expected \"refuse\" or \"warn\", found {other:?}")),
+        })
+        .unwrap_or(ExpiredCrl::Refuse);
+    let handshake_timeout = s
+        .optional(
+            errors,
+            "handshake_timeout",
+            duration_between(Duration::from_millis(100), Duration::from_secs(300)),
+        )
+        .unwrap_or(Duration::from_secs(10));
+    let fd_name = s
+        .optional(errors, "fd_name", fd_name)
+        .unwrap_or_else(|| "tls".to_owned());
+    let boolean = |v: &Value| {
+        v.as_bool()
+            .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
+    };
+    let dns_names = s
+        .optional(errors, "map_dns_names", boolean)
+        .unwrap_or(false);
+    let common_name = s
+        .optional(errors, "map_common_name", boolean)
+        .unwrap_or(false);
+    Some(TlsListenerConfig {
+        address: address?,
+        cert: cert?,
+        key: key?,
+        client_ca: client_ca?,
+        crls,
+        expired_crl,
+        handshake_timeout,
+        fd_name,
+        names: TlsNameRules {
+            dns_names,
+            common_name,
+        },
     })
 }
 
@@ -423,23 +519,39 @@ fn parse_tenant(
     });
     let uids = s.optional(errors, "uids", |v| array_of(v, id_number));
     let gids = s.optional(errors, "gids", |v| array_of(v, id_number));
-    // Only complain about "no rules" when there is no bad entry already reported.
-    let empty = |parsed: &Option<Vec<u32>>, key: &str| {
-        parsed
-            .as_ref()
-            .map_or(!s.table.contains_key(key), Vec::is_empty)
-    };
-    if empty(&uids, "uids") && empty(&gids, "gids") {
+    let uris = s.optional(errors, "uris", |v| array_of(v, cert_uri));
+    let dns = s.optional(errors, "dns_names", |v| array_of(v, cert_name));
+    let cns = s.optional(errors, "common_names", |v| array_of(v, cert_name));
+    // Only complain about "no rules" when no bad entry was reported already.
+    let counts = [
+        ("uids", uids.as_ref().map(Vec::len)),
+        ("gids", gids.as_ref().map(Vec::len)),
+        ("uris", uris.as_ref().map(Vec::len)),
+        ("dns_names", dns.as_ref().map(Vec::len)),
+        ("common_names", cns.as_ref().map(Vec::len)),
+    ];
+    let no_rules = counts
+        .iter()
+        .all(|(key, n)| n.map_or(!s.table.contains_key(*key), |n| n == 0));
+    if no_rules {
         errors.push(FieldError {
             path: s.path.clone(),
-            message: "a tenant needs at least one of uids or gids".to_owned(),
+            message: "a tenant needs at least one of uids, gids, uris, dns_names or common_names"
+                .to_owned(),
         });
     }
-    let (uids, gids) = (uids.unwrap_or_default(), gids.unwrap_or_default());
     let rules = uids
+        .unwrap_or_default()
         .into_iter()
         .map(Principal::Uid)
-        .chain(gids.into_iter().map(Principal::Gid))
+        .chain(gids.unwrap_or_default().into_iter().map(Principal::Gid))
+        .chain(uris.unwrap_or_default().into_iter().map(Principal::Uri))
+        .chain(dns.unwrap_or_default().into_iter().map(Principal::DnsName))
+        .chain(
+            cns.unwrap_or_default()
+                .into_iter()
+                .map(Principal::CommonName),
+        )
         .collect();
     Some((name?, rules))
 }
@@ -606,6 +718,30 @@ fn array_of<T>(
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// A URI SAN to match, e.g. `spiffe://corp.example/tenant/claims`.
+fn cert_uri(value: &Value) -> Result<String, String> {
+    let s = string(value)?;
+    let scheme_ok = s
+        .split_once("://")
+        .is_some_and(|(scheme, rest)| !scheme.is_empty() && !rest.is_empty());
+    if !scheme_ok || s.len() > 2048 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "expected a URI such as \"spiffe://corp.example/tenant/claims\", found {s:?}"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+fn cert_name(value: &Value) -> Result<String, String> {
+    let s = string(value)?;
+    if s.is_empty() || s.len() > 255 || s.chars().any(char::is_control) {
+        return Err(format!(
+            "expected 1 to 255 printable characters, found {s:?}"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 fn string(value: &Value) -> Result<&str, String> {

@@ -123,13 +123,13 @@ impl Drop for InFlight {
     }
 }
 
-/// The socket, with reads reported to the connection's activity clock.
-struct Watched {
-    inner: UnixStream,
+/// The stream, with reads reported to the connection's activity clock.
+struct Watched<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -145,7 +145,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -192,35 +192,67 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Tells a client over the connection limit why it is turned away, without
-/// waiting on it, then closes.
-pub fn refuse(stream: UnixStream, shared: &Shared, listener: &str, reason: &'static str) {
-    const BODY: &str = "{\"error\":{\"message\":\"too many connections\",\"type\":\"server_error\",\"code\":\"connection_limit\"}}\n";
+/// Why a connection is turned away before any request is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    ConnectionLimit,
+    PeerCredentials,
+}
+
+impl Refusal {
+    fn code(self) -> &'static str {
+        match self {
+            Self::ConnectionLimit => "connection_limit",
+            Self::PeerCredentials => "peer_credentials",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::ConnectionLimit => "too many connections",
+            Self::PeerCredentials => "the caller's credentials could not be read from the socket",
+        }
+    }
+}
+
+/// Tells a refused client why, without waiting on it (it may not read), then closes.
+pub fn refuse(stream: UnixStream, shared: &Shared, listener: &str, why: Refusal) {
+    let body = serde_json::json!({
+        "error": {"message": why.message(), "type": "server_error", "code": why.code()}
+    })
+    .to_string();
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     );
     let _ = stream.try_write(response.as_bytes());
+    count_refusal(shared, listener, why);
+}
+
+/// Counts a connection turned away (on TLS, before the handshake, silently).
+pub fn count_refusal(shared: &Shared, listener: &str, why: Refusal) {
     shared
         .metrics
         .connections_refused
         .get_or_create(&RefusedLabels {
             listener: listener.to_owned(),
-            reason,
+            reason: why.code(),
         })
         .inc();
 }
 
 /// Serves one connection until the client leaves, it times out, or shutdown
 /// (graceful on `drain`, immediate on `abort`).
-pub async fn serve(
+pub async fn serve<S>(
     shared: Arc<Shared>,
-    stream: UnixStream,
+    stream: S,
     conn: Conn,
     permit: OwnedSemaphorePermit,
     drain: CancellationToken,
     abort: CancellationToken,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let _permit = permit;
     let labels = ListenerLabels {
         listener: conn.listener.clone(),

@@ -17,15 +17,17 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod pki;
 pub mod request_id;
 pub mod server;
 mod sys;
 pub mod systemd;
+pub mod tls;
 
 use std::path::Path;
 use std::time::Duration;
 
-use cli::{Cli, Command, ModelCommand};
+use cli::{Cli, Command, ModelCommand, PkiCommand};
 use config::Config;
 
 /// Runs a parsed command line and returns the process exit code.
@@ -41,6 +43,51 @@ pub fn run_cli(cli: Cli) -> u8 {
         Command::Model {
             command: ModelCommand::Inspect { path, json },
         } => inspect_model(&path, json),
+        Command::Pki { command } => pki_command(command),
+    }
+}
+
+fn pki_command(command: PkiCommand) -> u8 {
+    let result = match command {
+        PkiCommand::Init { dir, name, days } => pki::init(&dir, &name, days),
+        PkiCommand::Server {
+            dir,
+            out,
+            dns,
+            ip,
+            days,
+        } => pki::server(&dir, &out, &dns, &ip, days),
+        PkiCommand::Client {
+            dir,
+            out,
+            uri,
+            days,
+        } => pki::client(&dir, &out, &uri, days),
+        PkiCommand::Revoke {
+            dir,
+            cert,
+            crl_days,
+        } => pki::revoke(&dir, &cert, crl_days).map(|serial| {
+            println!("revoked serial {serial}");
+            vec![dir.join("crl.pem")]
+        }),
+        PkiCommand::Crl { dir, days } => pki::crl(&dir, days).map(|p| vec![p]),
+    };
+    match result {
+        Ok(paths) => {
+            for p in paths {
+                println!("wrote {}", p.display());
+            }
+            exit::OK
+        }
+        Err(e @ pki::PkiError::Usage(_)) => {
+            eprintln!("airgate pki: {e}");
+            exit::CONFIG
+        }
+        Err(e) => {
+            eprintln!("airgate pki: {e}");
+            exit::CANT_CREATE
+        }
     }
 }
 
@@ -77,6 +124,19 @@ fn serve(path: &Path) -> u8 {
         logs = log_target,
         "starting"
     );
+    let tls = match config
+        .tls
+        .as_ref()
+        .map(|t| tls::load(t, std::time::SystemTime::now()))
+    {
+        None => None,
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "listen.tls: cannot load the TLS material");
+            eprintln!("airgate: listen.tls: {e}");
+            return exit::CONFIG;
+        }
+    };
     let failpoints = match failpoint::Failpoints::from_env() {
         Ok(f) => f,
         Err(e) => {
@@ -118,6 +178,16 @@ fn serve(path: &Path) -> u8 {
                 return exit::UNAVAILABLE;
             }
         };
+        let tls_socket = match &config.tls {
+            Some(tls) => match listener::TcpSocket::open(tls, &mut activated).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot open the TLS listener");
+                    return exit::UNAVAILABLE;
+                }
+            },
+            None => None,
+        };
         for (name, fd) in activated.into_unclaimed() {
             tracing::warn!(
                 name,
@@ -133,7 +203,7 @@ fn serve(path: &Path) -> u8 {
                 return exit::SOFTWARE;
             }
         };
-        let daemon = server::Daemon::new(config, Some(log), failpoints);
+        let daemon = server::Daemon::new(server::Prepared { config, tls }, Some(log), failpoints);
         let reloader = daemon.clone();
         let config_path = path.to_owned();
         let Signals {
@@ -145,13 +215,13 @@ fn serve(path: &Path) -> u8 {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the configuration");
                 let path = config_path.clone();
-                let next = tokio::task::spawn_blocking(move || Config::load(&path))
+                let next = tokio::task::spawn_blocking(move || server::prepare(&path))
                     .await
                     .unwrap_or_else(|e| {
-                        Err(config::ConfigError::Read {
+                        Err(server::PrepareError::Config(config::ConfigError::Read {
                             path: config_path.clone(),
                             source: std::io::Error::other(e.to_string()),
-                        })
+                        }))
                     });
                 reloader.reload(next);
             }
@@ -162,7 +232,15 @@ fn serve(path: &Path) -> u8 {
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             }
         };
-        daemon.run(listener::Listeners { unix }, shutdown).await;
+        daemon
+            .run(
+                listener::Listeners {
+                    unix,
+                    tls: tls_socket,
+                },
+                shutdown,
+            )
+            .await;
         reload_task.abort();
         exit::OK
     });

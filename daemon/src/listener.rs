@@ -58,6 +58,56 @@ pub struct UnixSocket {
 /// Every listener the server accepts on.
 pub struct Listeners {
     pub unix: UnixSocket,
+    pub tls: Option<TcpSocket>,
+}
+
+/// The TCP socket of the mutual-TLS listener.
+pub struct TcpSocket {
+    pub listener: tokio::net::TcpListener,
+    pub info: ListenerInfo,
+}
+
+impl TcpSocket {
+    /// Takes the socket systemd passed under the configured name, or binds the address.
+    pub async fn open(
+        config: &crate::config::TlsListenerConfig,
+        activated: &mut ActivatedFds,
+    ) -> Result<Self, ListenerError> {
+        let (listener, activated) = if let Some(fd) = activated.claim(&config.fd_name) {
+            let activated_err = |source| ListenerError::Activated {
+                name: config.fd_name.clone(),
+                fd,
+                source,
+            };
+            let std = crate::sys::adopt_tcp_listener(fd).map_err(activated_err)?;
+            std.set_nonblocking(true).map_err(activated_err)?;
+            (
+                tokio::net::TcpListener::from_std(std).map_err(activated_err)?,
+                true,
+            )
+        } else {
+            let listener = tokio::net::TcpListener::bind(config.address)
+                .await
+                .map_err(|source| ListenerError::Io {
+                    path: PathBuf::from(config.address.to_string()),
+                    action: "bind",
+                    source,
+                })?;
+            (listener, false)
+        };
+        let address = listener
+            .local_addr()
+            .map_or_else(|_| config.address.to_string(), |a| a.to_string());
+        Ok(Self {
+            listener,
+            info: ListenerInfo {
+                name: config.fd_name.clone(),
+                kind: "tls",
+                address,
+                activated,
+            },
+        })
+    }
 }
 
 impl UnixSocket {

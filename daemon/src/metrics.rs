@@ -44,6 +44,12 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub listener: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
     pub worker: String,
 }
@@ -74,6 +80,9 @@ pub struct Metrics {
     pub worker_stuck: Family<WorkerLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub state_dir_free_bytes: Gauge,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub tls_server_cert_not_after: Gauge,
+    pub tls_crls_expired: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -102,6 +111,9 @@ impl Metrics {
             worker_stuck: Family::default(),
             config_reloads: Family::default(),
             state_dir_free_bytes: Gauge::default(),
+            tls_handshakes: Family::default(),
+            tls_server_cert_not_after: Gauge::default(),
+            tls_crls_expired: Gauge::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
@@ -160,6 +172,22 @@ impl Metrics {
             "Free bytes in the state directory's file system, as last probed",
             m.state_dir_free_bytes.clone(),
         );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes, by listener and result (ok, or why they failed: no_certificate, \
+             unknown_ca, expired, revoked, bad_usage, multiple_uri_sans, timeout, ...)",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_server_certificate_not_after_seconds",
+            "When the server certificate in use expires (Unix time)",
+            m.tls_server_cert_not_after.clone(),
+        );
+        registry.register(
+            "tls_crls_expired",
+            "CRLs in use whose nextUpdate has passed",
+            m.tls_crls_expired.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..m
@@ -173,6 +201,22 @@ impl Metrics {
                 how,
             })
             .inc();
+    }
+
+    pub fn count_handshake(&self, listener: &str, result: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels {
+                listener: listener.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn set_tls(&self, info: &crate::tls::TlsInfo) {
+        self.tls_server_cert_not_after
+            .set(info.server_certificate.not_after);
+        self.tls_crls_expired
+            .set(i64::try_from(info.crls.iter().filter(|c| c.expired).count()).unwrap_or(i64::MAX));
     }
 
     pub fn set_workers(&self, health: &[WorkerHealth]) {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airgate_policy::identity::Identity;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -19,17 +19,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError};
-use crate::connection::{self, Conn};
+use crate::connection::{self, Conn, Refusal};
 use crate::failpoint::Failpoints;
 use crate::heartbeat::{Heartbeat, Worker};
-use crate::listener::{ListenerInfo, Listeners, UnixSocket};
+use crate::listener::{ListenerInfo, Listeners, TcpSocket, UnixSocket};
 use crate::logging::LogHandle;
 use crate::metrics::{ListenerLabels, Metrics, ResultLabels};
 use crate::systemd::{self, Notifier};
+use crate::tls::{TlsError, TlsState};
 
 /// State every task shares.
 pub struct Shared {
     config: ArcSwap<Config>,
+    /// The TLS material in use; swapped whole on reload.
+    tls: ArcSwapOption<TlsState>,
     pub metrics: Metrics,
     pub heartbeat: Heartbeat,
     notifier: Notifier,
@@ -72,10 +75,15 @@ impl Shared {
         self.config.load_full()
     }
 
-    /// Operators are uid 0 and members (primary or supplementary) of an admin group.
+    /// Operators are uid 0 and members (primary or supplementary) of an admin
+    /// group, on the local socket only: the network never reaches operator routes.
     pub fn is_operator(&self, identity: &Identity) -> bool {
-        let Identity::Unix(peer) = identity;
-        peer.uid == 0 || self.config().admin.groups.iter().any(|g| peer.in_group(*g))
+        match identity {
+            Identity::Unix(peer) => {
+                peer.uid == 0 || self.config().admin.groups.iter().any(|g| peer.in_group(*g))
+            }
+            Identity::Tls(_) => false,
+        }
     }
 
     /// Why inference is not being served; empty when it is.
@@ -156,6 +164,7 @@ impl Shared {
                 "period_ms": self.watchdog.map(|d| d.as_millis() as u64),
                 "healthy": self.heartbeat.healthy(),
             },
+            "tls": self.tls.load().as_ref().map(|t| &t.info),
             "state_dir": {
                 "path": config.state_dir.display().to_string(),
                 "last_probe": *self.state_probe.lock().unwrap_or_else(PoisonError::into_inner),
@@ -165,6 +174,31 @@ impl Shared {
             "failpoints": active_failpoints,
         })
     }
+}
+
+/// A configuration and the TLS material it names, both fully validated.
+pub struct Prepared {
+    pub config: Config,
+    pub tls: Option<TlsState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("listen.tls: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Reads the configuration file and loads what it names. Blocking (file I/O).
+pub fn prepare(path: &Path) -> Result<Prepared, PrepareError> {
+    let config = Config::load(path)?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::load(t, SystemTime::now()))
+        .transpose()?;
+    Ok(Prepared { config, tls })
 }
 
 /// The running daemon's handle: clone it to reload from a signal handler.
@@ -206,11 +240,17 @@ pub fn prepare_state_dir(path: &Path) -> Result<(), StateDirError> {
 }
 
 impl Daemon {
-    pub fn new(config: Config, log: Option<LogHandle>, failpoints: Failpoints) -> Self {
+    pub fn new(prepared: Prepared, log: Option<LogHandle>, failpoints: Failpoints) -> Self {
+        let Prepared { config, tls } = prepared;
+        let metrics = Metrics::new();
+        if let Some(tls) = &tls {
+            metrics.set_tls(&tls.info);
+        }
         Self {
             shared: Arc::new(Shared {
                 config: ArcSwap::from_pointee(config),
-                metrics: Metrics::new(),
+                tls: ArcSwapOption::from(tls.map(Arc::new)),
+                metrics,
                 heartbeat: Heartbeat::new(),
                 notifier: Notifier::default(),
                 log,
@@ -230,7 +270,7 @@ impl Daemon {
     /// Applies a re-read configuration, or keeps the running one if it is
     /// invalid. Connections stay up either way; settings that need new
     /// sockets or stores are reported as pending a restart.
-    pub fn reload(&self, next: Result<Config, ConfigError>) {
+    pub fn reload(&self, next: Result<Prepared, PrepareError>) {
         let shared = &self.shared;
         shared.notifier.reloading();
         let record = match next {
@@ -247,11 +287,30 @@ impl Daemon {
                     message: e.to_string(),
                 }
             }
-            Ok(next) => {
+            Ok(Prepared { config: next, tls }) => {
                 let current = shared.config();
                 let mut pending = Vec::new();
                 if next.unix != current.unix {
                     pending.push("listen.unix");
+                }
+                let endpoint = |c: &Config| c.tls.as_ref().map(|t| (t.address, t.fd_name.clone()));
+                if endpoint(&next) != endpoint(&current) {
+                    pending.push("listen.tls.address");
+                }
+                // New TLS material applies to new handshakes; established
+                // connections keep theirs. Without a TLS listener running
+                // there is nothing to apply it to until a restart.
+                if let Some(tls) = tls
+                    && shared.tls.load().is_some()
+                {
+                    shared.metrics.set_tls(&tls.info);
+                    tracing::info!(
+                        serial = %tls.info.server_certificate.serial,
+                        not_after = tls.info.server_certificate.not_after,
+                        crls = tls.info.crls.len(),
+                        "TLS material reloaded"
+                    );
+                    shared.tls.store(Some(Arc::new(tls)));
                 }
                 if next.state_dir != current.state_dir {
                     pending.push("state_dir");
@@ -305,12 +364,15 @@ impl Daemon {
     /// in-flight requests get `shutdown_grace` to finish, the rest are cut.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
-        let Listeners { unix } = listeners;
-        shared
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(unix.info.clone());
+        let Listeners { unix, tls } = listeners;
+        {
+            let mut infos = shared
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            infos.push(unix.info.clone());
+            infos.extend(tls.as_ref().map(|t| t.info.clone()));
+        }
 
         let drain = CancellationToken::new();
         let abort = CancellationToken::new();
@@ -324,6 +386,16 @@ impl Daemon {
             shared.heartbeat.register("state-probe", probe_budget),
             background.clone(),
         ));
+        let accept_tls = tls.map(|tls| {
+            tokio::spawn(accept_tls(
+                Arc::clone(&shared),
+                tls,
+                Arc::clone(&permits),
+                connections.clone(),
+                drain.clone(),
+                abort.clone(),
+            ))
+        });
         let accept = tokio::spawn(accept_unix(
             Arc::clone(&shared),
             unix,
@@ -366,6 +438,12 @@ impl Daemon {
         drain.cancel();
         if let Err(e) = accept.await {
             tracing::error!(error = %e, "accept loop failed");
+        }
+        if let Some(Err(e)) = match accept_tls {
+            Some(task) => Some(task.await),
+            None => None,
+        } {
+            tracing::error!(error = %e, "TLS accept loop failed");
         }
         connections.close();
         if tokio::time::timeout(grace, connections.wait())
@@ -427,14 +505,14 @@ async fn accept_unix(
             .inc();
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tracing::warn!(listener = %name, "connection limit reached; refusing connection");
-            connection::refuse(stream, &shared, &name, "connection_limit");
+            connection::refuse(stream, &shared, &name, Refusal::ConnectionLimit);
             continue;
         };
         let identity = match crate::listener::peer_identity(&stream) {
             Ok(identity) => identity,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read peer credentials; refusing connection");
-                connection::refuse(stream, &shared, &name, "peer_credentials");
+                connection::refuse(stream, &shared, &name, Refusal::PeerCredentials);
                 continue;
             }
         };
@@ -451,6 +529,102 @@ async fn accept_unix(
             drain.clone(),
             abort.clone(),
         ));
+    }
+}
+
+/// Accepts TCP connections until drain; each is handed to a task that does
+/// the TLS handshake (bounded by handshake_timeout) and then serves HTTP.
+async fn accept_tls(
+    shared: Arc<Shared>,
+    socket: TcpSocket,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    drain: CancellationToken,
+    abort: CancellationToken,
+) {
+    let name = socket.info.name.clone();
+    let labels = ListenerLabels {
+        listener: name.clone(),
+    };
+    loop {
+        let (stream, remote) = tokio::select! {
+            () = drain.cancelled() => return,
+            accepted = socket.listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        shared
+            .metrics
+            .connections_accepted
+            .get_or_create(&labels)
+            .inc();
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!(listener = %name, %remote, "connection limit reached; refusing connection");
+            connection::count_refusal(&shared, &name, Refusal::ConnectionLimit);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Some(tls) = shared.tls.load_full() else {
+            continue;
+        };
+        let timeout = shared
+            .config()
+            .tls
+            .as_ref()
+            .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+        let shared = Arc::clone(&shared);
+        let (name, drain, abort) = (name.clone(), drain.clone(), abort.clone());
+        tracker.spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server_config));
+            let handshake = tokio::select! {
+                () = abort.cancelled() => return,
+                result = tokio::time::timeout(timeout, acceptor.accept(stream)) => result,
+            };
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    let reason = crate::tls::failure_reason(&e);
+                    shared.metrics.count_handshake(&name, reason);
+                    tracing::info!(%remote, reason, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared.metrics.count_handshake(&name, "timeout");
+                    tracing::info!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|cert| crate::tls::peer_identity(cert, remote));
+            let identity = match peer {
+                Some(Ok(peer)) => Identity::Tls(peer),
+                Some(Err(e)) => {
+                    shared.metrics.count_handshake(&name, "bad_certificate");
+                    tracing::warn!(%remote, error = %e, "verified client certificate cannot be read");
+                    return;
+                }
+                None => {
+                    shared.metrics.count_handshake(&name, "no_certificate");
+                    return;
+                }
+            };
+            shared.metrics.count_handshake(&name, "ok");
+            let conn = Conn {
+                id: shared.conn_ids.fetch_add(1, Ordering::Relaxed) + 1,
+                listener: name,
+                identity,
+            };
+            connection::serve(shared, stream, conn, permit, drain, abort).await;
+        });
     }
 }
 

@@ -58,16 +58,16 @@ fn int_sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// Takes ownership of a descriptor that systemd passed (LISTEN_FDS), after
-/// checking that it is a listening Unix-domain stream socket.
-pub(crate) fn adopt_unix_listener(fd: RawFd) -> io::Result<std::os::unix::net::UnixListener> {
+/// checking that it is a listening stream socket of one of `domains`.
+fn adopt_listener(fd: RawFd, domains: &[libc::c_int], what: &str) -> io::Result<OwnedFd> {
     let domain = int_sockopt(fd, libc::SO_DOMAIN)?;
     let kind = int_sockopt(fd, libc::SO_TYPE)?;
     let listening = int_sockopt(fd, libc::SO_ACCEPTCONN)?;
-    if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM || listening != 1 {
+    if !domains.contains(&domain) || kind != libc::SOCK_STREAM || listening != 1 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "file descriptor {fd} is not a listening Unix stream socket \
+                "file descriptor {fd} is not a listening {what} stream socket \
                  (domain {domain}, type {kind}, listening {listening})"
             ),
         ));
@@ -75,8 +75,15 @@ pub(crate) fn adopt_unix_listener(fd: RawFd) -> io::Result<std::os::unix::net::U
     // SAFETY: systemd hands these descriptors to this process alone; the caller
     // adopts each at most once (the LISTEN_FDS entry is consumed), and the
     // checks above prove it is an open socket.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(std::os::unix::net::UnixListener::from(owned))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn adopt_unix_listener(fd: RawFd) -> io::Result<std::os::unix::net::UnixListener> {
+    adopt_listener(fd, &[libc::AF_UNIX], "Unix").map(std::os::unix::net::UnixListener::from)
+}
+
+pub(crate) fn adopt_tcp_listener(fd: RawFd) -> io::Result<std::net::TcpListener> {
+    adopt_listener(fd, &[libc::AF_INET, libc::AF_INET6], "TCP").map(std::net::TcpListener::from)
 }
 
 /// Closes a passed descriptor that no listener claimed, so it does not leak.

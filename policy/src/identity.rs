@@ -1,8 +1,8 @@
 //! Transport identities and their mapping to tenants.
 //!
 //! The daemon reads an [`Identity`] from the transport (SO_PEERCRED and
-//! SO_PEERGROUPS on the Unix socket; the client certificate on TLS, in a later
-//! issue) and asks a [`TenantMap`] which tenant it belongs to. Until signed
+//! SO_PEERGROUPS on the Unix socket; the verified client certificate on
+//! mutual TLS) and asks a [`TenantMap`] which tenant it belongs to. Until signed
 //! bundles carry the tenants, the map is built from the static table in the
 //! daemon's configuration.
 
@@ -16,6 +16,28 @@ use serde::Serialize;
 pub enum Identity {
     /// A peer on a Unix-domain socket; the kernel vouches for these values.
     Unix(UnixPeer),
+    /// A peer on mutual TLS; the client CA vouches for these values.
+    Tls(TlsPeer),
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsPeer {
+    /// The URI SAN (e.g. a SPIFFE ID): the primary identity. Certificates
+    /// with more than one are refused at the handshake.
+    pub uri: Option<String>,
+    /// DNS SANs; used for tenant mapping only when the configuration says so.
+    pub dns_names: Vec<String>,
+    /// The subject CN; used for tenant mapping only when the configuration says so.
+    pub common_name: Option<String>,
+    /// Certificate serial, lower-case hex.
+    pub serial: String,
+    /// SHA-256 of the certificate's DER, lower-case hex.
+    pub sha256: String,
+    /// The certificate's notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// The TCP peer address, for logs.
+    pub remote_addr: String,
 }
 
 /// Credentials of a Unix-socket peer, taken when it connected.
@@ -86,14 +108,28 @@ impl fmt::Display for TenantId {
 )]
 pub struct InvalidTenantId(pub String);
 
-/// A rule that places a Unix peer in a tenant.
+/// A rule that places a peer in a tenant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Principal {
-    /// The peer's uid.
+    /// A Unix peer's uid.
     Uid(u32),
-    /// The peer's primary or any supplementary group.
+    /// A Unix peer's primary or any supplementary group.
     Gid(u32),
+    /// A TLS client certificate's URI SAN, compared exactly.
+    Uri(String),
+    /// A TLS client certificate's DNS SAN, compared ASCII case-insensitively.
+    DnsName(String),
+    /// A TLS client certificate's subject CN, compared exactly.
+    CommonName(String),
+}
+
+/// Which weaker certificate names may place a TLS peer in a tenant. The URI
+/// SAN always may; DNS SANs and the CN only when an operator opts in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsNameRules {
+    pub dns_names: bool,
+    pub common_name: bool,
 }
 
 /// Why an identity could not be placed in exactly one tenant.
@@ -121,11 +157,21 @@ fn names(tenants: &[TenantId]) -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TenantMap {
     tenants: Vec<(TenantId, Vec<Principal>)>,
+    tls_names: TlsNameRules,
 }
 
 impl TenantMap {
     pub fn new(tenants: Vec<(TenantId, Vec<Principal>)>) -> Self {
-        Self { tenants }
+        Self {
+            tenants,
+            tls_names: TlsNameRules::default(),
+        }
+    }
+
+    /// Allows DNS SANs and/or the CN to map TLS peers (after the URI SAN).
+    pub fn with_tls_names(mut self, rules: TlsNameRules) -> Self {
+        self.tls_names = rules;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -137,21 +183,15 @@ impl TenantMap {
     }
 
     pub fn resolve(&self, identity: &Identity) -> Result<&TenantId, TenantLookupError> {
-        let Identity::Unix(peer) = identity;
-        let by = |want_uid: bool| -> Vec<&TenantId> {
-            self.tenants
+        // The first precedence level with any match decides.
+        for level in 0..3 {
+            let found: Vec<&TenantId> = self
+                .tenants
                 .iter()
-                .filter(|(_, rules)| {
-                    rules.iter().any(|rule| match *rule {
-                        Principal::Uid(uid) => want_uid && peer.uid == uid,
-                        Principal::Gid(gid) => !want_uid && peer.in_group(gid),
-                    })
-                })
+                .filter(|(_, rules)| rules.iter().any(|r| self.level(identity, r) == Some(level)))
                 .map(|(id, _)| id)
-                .collect()
-        };
-        for matches in [by(true), by(false)] {
-            match matches.as_slice() {
+                .collect();
+            match found.as_slice() {
                 [] => continue,
                 [one] => return Ok(one),
                 many => {
@@ -162,6 +202,27 @@ impl TenantMap {
             }
         }
         Err(TenantLookupError::NoTenant)
+    }
+
+    /// The precedence at which `rule` matches `identity` (0 is strongest), if it does.
+    fn level(&self, identity: &Identity, rule: &Principal) -> Option<u8> {
+        match (identity, rule) {
+            (Identity::Unix(p), Principal::Uid(uid)) if p.uid == *uid => Some(0),
+            (Identity::Unix(p), Principal::Gid(gid)) if p.in_group(*gid) => Some(1),
+            (Identity::Tls(p), Principal::Uri(uri)) if p.uri.as_deref() == Some(uri) => Some(0),
+            (Identity::Tls(p), Principal::DnsName(name))
+                if self.tls_names.dns_names
+                    && p.dns_names.iter().any(|d| d.eq_ignore_ascii_case(name)) =>
+            {
+                Some(1)
+            }
+            (Identity::Tls(p), Principal::CommonName(cn))
+                if self.tls_names.common_name && p.common_name.as_deref() == Some(cn) =>
+            {
+                Some(2)
+            }
+            _ => None,
+        }
     }
 }
 

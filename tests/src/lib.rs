@@ -344,3 +344,167 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A mutual-TLS client for the tests, built on rustls with the ring provider.
+pub mod tls {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::client::TlsStream;
+
+    use super::{Response, parse_response};
+
+    /// Client configuration; keeps its session cache, so a second connection
+    /// with the same client tries to resume.
+    #[derive(Clone)]
+    pub struct Client {
+        pub config: Arc<rustls::ClientConfig>,
+    }
+
+    pub fn pem_certs(path: &Path) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(path)
+            .expect("read PEM")
+            .collect::<Result<_, _>>()
+            .expect("parse PEM")
+    }
+
+    pub fn pem_key(path: &Path) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::from_pem_file(path).expect("read key")
+    }
+
+    impl Client {
+        /// Trusts `ca` for the server; presents `identity` (chain, key) if given.
+        pub fn new(
+            ca: &Path,
+            identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+        ) -> Self {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut roots = rustls::RootCertStore::empty();
+            for c in pem_certs(ca) {
+                roots.add(c).expect("add root");
+            }
+            let builder = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots);
+            let mut config = match identity {
+                Some((chain, key)) => builder
+                    .with_client_auth_cert(chain, key)
+                    .expect("client cert"),
+                None => builder.with_no_client_auth(),
+            };
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Self {
+                config: Arc::new(config),
+            }
+        }
+
+        /// A client presenting the certificate and key files `prefix.pem` / `prefix.key`.
+        pub fn with_files(ca: &Path, cert: &Path, key: &Path) -> Self {
+            Self::new(ca, Some((pem_certs(cert), pem_key(key))))
+        }
+
+        pub async fn connect(
+            &self,
+            addr: SocketAddr,
+        ) -> Result<TlsStream<tokio::net::TcpStream>, String> {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let name = ServerName::try_from("localhost").expect("name");
+            tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())
+        }
+
+        /// One GET on a fresh connection. With TLS 1.3 a refused client
+        /// certificate surfaces after the client's side of the handshake, so
+        /// "refused" means: no connection, or no response on it.
+        pub async fn get(
+            &self,
+            addr: SocketAddr,
+            path: &str,
+        ) -> Result<(Response, Handshake), String> {
+            let mut stream = self.connect(addr).await?;
+            let handshake = Handshake::of(&stream);
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            stream
+                .write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut raw = Vec::new();
+            match stream.read_to_end(&mut raw).await {
+                Ok(_) => {}
+                Err(e) if raw.is_empty() => return Err(e.to_string()),
+                Err(_) => {}
+            }
+            parse_response(&raw).map(|r| (r, handshake))
+        }
+    }
+
+    /// What the client saw of a completed handshake.
+    #[derive(Debug, Clone)]
+    pub struct Handshake {
+        pub resumed: bool,
+        pub server_cert_sha256: String,
+    }
+
+    impl Handshake {
+        pub fn of(stream: &TlsStream<tokio::net::TcpStream>) -> Self {
+            let conn = stream.get_ref().1;
+            let cert = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .expect("server cert");
+            Self {
+                resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                server_cert_sha256: super::sha256_hex(cert),
+            }
+        }
+    }
+
+    /// Sends a keep-alive GET on an open connection and reads one response.
+    pub async fn keepalive_get(
+        stream: &mut TlsStream<tokio::net::TcpStream>,
+        path: &str,
+    ) -> Result<Response, String> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!("closed after {} bytes", raw.len()));
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if let Ok(r) = parse_response(&raw) {
+                let want: usize = r
+                    .header("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                if r.body.len() >= want {
+                    return Ok(r);
+                }
+            }
+        }
+    }
+}
+
+/// SHA-256 of bytes, lower-case hex (matches the daemon's certificate fingerprints).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

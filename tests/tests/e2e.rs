@@ -6,5 +6,7 @@
 mod api;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/tls.rs"]
+mod tls;
 #[path = "e2e/units.rs"]
 mod units;

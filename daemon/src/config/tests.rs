@@ -126,7 +126,7 @@ name = "empty"
         "tenants[0].name: invalid tenant name \"bad name\"",
         "tenants[0].uids: [0] -1 is out of range",
         "tenants[0].extra: unknown key",
-        "tenants[1]: a tenant needs at least one of uids or gids",
+        "tenants[1]: a tenant needs at least one of uids, gids, uris",
     ];
     for w in want {
         assert!(
@@ -248,4 +248,63 @@ fn file_modes() {
         assert!(file_mode(&Value::String(bad.into())).is_err(), "{bad}");
     }
     assert!(file_mode(&Value::Integer(660)).is_err());
+}
+
+#[test]
+fn tls_listener() {
+    let c = parse(&format!(
+        r#"{MINIMAL}
+[listen.tls]
+address = "127.0.0.1:8443"
+cert = "/etc/airgate/tls/server.pem"
+key = "/etc/airgate/tls/server.key"
+client_ca = "/etc/airgate/tls/ca.pem"
+crls = ["/etc/airgate/tls/crl.pem"]
+map_dns_names = true
+[[tenants]]
+name = "claims"
+uris = ["spiffe://corp.example/tenant/claims"]
+dns_names = ["claims.corp.example"]
+"#
+    ))
+    .expect("valid");
+    let tls = c.tls.expect("tls");
+    assert_eq!(tls.address, "127.0.0.1:8443".parse().expect("addr"));
+    assert_eq!(tls.expired_crl, ExpiredCrl::Refuse, "refuse is the default");
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(tls.fd_name, "tls");
+    assert!(tls.names.dns_names && !tls.names.common_name);
+    assert_eq!(c.tenants.len(), 1);
+}
+
+#[test]
+fn tls_listener_errors() {
+    let errors = parse(&format!(
+        r#"{MINIMAL}
+[listen.tls]
+address = "localhost"
+cert = "server.pem"
+expired_crl = "ignore"
+map_common_name = "yes"
+[[tenants]]
+name = "x"
+uris = ["not a uri"]
+"#
+    ))
+    .expect_err("invalid");
+    for want in [
+        "listen.tls.address: expected an address",
+        "listen.tls.cert: expected an absolute path",
+        "listen.tls.key: required key is missing",
+        "listen.tls.client_ca: required key is missing",
+        "listen.tls.expired_crl: expected \"refuse\" or \"warn\"",
+        "listen.tls.map_common_name: expected true or false",
+        "tenants[0].uris: [0] expected a URI",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in {errors:#?}"
+        );
+    }
+    assert_eq!(errors.len(), 7, "{errors:#?}");
 }

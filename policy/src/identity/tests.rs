@@ -93,3 +93,82 @@ fn identity_serialises_with_transport_tag() {
         serde_json::json!({"transport": "unix", "uid": 1, "gid": 2, "pid": 1, "groups": [3]})
     );
 }
+
+fn tls(uri: Option<&str>, dns: &[&str], cn: Option<&str>) -> Identity {
+    Identity::Tls(TlsPeer {
+        uri: uri.map(str::to_owned),
+        dns_names: dns.iter().map(|d| (*d).to_owned()).collect(),
+        common_name: cn.map(str::to_owned),
+        serial: "01".to_owned(),
+        sha256: "00".repeat(32),
+        not_after: 0,
+        remote_addr: "127.0.0.1:1".to_owned(),
+    })
+}
+
+fn tls_map() -> TenantMap {
+    TenantMap::new(vec![
+        (
+            tenant("claims"),
+            vec![Principal::Uri("spiffe://corp.example/tenant/claims".into())],
+        ),
+        (
+            tenant("search"),
+            vec![Principal::DnsName("search.corp.example".into())],
+        ),
+        (
+            tenant("legacy"),
+            vec![Principal::CommonName("legacy-app".into())],
+        ),
+        (
+            tenant("unix-only"),
+            vec![Principal::Uid(0), Principal::Gid(0)],
+        ),
+    ])
+}
+
+#[test]
+fn tls_peers_map_by_uri_and_only_opted_in_names() {
+    use TenantLookupError::*;
+    let strict = tls_map();
+    let lenient = tls_map().with_tls_names(TlsNameRules {
+        dns_names: true,
+        common_name: true,
+    });
+    let claims = tls(
+        Some("spiffe://corp.example/tenant/claims"),
+        &["search.corp.example"],
+        Some("legacy-app"),
+    );
+    let search = tls(None, &["SEARCH.corp.example"], Some("legacy-app"));
+    let legacy = tls(Some("spiffe://corp.example/other"), &[], Some("legacy-app"));
+    let cases: &[(&TenantMap, &Identity, Result<&str, TenantLookupError>)] = &[
+        (&strict, &claims, Ok("claims")),
+        (&strict, &search, Err(NoTenant)),
+        (&strict, &legacy, Err(NoTenant)),
+        (&lenient, &claims, Ok("claims")),
+        (&lenient, &search, Ok("search")),
+        (&lenient, &legacy, Ok("legacy")),
+        // Unix rules never match a TLS peer, nor URI rules a Unix peer.
+        (&lenient, &tls(None, &[], None), Err(NoTenant)),
+        (&strict, &peer(0, 0, &[]), Ok("unix-only")),
+    ];
+    for (i, (map, identity, want)) in cases.iter().enumerate() {
+        assert_eq!(
+            &map.resolve(identity).map(TenantId::as_str),
+            want,
+            "case {i}"
+        );
+    }
+}
+
+#[test]
+fn uri_prefixes_do_not_match() {
+    let m = tls_map();
+    let sneaky = tls(
+        Some("spiffe://corp.example/tenant/claims/../admin"),
+        &[],
+        None,
+    );
+    assert_eq!(m.resolve(&sneaky), Err(TenantLookupError::NoTenant));
+}
