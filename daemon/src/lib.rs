@@ -341,6 +341,23 @@ fn render_status(doc: &serde_json::Value) -> String {
             }
         );
     }
+    if let Some(tls) = doc["tls"].as_object() {
+        let cert = &tls["server_certificate"];
+        let days_left = (cert["not_after"].as_i64().unwrap_or(0)
+            - doc["started_at_unix"].as_i64().unwrap_or(0)
+            - doc["uptime_seconds"].as_i64().unwrap_or(0))
+            / 86_400;
+        let crls = tls["crls"].as_array().map_or(0, Vec::len);
+        let expired = tls["crls"]
+            .as_array()
+            .map_or(0, |c| c.iter().filter(|c| c["expired"] == true).count());
+        let _ = writeln!(
+            out,
+            "tls:         server certificate {} expires in {days_left} days; {crls} CRL(s), {expired} expired (expired_crl = {})",
+            cert["subject"].as_str().unwrap_or("?"),
+            tls["expired_crl"].as_str().unwrap_or("?"),
+        );
+    }
     let _ = writeln!(
         out,
         "connections: {} of {}",
