@@ -14,9 +14,9 @@ use nix::sys::signal::Signal;
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
 use time::OffsetDateTime;
 
-const CLAIMS: &str = "spiffe://corp.example/tenant/claims";
+pub(crate) const CLAIMS: &str = "spiffe://corp.example/tenant/claims";
 
-fn pki(args: &[&str]) {
+pub(crate) fn pki(args: &[&str]) {
     let out = Command::new(airgate_bin())
         .arg("pki")
         .args(args)
@@ -30,12 +30,12 @@ fn pki(args: &[&str]) {
 }
 
 /// A site made with `airgate pki`: CA, server certificate, one tenant client.
-struct Site {
-    dir: PathBuf,
+pub(crate) struct Site {
+    pub(crate) dir: PathBuf,
 }
 
 impl Site {
-    fn new(sb: &Sandbox) -> Self {
+    pub(crate) fn new(sb: &Sandbox) -> Self {
         let dir = sb.path().join("pki");
         let ca = dir.join("ca");
         let ca_s = ca.to_str().expect("utf8");
@@ -65,11 +65,11 @@ impl Site {
         Self { dir }
     }
 
-    fn ca(&self) -> PathBuf {
+    pub(crate) fn ca(&self) -> PathBuf {
         self.dir.join("ca/ca.pem")
     }
 
-    fn client(&self, name: &str) -> Client {
+    pub(crate) fn client(&self, name: &str) -> Client {
         Client::with_files(
             &self.ca(),
             &self.dir.join(format!("{name}.pem")),
@@ -101,7 +101,7 @@ impl Site {
         self.client(name)
     }
 
-    fn config(&self, sb: &Sandbox) -> String {
+    pub(crate) fn config(&self, sb: &Sandbox) -> String {
         sb.config(
             "",
             &format!(
