@@ -14,7 +14,7 @@ use airgate_policy::identity::Identity;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -482,29 +482,8 @@ async fn accept_unix(
     let labels = ListenerLabels {
         listener: name.clone(),
     };
-    loop {
-        let stream = tokio::select! {
-            () = drain.cancelled() => {
-                socket.remove_node();
-                return;
-            }
-            accepted = socket.listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        shared
-            .metrics
-            .connections_accepted
-            .get_or_create(&labels)
-            .inc();
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tracing::warn!(listener = %name, "connection limit reached; refusing connection");
+    while let Some((stream, _)) = next_accepted(|| socket.listener.accept(), &drain).await {
+        let Some(permit) = admit(&shared, &labels, &permits) else {
             connection::refuse(stream, &shared, &name, Refusal::ConnectionLimit);
             continue;
         };
@@ -530,6 +509,46 @@ async fn accept_unix(
             abort.clone(),
         ));
     }
+    socket.remove_node();
+}
+
+/// The next accepted connection, or None once draining. Accept errors
+/// (EMFILE and friends) back off instead of spinning.
+async fn next_accepted<T, F>(accept: impl Fn() -> F, drain: &CancellationToken) -> Option<T>
+where
+    F: Future<Output = std::io::Result<T>>,
+{
+    loop {
+        tokio::select! {
+            () = drain.cancelled() => return None,
+            accepted = accept() => match accepted {
+                Ok(conn) => return Some(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Counts an accepted connection and takes a connection slot for it; None
+/// (logged) when every slot is taken and the caller must turn it away.
+fn admit(
+    shared: &Shared,
+    labels: &ListenerLabels,
+    permits: &Arc<Semaphore>,
+) -> Option<OwnedSemaphorePermit> {
+    shared
+        .metrics
+        .connections_accepted
+        .get_or_create(labels)
+        .inc();
+    let permit = Arc::clone(permits).try_acquire_owned().ok();
+    if permit.is_none() {
+        tracing::warn!(listener = %labels.listener, "connection limit reached; refusing connection");
+    }
+    permit
 }
 
 /// Accepts TCP connections until drain; each is handed to a task that does
@@ -546,25 +565,8 @@ async fn accept_tls(
     let labels = ListenerLabels {
         listener: name.clone(),
     };
-    loop {
-        let (stream, remote) = tokio::select! {
-            () = drain.cancelled() => return,
-            accepted = socket.listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        shared
-            .metrics
-            .connections_accepted
-            .get_or_create(&labels)
-            .inc();
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tracing::warn!(listener = %name, %remote, "connection limit reached; refusing connection");
+    while let Some((stream, remote)) = next_accepted(|| socket.listener.accept(), &drain).await {
+        let Some(permit) = admit(&shared, &labels, &permits) else {
             connection::count_refusal(&shared, &name, Refusal::ConnectionLimit);
             continue;
         };

@@ -89,6 +89,17 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
     })
 }
 
+/// The first response in `raw` once all of it (head and Content-Length body)
+/// has arrived; None while more is to come.
+pub fn complete_response(raw: &[u8]) -> Option<Response> {
+    let r = parse_response(raw).ok()?;
+    let want: usize = r
+        .header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    (r.body.len() >= want).then_some(r)
+}
+
 /// Sends raw request bytes and reads the response until the server closes.
 ///
 /// A server may answer and close before it has read the whole request (a
@@ -487,14 +498,8 @@ pub mod tls {
                 return Err(format!("closed after {} bytes", raw.len()));
             }
             raw.extend_from_slice(&buf[..n]);
-            if let Ok(r) = parse_response(&raw) {
-                let want: usize = r
-                    .header("content-length")
-                    .and_then(|l| l.parse().ok())
-                    .unwrap_or(0);
-                if r.body.len() >= want {
-                    return Ok(r);
-                }
+            if let Some(r) = super::complete_response(&raw) {
+                return Ok(r);
             }
         }
     }

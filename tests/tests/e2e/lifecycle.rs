@@ -332,14 +332,8 @@ fn read_one_response(s: &mut UnixStream) -> serde_json::Value {
         let n = s.read(&mut buf).expect("read");
         assert!(n > 0, "connection closed");
         raw.extend_from_slice(&buf[..n]);
-        if let Ok(r) = parse_response(&raw) {
-            let len: usize = r
-                .header("content-length")
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(0);
-            if r.body.len() >= len {
-                return r.json();
-            }
+        if let Some(r) = airgate_tests::complete_response(&raw) {
+            return r.json();
         }
     }
 }
