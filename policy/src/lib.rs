@@ -7,4 +7,6 @@
 //! of tokio, hyper, sled and the filesystem.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 pub mod identity;
+pub mod time;
