@@ -665,4 +665,4 @@ fn compile_content(tenant: &str, wire: WireContentRules) -> Result<ContentRules,
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -8,5 +8,6 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod decision;
 pub mod identity;
 pub mod time;
