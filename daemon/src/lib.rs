@@ -124,14 +124,9 @@ fn serve(path: &Path) -> u8 {
         logs = log_target,
         "starting"
     );
-    let tls = match config
-        .tls
-        .as_ref()
-        .map(|t| tls::load(t, std::time::SystemTime::now()))
-    {
-        None => None,
-        Some(Ok(tls)) => Some(tls),
-        Some(Err(e)) => {
+    let prepared = match server::Prepared::with_tls(config) {
+        Ok(p) => p,
+        Err(e) => {
             tracing::error!(error = %e, "listen.tls: cannot load the TLS material");
             eprintln!("airgate: listen.tls: {e}");
             return exit::CONFIG;
@@ -155,7 +150,7 @@ fn serve(path: &Path) -> u8 {
             return exit::UNAVAILABLE;
         }
     };
-    if let Err(e) = server::prepare_state_dir(&config.state_dir) {
+    if let Err(e) = server::prepare_state_dir(&prepared.config.state_dir) {
         tracing::error!(error = %e, "cannot use the state directory");
         return exit::CANT_CREATE;
     }
@@ -171,14 +166,14 @@ fn serve(path: &Path) -> u8 {
         }
     };
     let code = runtime.block_on(async move {
-        let unix = match listener::UnixSocket::open(&config.unix, &mut activated) {
+        let unix = match listener::UnixSocket::open(&prepared.config.unix, &mut activated) {
             Ok(u) => u,
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the Unix socket");
                 return exit::UNAVAILABLE;
             }
         };
-        let tls_socket = match &config.tls {
+        let tls_socket = match &prepared.config.tls {
             Some(tls) => match listener::TcpSocket::open(tls, &mut activated).await {
                 Ok(t) => Some(t),
                 Err(e) => {
@@ -203,7 +198,7 @@ fn serve(path: &Path) -> u8 {
                 return exit::SOFTWARE;
             }
         };
-        let daemon = server::Daemon::new(server::Prepared { config, tls }, Some(log), failpoints);
+        let daemon = server::Daemon::new(prepared, Some(log), failpoints);
         let reloader = daemon.clone();
         let config_path = path.to_owned();
         let Signals {

@@ -192,13 +192,19 @@ pub enum PrepareError {
 
 /// Reads the configuration file and loads what it names. Blocking (file I/O).
 pub fn prepare(path: &Path) -> Result<Prepared, PrepareError> {
-    let config = Config::load(path)?;
-    let tls = config
-        .tls
-        .as_ref()
-        .map(|t| crate::tls::load(t, SystemTime::now()))
-        .transpose()?;
-    Ok(Prepared { config, tls })
+    Ok(Prepared::with_tls(Config::load(path)?)?)
+}
+
+impl Prepared {
+    /// Loads the TLS material a validated configuration names. Blocking (file I/O).
+    pub fn with_tls(config: Config) -> Result<Self, TlsError> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| crate::tls::load(t, SystemTime::now()))
+            .transpose()?;
+        Ok(Self { config, tls })
+    }
 }
 
 /// The running daemon's handle: clone it to reload from a signal handler.
