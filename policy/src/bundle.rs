@@ -13,13 +13,15 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{Principal, TenantId, TenantMap, TlsNameRules};
 use crate::time::{Date, UnixTime};
 
+pub mod diff;
+pub mod sign;
 pub mod verify;
 
 /// The schema version this build understands.
 pub const SCHEMA: u32 = 1;
 
 /// The claims of a bundle JWS, exactly as signed.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireBundle {
     pub schema: u32,
@@ -36,7 +38,7 @@ pub struct WireBundle {
     pub tenants: Vec<WireTenant>,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireTlsNames {
     #[serde(default)]
@@ -45,7 +47,7 @@ pub struct WireTlsNames {
     pub common_name: bool,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireLicence {
     /// An SPDX identifier (`Apache-2.0`) or a `LicenseRef-...`.
@@ -72,7 +74,7 @@ pub enum ReviewAction {
     Refuse,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireModel {
     pub id: String,
@@ -84,7 +86,7 @@ pub struct WireModel {
     pub derived_from: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireFile {
     pub role: String,
@@ -109,7 +111,7 @@ pub enum Kind {
     Classifier,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireTenant {
     pub id: String,
@@ -126,7 +128,7 @@ pub struct WireTenant {
     pub content: WireContentRules,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireIdentities {
     #[serde(default)]
@@ -192,7 +194,7 @@ pub enum OverCap {
     AllowAndFlag,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireContentRules {
     #[serde(default)]

@@ -7,6 +7,7 @@
 //! of tokio, hyper, sled and the filesystem.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod bundle;
 pub mod decision;
 pub mod identity;

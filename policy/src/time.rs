@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 /// Seconds since the Unix epoch (UTC).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct UnixTime(pub i64);
 

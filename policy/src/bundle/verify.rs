@@ -32,14 +32,14 @@ pub enum SigningAlgorithm {
 }
 
 impl SigningAlgorithm {
-    fn jose(self) -> &'static str {
+    pub fn jose(self) -> &'static str {
         match self {
             Self::EdDsa => "EdDSA",
             Self::Es256 => "ES256",
         }
     }
 
-    fn library(self) -> Algorithm {
+    pub(crate) fn library(self) -> Algorithm {
         match self {
             Self::EdDsa => Algorithm::EdDSA,
             Self::Es256 => Algorithm::ES256,
@@ -162,16 +162,54 @@ pub struct Verified {
     /// SHA-256 of the compact JWS as received: the bundle's identity in audits and archives.
     pub digest: String,
     pub key_id: String,
+    /// The compact JWS, whitespace trimmed: what is persisted and archived.
+    pub token: String,
 }
 
 const ALLOWED_HEADER_FIELDS: [&str; 3] = ["alg", "kid", "typ"];
 
-/// Verifies `token` for this host (`audience`) at time `now`.
+/// Verifies `token` for this host (`audience`) at time `now`: signature,
+/// claims, content, and that it is valid now.
 pub fn verify(
     token: &[u8],
     anchors: &TrustAnchors,
     audience: &str,
     now: UnixTime,
+) -> Result<Verified, BundleError> {
+    let verified = verify_signed(token, anchors, audience)?;
+    verified.check_time(now)?;
+    Ok(verified)
+}
+
+impl Verified {
+    /// Whether the bundle is valid at `now` (not before `nbf`, before `exp`).
+    pub fn check_time(&self, now: UnixTime) -> Result<(), BundleError> {
+        let (nbf, exp) = (
+            self.bundle.not_before.seconds(),
+            self.bundle.expires.seconds(),
+        );
+        if now.seconds() < nbf.saturating_sub(LEEWAY_SECONDS) {
+            return Err(BundleError::NotYetValid {
+                nbf,
+                now: now.seconds(),
+            });
+        }
+        if now.seconds() >= exp {
+            return Err(BundleError::Expired {
+                exp,
+                now: now.seconds(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Everything [`verify`] checks except the clock: for a bundle persisted
+/// earlier, whose expiry the caller weighs against a grace period.
+pub fn verify_signed(
+    token: &[u8],
+    anchors: &TrustAnchors,
+    audience: &str,
 ) -> Result<Verified, BundleError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(BundleError::TooLarge {
@@ -269,24 +307,46 @@ pub fn verify(
             exp: wire.exp,
         });
     }
-    if now.seconds() < wire.nbf.saturating_sub(LEEWAY_SECONDS) {
-        return Err(BundleError::NotYetValid {
-            nbf: wire.nbf,
-            now: now.seconds(),
-        });
-    }
-    if now.seconds() >= wire.exp {
-        return Err(BundleError::Expired {
-            exp: wire.exp,
-            now: now.seconds(),
-        });
-    }
     let bundle = wire.validate()?;
     Ok(Verified {
         bundle,
         digest: hex(&Sha256::digest(token)),
         key_id: kid.to_owned(),
+        // Checked above to be base64url parts and dots, so ASCII.
+        token: String::from_utf8_lossy(token).into_owned(),
     })
+}
+
+/// The key id and claims of a token, parsed strictly but NOT verified: for
+/// `airgate bundle inspect` and `diff` on a machine without the trust anchors.
+pub fn decode_unverified(token: &[u8]) -> Result<(String, WireBundle), BundleError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(BundleError::TooLarge {
+            size: token.len(),
+            limit: MAX_TOKEN_BYTES,
+        });
+    }
+    let token = trim_ascii(token);
+    let parts: Vec<&[u8]> = token.split(|b| *b == b'.').collect();
+    let [header, payload, _] = parts.as_slice() else {
+        return Err(BundleError::Malformed);
+    };
+    let header: serde_json::Value = URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|h| serde_json::from_slice(&h).ok())
+        .ok_or_else(|| BundleError::BadHeader("not base64url JSON".to_owned()))?;
+    let kid = header
+        .get("kid")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_owned();
+    let claims = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|e| BundleError::BadClaims(e.to_string()))?;
+    let wire =
+        serde_json::from_slice(&claims).map_err(|e| BundleError::BadClaims(e.to_string()))?;
+    Ok((kid, wire))
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
@@ -301,7 +361,7 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -359,3 +359,61 @@ fn key_encodings_are_checked() {
         Some(KeyError::P256Encoding)
     );
 }
+
+#[test]
+fn signed_by_the_authority_tools_and_attached_signatures_verify() {
+    use crate::bundle::sign::{SignError, attach, sign, signing_input};
+    use ed25519_dalek::Signer as _;
+
+    let wire: WireBundle = serde_json::from_value(sample()).expect("wire");
+    let der = ed_key(1).to_pkcs8_der().expect("pkcs8");
+    let token = sign(
+        &wire,
+        "authority-2026",
+        SigningAlgorithm::EdDsa,
+        der.as_bytes(),
+    )
+    .expect("sign");
+    check(&token).expect("one-step EdDSA");
+
+    // Two-step: the input leaves for an offline signer; the signature comes back.
+    let input = signing_input(&wire, "authority-2026", SigningAlgorithm::EdDsa).expect("input");
+    let sig = ed_key(1).sign(input.as_bytes()).to_bytes();
+    check(&attach(&input, &sig).expect("attach")).expect("attached EdDSA");
+    assert!(matches!(
+        attach(&input, &sig[..63]),
+        Err(SignError::SignatureLength { len: 63, .. })
+    ));
+    let mut flipped = sig;
+    flipped[10] ^= 1;
+    assert!(matches!(
+        check(&attach(&input, &flipped).expect("attach")),
+        Err(BundleError::BadSignature(_))
+    ));
+
+    // ES256 from a tool that writes DER (openssl pkeyutl) is converted to r || s.
+    let input = signing_input(&wire, "authority-hsm", SigningAlgorithm::Es256).expect("input");
+    let sig: p256::ecdsa::Signature = p256_key(3).sign(input.as_bytes());
+    check(&attach(&input, sig.to_der().as_bytes()).expect("DER")).expect("attached ES256 DER");
+    check(&attach(&input, &sig.to_bytes()).expect("raw")).expect("attached ES256 raw");
+    assert_eq!(
+        attach(&input, &[0x30, 0x03, 0x02, 0x01]),
+        Err(SignError::BadEcdsaSignature)
+    );
+
+    // A verified bundle can be inspected without the trust anchors, too.
+    let (kid, claims) = decode_unverified(token.as_bytes()).expect("decode");
+    assert_eq!((kid.as_str(), claims.bundle_version), ("authority-2026", 7));
+}
+
+#[test]
+fn a_persisted_bundle_is_weighed_against_time_separately() {
+    let token = sign_ed(&sample(), "authority-2026", 1);
+    let v = verify_signed(token.as_bytes(), &anchors(), "site-7").expect("signed");
+    assert!(v.check_time(NOW).is_ok());
+    assert!(matches!(
+        v.check_time(UnixTime(1_800_000_000)),
+        Err(BundleError::Expired { .. })
+    ));
+    assert_eq!(v.token, token);
+}

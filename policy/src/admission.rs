@@ -1,0 +1,325 @@
+//! Admission: turning an allow into a reservation against live counters.
+//!
+//! `decide` reads a [`UsageView`] and says what must be reserved; between
+//! that read and serving, other requests race for the same slots. The
+//! [`Admission`] trait closes the race: `reserve` re-checks every limit of a
+//! [`Reservation`] and takes the slots in one atomic step (losing the race is
+//! a denial with the same reason code `decide` would have given), and the
+//! [`Ticket`] it returns is later committed with the actual token count or
+//! released if nothing was served.
+//!
+//! When a user counts as seen: at `reserve` (so two concurrent first
+//! requests of the 50th and 51st user cannot both pass a cap of 50), undone
+//! by `release` when nothing was served. A refused request never counts.
+//!
+//! [`MemoryAdmission`] is the reference implementation: exact, in memory,
+//! behind one mutex. The daemon's persistent store implements the same
+//! trait with the same semantics.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Mutex;
+
+use crate::decision::{Reason, Reservation, UsageView, UserKey};
+use crate::identity::TenantId;
+use crate::time::UnixTime;
+
+/// A reservation that was taken: hand it back to `commit` or `release`.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a ticket holds a concurrency slot until committed or released"]
+pub struct Ticket {
+    pub reservation: Reservation,
+    /// When it was taken: the day its tokens count against, the month of its users.
+    pub at: UnixTime,
+    /// The user was new to the tenant this month (its slot is released with the ticket).
+    pub new_tenant_user: bool,
+    /// Licences under which the user was new this month.
+    pub new_licence_users: Vec<String>,
+}
+
+/// Why a reservation could not be taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub rule: String,
+    /// Seconds until a retry can succeed, for transient reasons.
+    pub retry_after: Option<u64>,
+}
+
+/// The atomic step between `decide` and serving. See the module docs.
+pub trait Admission: UsageView + Send + Sync {
+    fn reserve(&self, reservation: Reservation, now: UnixTime) -> Result<Ticket, Refusal>;
+    /// The request was served: count `tokens` (prompt + generated) instead of the estimate.
+    fn commit(&self, ticket: Ticket, tokens: u64);
+    /// Nothing was served: give back everything the ticket took.
+    fn release(&self, ticket: Ticket);
+}
+
+const MINUTE: i64 = 60;
+
+/// Month index (UTC) of an instant: year * 12 + month.
+fn month(t: UnixTime) -> i64 {
+    let d = t.date();
+    i64::from(d.year) * 12 + i64::from(d.month)
+}
+
+fn day(t: UnixTime) -> i64 {
+    t.seconds().div_euclid(86_400)
+}
+
+#[derive(Default)]
+struct TenantCounters {
+    /// Start times of the requests of the last minute (sliding window).
+    recent: VecDeque<i64>,
+    /// (day, tokens): the current day's tokens, estimates included.
+    tokens: (i64, u64),
+    concurrent: u32,
+    /// (month, users).
+    users: (i64, BTreeSet<UserKey>),
+}
+
+#[derive(Default)]
+struct Counters {
+    tenants: BTreeMap<TenantId, TenantCounters>,
+    /// licence -> (month, users).
+    licences: BTreeMap<String, (i64, BTreeSet<UserKey>)>,
+    /// The clock as of the last reserve: views answer for "now".
+    now: UnixTime,
+}
+
+impl Counters {
+    fn tenant(&mut self, id: &TenantId) -> &mut TenantCounters {
+        self.tenants.entry(id.clone()).or_default()
+    }
+
+    /// Drops what has fallen out of its window as of `now`.
+    fn roll(&mut self, id: &TenantId, now: UnixTime) {
+        let t = self.tenant(id);
+        while t
+            .recent
+            .front()
+            .is_some_and(|s| *s <= now.seconds() - MINUTE)
+        {
+            t.recent.pop_front();
+        }
+        if t.tokens.0 != day(now) {
+            t.tokens = (day(now), 0);
+        }
+        if t.users.0 != month(now) {
+            t.users = (month(now), BTreeSet::new());
+        }
+    }
+
+    fn licence(&mut self, id: &str, now: UnixTime) -> &mut BTreeSet<UserKey> {
+        let entry = self.licences.entry(id.to_owned()).or_default();
+        if entry.0 != month(now) {
+            *entry = (month(now), BTreeSet::new());
+        }
+        &mut entry.1
+    }
+}
+
+/// Exact admission in memory: one mutex, so every reserve sees every other.
+#[derive(Default)]
+pub struct MemoryAdmission {
+    inner: Mutex<Counters>,
+}
+
+impl MemoryAdmission {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the instant views answer for (the daemon calls this before `decide`).
+    pub fn observe(&self, now: UnixTime) {
+        let mut c = self.lock();
+        if now > c.now {
+            c.now = now;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
+        // A panic while holding the lock leaves counters that are still
+        // consistent (every update is a single assignment), so keep going.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl UsageView for MemoryAdmission {
+    fn requests_last_minute(&self, tenant: &TenantId) -> u32 {
+        let mut c = self.lock();
+        let now = c.now;
+        c.roll(tenant, now);
+        u32::try_from(c.tenant(tenant).recent.len()).unwrap_or(u32::MAX)
+    }
+    fn tokens_today(&self, tenant: &TenantId) -> u64 {
+        let mut c = self.lock();
+        let now = c.now;
+        c.roll(tenant, now);
+        c.tenant(tenant).tokens.1
+    }
+    fn concurrent(&self, tenant: &TenantId) -> u32 {
+        self.lock().tenant(tenant).concurrent
+    }
+    fn tenant_users(&self, tenant: &TenantId) -> u64 {
+        let mut c = self.lock();
+        let now = c.now;
+        c.roll(tenant, now);
+        c.tenant(tenant).users.1.len() as u64
+    }
+    fn tenant_user_seen(&self, tenant: &TenantId, user: &UserKey) -> bool {
+        let mut c = self.lock();
+        let now = c.now;
+        c.roll(tenant, now);
+        c.tenant(tenant).users.1.contains(user)
+    }
+    fn licence_users(&self, licence: &str) -> u64 {
+        let mut c = self.lock();
+        let now = c.now;
+        c.licence(licence, now).len() as u64
+    }
+    fn licence_user_seen(&self, licence: &str, user: &UserKey) -> bool {
+        let mut c = self.lock();
+        let now = c.now;
+        c.licence(licence, now).contains(user)
+    }
+}
+
+impl Admission for MemoryAdmission {
+    fn reserve(&self, r: Reservation, now: UnixTime) -> Result<Ticket, Refusal> {
+        let mut c = self.lock();
+        if now > c.now {
+            c.now = now;
+        }
+        c.roll(&r.tenant, now);
+        let refuse = |reason, rule: String, retry_after| {
+            Err(Refusal {
+                reason,
+                rule,
+                retry_after,
+            })
+        };
+        {
+            let t = c.tenant(&r.tenant);
+            if let Some(rpm) = r.requests_per_minute
+                && t.recent.len() >= rpm as usize
+            {
+                let oldest = t.recent.front().copied().unwrap_or(now.seconds());
+                let wait = (oldest + MINUTE - now.seconds()).max(1);
+                return refuse(
+                    Reason::RateLimited,
+                    format!("limits.requests_per_minute = {rpm}"),
+                    u64::try_from(wait).ok(),
+                );
+            }
+            if let Some(budget) = r.tokens_per_day
+                && t.tokens.1.saturating_add(r.tokens) > budget
+            {
+                let tomorrow = (day(now) + 1) * 86_400;
+                return refuse(
+                    Reason::TokenBudgetExhausted,
+                    format!("limits.tokens_per_day = {budget}"),
+                    u64::try_from(tomorrow - now.seconds()).ok(),
+                );
+            }
+            if let Some(max) = r.concurrent_requests
+                && t.concurrent >= max
+            {
+                return refuse(
+                    Reason::ConcurrencyLimit,
+                    format!("limits.concurrent_requests = {max}"),
+                    Some(1),
+                );
+            }
+        }
+        let mut new_tenant_user = false;
+        let mut new_licence_users = Vec::new();
+        if let Some(user) = r.user {
+            let t = c.tenant(&r.tenant);
+            if !t.users.1.contains(&user) {
+                if let Some(cap) = r.tenant_user_cap
+                    && t.users.1.len() as u64 >= cap
+                {
+                    return refuse(
+                        Reason::TenantUserCap,
+                        format!("user_cap.max_users_per_month = {cap}"),
+                        None,
+                    );
+                }
+                new_tenant_user = true;
+            }
+            for (licence, threshold) in &r.licence_user_thresholds {
+                let users = c.licence(licence, now);
+                if !users.contains(&user) {
+                    if users.len() as u64 >= *threshold {
+                        return refuse(
+                            Reason::LicenceUserThreshold,
+                            format!(
+                                "licence {licence}: monthly_active_user_threshold = {threshold}"
+                            ),
+                            None,
+                        );
+                    }
+                    new_licence_users.push(licence.clone());
+                }
+            }
+            // Only now, with every check passed, take the user slots.
+            for licence in &new_licence_users {
+                c.licence(licence, now).insert(user);
+            }
+            c.tenant(&r.tenant).users.1.insert(user);
+        }
+        let t = c.tenant(&r.tenant);
+        t.recent.push_back(now.seconds());
+        t.tokens.1 = t.tokens.1.saturating_add(r.tokens);
+        t.concurrent += 1;
+        Ok(Ticket {
+            reservation: r,
+            at: now,
+            new_tenant_user,
+            new_licence_users,
+        })
+    }
+
+    fn commit(&self, ticket: Ticket, tokens: u64) {
+        let mut c = self.lock();
+        let t = c.tenant(&ticket.reservation.tenant);
+        t.concurrent = t.concurrent.saturating_sub(1);
+        if t.tokens.0 == day(ticket.at) {
+            t.tokens.1 = t
+                .tokens
+                .1
+                .saturating_sub(ticket.reservation.tokens)
+                .saturating_add(tokens);
+        }
+    }
+
+    fn release(&self, ticket: Ticket) {
+        let mut c = self.lock();
+        let r = &ticket.reservation;
+        let t = c.tenant(&r.tenant);
+        t.concurrent = t.concurrent.saturating_sub(1);
+        if t.tokens.0 == day(ticket.at) {
+            t.tokens.1 = t.tokens.1.saturating_sub(r.tokens);
+        }
+        if let Some(pos) = t.recent.iter().rposition(|s| *s == ticket.at.seconds()) {
+            t.recent.remove(pos);
+        }
+        if let Some(user) = &r.user {
+            if ticket.new_tenant_user && t.users.0 == month(ticket.at) {
+                t.users.1.remove(user);
+            }
+            for licence in &ticket.new_licence_users {
+                if let Some((m, users)) = c.licences.get_mut(licence)
+                    && *m == month(ticket.at)
+                {
+                    users.remove(user);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
