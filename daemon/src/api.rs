@@ -18,7 +18,12 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tracing::Instrument;
 
+use airgate_policy::admission::Admission as _;
+use airgate_policy::bundle::Kind;
+use airgate_policy::decision::Reason;
+
 use crate::connection::{Conn, InFlight};
+use crate::gate;
 use crate::metrics::{RequestLabels, RouteLabels};
 use crate::request_id::{self, RequestId};
 use crate::server::Shared;
@@ -83,6 +88,30 @@ pub enum ApiError {
     NotJson,
     #[error("not serving inference: {0}")]
     NotServing(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("denied by policy ({}): {rule}", reason.code())]
+    Denied {
+        reason: Reason,
+        rule: String,
+        retry_after: Option<u64>,
+    },
+    #[error("model {0:?} is allowed but not loaded on this host")]
+    ModelNotLoaded(String),
+}
+
+impl From<gate::Refused> for ApiError {
+    fn from(r: gate::Refused) -> Self {
+        match r {
+            gate::Refused::NoPolicy(why) => Self::NotServing(why),
+            gate::Refused::BadRequest(why) => Self::BadRequest(why),
+            gate::Refused::Denied { deny, retry_after } => Self::Denied {
+                reason: deny.reason,
+                rule: deny.rule,
+                retry_after,
+            },
+        }
+    }
 }
 
 impl ApiError {
@@ -97,21 +126,36 @@ impl ApiError {
             Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::NotServing(_) => (StatusCode::SERVICE_UNAVAILABLE, "policy_unavailable"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::Denied { reason, .. } if reason.is_transient() => {
+                (StatusCode::TOO_MANY_REQUESTS, reason.code())
+            }
+            Self::Denied { reason, .. } => (StatusCode::FORBIDDEN, reason.code()),
+            Self::ModelNotLoaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
         }
     }
 
     fn into_response(self, version: Version) -> Response<ResponseBody> {
         let (status, code) = self.status_and_code();
-        let kind = if status.is_server_error() {
-            "server_error"
-        } else {
-            "invalid_request_error"
+        let kind = match &self {
+            Self::Denied { .. } => "policy_denied",
+            _ if status.is_server_error() => "server_error",
+            _ => "invalid_request_error",
         };
-        let mut response = json_response(
-            status,
-            &json!({"error": {"message": self.to_string(), "type": kind, "code": code}}),
-        );
+        let mut error = json!({"message": self.to_string(), "type": kind, "code": code});
+        if let Self::Denied { rule, .. } = &self {
+            error["rule"] = json!(rule);
+        }
+        let mut response = json_response(status, &json!({ "error": error }));
         match self {
+            Self::Denied {
+                retry_after: Some(secs),
+                ..
+            } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
             Self::MethodNotAllowed { allow, .. } => {
                 response
                     .headers_mut()
@@ -150,6 +194,7 @@ fn route_of(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/admin/status" => "/admin/status",
         "/v1/whoami" => "/v1/whoami",
+        "/v1/models" => "/v1/models",
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",
         "/v1/embeddings" => "/v1/embeddings",
@@ -231,15 +276,27 @@ async fn dispatch(
     match (path.as_str(), &method) {
         ("/healthz", &Method::GET) => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         ("/readyz", &Method::GET) => {
-            let reasons = shared.not_ready_reasons();
+            let (reasons, warnings) = shared.health();
             let status = if reasons.is_empty() {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
+            let bundle = shared.policy.active().map(|a| {
+                json!({
+                    "version": a.version(),
+                    "digest": a.verified.digest,
+                    "expires": a.verified.bundle.expires,
+                })
+            });
             Ok(json_response(
                 status,
-                &json!({"ready": reasons.is_empty(), "reasons": reasons}),
+                &json!({
+                    "ready": reasons.is_empty(),
+                    "reasons": reasons,
+                    "warnings": warnings,
+                    "bundle": bundle,
+                }),
             ))
         }
         ("/v1/whoami", &Method::GET) => {
@@ -261,37 +318,107 @@ async fn dispatch(
             Ok(json_response(StatusCode::OK, &shared.status()))
         }
         ("/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", &Method::POST) => {
+            let kind = match path.as_str() {
+                "/v1/chat/completions" => Kind::Chat,
+                "/v1/completions" => Kind::Completion,
+                _ => Kind::Embedding,
+            };
+            let headers = req.headers().clone();
             let limit = shared.config().limits.max_body_bytes;
+            // The body is read and parsed before policy, so a malformed
+            // request gets its own clear error whatever the policy state.
             let body = read_json_body(req, limit).await?;
-            // Fail closed: with no policy bundle there is nothing that may be
-            // served. The request was still read and parsed, so a malformed one
-            // gets its own clear error first.
-            let _ = body;
-            Err(ApiError::NotServing(shared.not_ready_reasons().join("; ")))
+            let ask = gate::ask_from_body(kind, &body).map_err(ApiError::BadRequest)?;
+            let admitted = match gate::admit(shared, conn, &headers, &ask) {
+                Ok(a) => a,
+                Err(refused) => {
+                    let e = ApiError::from(refused);
+                    if let ApiError::Denied { reason, rule, .. } = &e {
+                        tracing::warn!(
+                            reason = reason.code(),
+                            rule = %rule,
+                            model = ask.model,
+                            "request denied by policy"
+                        );
+                    }
+                    return Err(e);
+                }
+            };
+            tracing::info!(
+                tenant = %admitted.allow.tenant,
+                model = %admitted.allow.model,
+                purpose = %admitted.allow.purpose,
+                bundle_version = admitted.bundle.version(),
+                "request allowed by policy"
+            );
+            // No engine serves this model yet: nothing was served, so the
+            // reservation is given back whole.
+            shared.admission.release(admitted.ticket);
+            Err(ApiError::ModelNotLoaded(admitted.allow.model))
         }
-        ("/healthz" | "/readyz" | "/v1/whoami" | "/metrics" | "/admin/status", _) => {
-            Err(allow("GET"))
-        }
+        ("/v1/models", &Method::GET) => Ok(json_response(StatusCode::OK, &models(shared, conn))),
+        (
+            "/healthz" | "/readyz" | "/v1/whoami" | "/v1/models" | "/metrics" | "/admin/status",
+            _,
+        ) => Err(allow("GET")),
         ("/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", _) => Err(allow("POST")),
         _ => Err(ApiError::NotFound { method, path }),
     }
 }
 
 fn whoami(shared: &Shared, conn: &Conn, id: &RequestId) -> serde_json::Value {
-    let config = shared.config();
-    let (tenant, tenant_error) = match config.tenants.resolve(&conn.identity) {
-        Ok(t) => (Some(t.to_string()), None),
-        Err(e) => (None, Some(e.to_string())),
+    let active = shared.policy.active();
+    let (tenant, tenant_error) = match &active {
+        None => (None, Some("no policy bundle in force".to_owned())),
+        Some(a) => match a.verified.bundle.tenant_map.resolve(&conn.identity) {
+            Ok(t) => (a.verified.bundle.tenants.get(t), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
     };
     json!({
         "request_id": id.as_str(),
         "listener": conn.listener,
         "identity": conn.identity,
         "operator": shared.is_operator(&conn.identity),
-        "tenant": tenant,
+        "tenant": tenant.map(|t| t.id.to_string()),
         "tenant_error": tenant_error,
-        "tenant_source": "static table in the configuration (until policy bundles)",
+        "bundle_version": active.as_ref().map(|a| a.version()),
+        "purposes": tenant.map(|t| &t.purposes),
+        "default_purpose": tenant.map(|t| &t.default_purpose),
+        "models": tenant.map(|t| &t.models),
+        "limits": tenant.map(|t| &t.limits),
     })
+}
+
+/// `GET /v1/models`: the models this caller's tenant may use, in OpenAI's shape.
+fn models(shared: &Shared, conn: &Conn) -> serde_json::Value {
+    let data: Vec<serde_json::Value> = shared
+        .policy
+        .active()
+        .and_then(|a| {
+            let b = &a.verified.bundle;
+            let tenant = b.tenants.get(b.tenant_map.resolve(&conn.identity).ok()?)?;
+            Some(
+                tenant
+                    .models
+                    .iter()
+                    .filter_map(|id| b.models.get(id))
+                    .map(|m| {
+                        json!({
+                            "id": m.id,
+                            "object": "model",
+                            "created": b.issued_at,
+                            "owned_by": "airgate",
+                            "licence": m.licence,
+                            "kinds": m.kinds,
+                            "format": m.format,
+                        })
+                    })
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
+    json!({"object": "list", "data": data})
 }
 
 fn require_operator(shared: &Shared, conn: &Conn) -> Result<(), ApiError> {

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use airgate_policy::identity::{Principal, TenantId, TenantMap, TlsNameRules};
 use toml::Value;
 
 /// A validated configuration. Everything past [`Config::parse`] can rely on it.
@@ -35,10 +34,21 @@ pub struct Config {
     pub limits: Limits,
     pub log: LogConfig,
     pub trust: TrustConfig,
-    /// Static identity-to-tenant table. Replaced by the tenants of signed
-    /// policy bundles (the policy-bundle issue); kept so callers can be wired
-    /// and checked with /v1/whoami before the first bundle exists.
-    pub tenants: TenantMap,
+    pub policy: PolicyConfig,
+}
+
+/// Where signed bundles come from and how their life is weighed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// The site or host group this host is; a bundle for another audience is refused.
+    /// Without it no bundle can be accepted.
+    pub audience: Option<String>,
+    /// Bundle files dropped here (removable media, internal file sync) are picked up.
+    pub inbox: PathBuf,
+    pub poll_interval: Duration,
+    /// How long an expired bundle keeps being enforced (with warnings) before
+    /// the daemon fails closed. Counted from the bundle's `exp`.
+    pub expiry_grace: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,8 +77,6 @@ pub struct TlsListenerConfig {
     pub handshake_timeout: Duration,
     /// The name systemd passes in LISTEN_FDNAMES for this socket.
     pub fd_name: String,
-    /// Whether DNS SANs and the subject CN may map a client to a tenant.
-    pub names: TlsNameRules,
 }
 
 /// What to do when a CRL's nextUpdate has passed.
@@ -131,17 +139,26 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// Trust anchors for signed policy bundles: key id -> Ed25519 public key file.
-/// Only their presence is checked here; keys are parsed by the bundle issue.
+/// Trust anchors for signed policy bundles: key id -> public key file
+/// (PEM SPKI, Ed25519 or P-256), read and checked at load.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrustConfig {
     pub anchors: Vec<TrustAnchor>,
+}
+
+impl TrustConfig {
+    pub fn anchors(&self) -> airgate_policy::bundle::verify::TrustAnchors {
+        airgate_policy::bundle::verify::TrustAnchors::new(
+            self.anchors.iter().map(|a| a.key.anchor(&a.key_id)),
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustAnchor {
     pub key_id: String,
     pub public_key: PathBuf,
+    pub key: crate::keys::PublicKey,
 }
 
 /// One problem in a configuration, with where it is.
@@ -396,26 +413,49 @@ fn parse_root(
         None => TrustConfig::default(),
     };
 
-    let tenants = root
-        .optional_with_path(errors, "tenants", |v, path, errors| {
-            tables_of(v, path, errors, parse_tenant)
-        })
-        .unwrap_or_default();
-    let mut seen = BTreeSet::new();
-    for (i, (name, _)) in tenants.iter().enumerate() {
-        if !seen.insert(name.clone()) {
-            errors.push(FieldError {
-                path: format!("tenants[{i}].name"),
-                message: format!("duplicate tenant {name}"),
+    let policy = {
+        let section = root.section(errors, "policy", false);
+        let mut policy = PolicyConfig {
+            audience: None,
+            inbox: PathBuf::new(),
+            poll_interval: Duration::from_secs(5),
+            expiry_grace: Duration::from_secs(72 * 3600),
+        };
+        let mut inbox = None;
+        if let Some(mut s) = section {
+            policy.audience = s.optional(errors, "audience", |v| {
+                let a = string(v)?;
+                if a.is_empty() || a.len() > 128 || a.chars().any(char::is_control) {
+                    return Err("expected 1 to 128 printable characters".to_owned());
+                }
+                Ok(a.to_owned())
             });
+            inbox = s.optional(errors, "inbox", absolute_path);
+            if let Some(d) = s.optional(
+                errors,
+                "poll_interval",
+                duration_between(Duration::from_millis(100), Duration::from_secs(86400)),
+            ) {
+                policy.poll_interval = d;
+            }
+            if let Some(d) = s.optional(
+                errors,
+                "expiry_grace",
+                duration_between(Duration::ZERO, Duration::from_secs(90 * 86400)),
+            ) {
+                policy.expiry_grace = d;
+            }
+            s.finish(errors);
         }
-    }
+        (policy, inbox)
+    };
 
     root.finish(errors);
     let state_dir = state_dir?;
     let models_dir = models_dir.unwrap_or_else(|| state_dir.join("models"));
     let (unix, tls) = listeners?;
-    let names = tls.as_ref().map(|t| t.names).unwrap_or_default();
+    let (mut policy, inbox) = policy;
+    policy.inbox = inbox.unwrap_or_else(|| state_dir.join("inbox"));
     Some(Config {
         source: None,
         state_dir,
@@ -429,7 +469,7 @@ fn parse_root(
         limits,
         log,
         trust,
-        tenants: TenantMap::new(tenants).with_tls_names(names),
+        policy,
     })
 }
 
@@ -462,16 +502,6 @@ fn parse_tls(s: &mut Section<'_>, errors: &mut Vec<FieldError>) -> Option<TlsLis
     let fd_name = s
         .optional(errors, "fd_name", fd_name)
         .unwrap_or_else(|| "tls".to_owned());
-    let boolean = |v: &Value| {
-        v.as_bool()
-            .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
-    };
-    let dns_names = s
-        .optional(errors, "map_dns_names", boolean)
-        .unwrap_or(false);
-    let common_name = s
-        .optional(errors, "map_common_name", boolean)
-        .unwrap_or(false);
     Some(TlsListenerConfig {
         address: address?,
         cert: cert?,
@@ -481,10 +511,6 @@ fn parse_tls(s: &mut Section<'_>, errors: &mut Vec<FieldError>) -> Option<TlsLis
         expired_crl,
         handshake_timeout,
         fd_name,
-        names: TlsNameRules {
-            dns_names,
-            common_name,
-        },
     })
 }
 
@@ -498,62 +524,15 @@ fn parse_anchor(s: &mut Section<'_>, errors: &mut Vec<FieldError>) -> Option<Tru
     });
     let public_key = s.required(errors, "public_key", |v| {
         let path = absolute_path(v)?;
-        match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(path),
-            Ok(_) => Err(format!("{} is not a regular file", path.display())),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-        }
+        let key = crate::keys::read_public_key(&path).map_err(|e| e.to_string())?;
+        Ok((path, key))
     });
+    let (public_key, key) = public_key?;
     Some(TrustAnchor {
         key_id: key_id?,
-        public_key: public_key?,
+        public_key,
+        key,
     })
-}
-
-fn parse_tenant(
-    s: &mut Section<'_>,
-    errors: &mut Vec<FieldError>,
-) -> Option<(TenantId, Vec<Principal>)> {
-    let name = s.required(errors, "name", |v| {
-        TenantId::parse(string(v)?).map_err(|e| e.to_string())
-    });
-    let uids = s.optional(errors, "uids", |v| array_of(v, id_number));
-    let gids = s.optional(errors, "gids", |v| array_of(v, id_number));
-    let uris = s.optional(errors, "uris", |v| array_of(v, cert_uri));
-    let dns = s.optional(errors, "dns_names", |v| array_of(v, cert_name));
-    let cns = s.optional(errors, "common_names", |v| array_of(v, cert_name));
-    // Only complain about "no rules" when no bad entry was reported already.
-    let counts = [
-        ("uids", uids.as_ref().map(Vec::len)),
-        ("gids", gids.as_ref().map(Vec::len)),
-        ("uris", uris.as_ref().map(Vec::len)),
-        ("dns_names", dns.as_ref().map(Vec::len)),
-        ("common_names", cns.as_ref().map(Vec::len)),
-    ];
-    let no_rules = counts
-        .iter()
-        .all(|(key, n)| n.map_or(!s.table.contains_key(*key), |n| n == 0));
-    if no_rules {
-        errors.push(FieldError {
-            path: s.path.clone(),
-            message: "a tenant needs at least one of uids, gids, uris, dns_names or common_names"
-                .to_owned(),
-        });
-    }
-    let rules = uids
-        .unwrap_or_default()
-        .into_iter()
-        .map(Principal::Uid)
-        .chain(gids.unwrap_or_default().into_iter().map(Principal::Gid))
-        .chain(uris.unwrap_or_default().into_iter().map(Principal::Uri))
-        .chain(dns.unwrap_or_default().into_iter().map(Principal::DnsName))
-        .chain(
-            cns.unwrap_or_default()
-                .into_iter()
-                .map(Principal::CommonName),
-        )
-        .collect();
-    Some((name?, rules))
 }
 
 /// A table being read: remembers which keys were consumed so the rest can be
@@ -718,30 +697,6 @@ fn array_of<T>(
     } else {
         Err(problems.join("; "))
     }
-}
-
-/// A URI SAN to match, e.g. `spiffe://corp.example/tenant/claims`.
-fn cert_uri(value: &Value) -> Result<String, String> {
-    let s = string(value)?;
-    let scheme_ok = s
-        .split_once("://")
-        .is_some_and(|(scheme, rest)| !scheme.is_empty() && !rest.is_empty());
-    if !scheme_ok || s.len() > 2048 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "expected a URI such as \"spiffe://corp.example/tenant/claims\", found {s:?}"
-        ));
-    }
-    Ok(s.to_owned())
-}
-
-fn cert_name(value: &Value) -> Result<String, String> {
-    let s = string(value)?;
-    if s.is_empty() || s.len() > 255 || s.chars().any(char::is_control) {
-        return Err(format!(
-            "expected 1 to 255 printable characters, found {s:?}"
-        ));
-    }
-    Ok(s.to_owned())
 }
 
 fn string(value: &Value) -> Result<&str, String> {

@@ -6,13 +6,16 @@
 //! `airgate-policy` crate; this crate does every I/O and hands it facts.
 
 pub mod api;
+pub mod bundle;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod exit;
 pub mod failpoint;
+pub mod gate;
 pub mod heartbeat;
+pub mod keys;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -154,6 +157,22 @@ fn serve(path: &Path) -> u8 {
         tracing::error!(error = %e, "cannot use the state directory");
         return exit::CANT_CREATE;
     }
+    let state = match server::State::open(&prepared.config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the state directory");
+            return exit::CANT_CREATE;
+        }
+    };
+    // The inbox under the state directory is ours to create; one elsewhere
+    // (e.g. /etc/airgate/inbox) is the operator's.
+    let inbox = &prepared.config.policy.inbox;
+    if inbox.starts_with(&prepared.config.state_dir) && !inbox.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(inbox) {
+            tracing::warn!(inbox = %inbox.display(), error = %e, "cannot create the bundle inbox");
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("airgate")
@@ -198,7 +217,7 @@ fn serve(path: &Path) -> u8 {
                 return exit::SOFTWARE;
             }
         };
-        let daemon = server::Daemon::new(prepared, Some(log), failpoints);
+        let daemon = server::Daemon::new(prepared, state, Some(log), failpoints);
         let reloader = daemon.clone();
         let config_path = path.to_owned();
         let Signals {

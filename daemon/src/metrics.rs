@@ -83,6 +83,18 @@ pub struct Metrics {
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub tls_server_cert_not_after: Gauge,
     pub tls_crls_expired: Gauge,
+    pub bundle_version: Gauge,
+    pub bundle_expires: Gauge,
+    pub bundle_in_grace: Gauge,
+    pub bundle_updates: Family<ResultLabels, Counter>,
+    pub clock_behind_floor: Gauge,
+    pub decisions: Family<DecisionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: &'static str,
+    pub reason: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -114,6 +126,12 @@ impl Metrics {
             tls_handshakes: Family::default(),
             tls_server_cert_not_after: Gauge::default(),
             tls_crls_expired: Gauge::default(),
+            bundle_version: Gauge::default(),
+            bundle_expires: Gauge::default(),
+            bundle_in_grace: Gauge::default(),
+            bundle_updates: Family::default(),
+            clock_behind_floor: Gauge::default(),
+            decisions: Family::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
@@ -187,6 +205,36 @@ impl Metrics {
             "tls_crls_expired",
             "CRLs in use whose nextUpdate has passed",
             m.tls_crls_expired.clone(),
+        );
+        registry.register(
+            "bundle_version",
+            "bundle_version of the policy bundle in force (0: none)",
+            m.bundle_version.clone(),
+        );
+        registry.register(
+            "bundle_expires_seconds",
+            "When the bundle in force expires (Unix time; 0: none)",
+            m.bundle_expires.clone(),
+        );
+        registry.register(
+            "bundle_in_grace",
+            "1 while the bundle in force has expired and is enforced only for the grace period",
+            m.bundle_in_grace.clone(),
+        );
+        registry.register(
+            "bundle_updates",
+            "Bundle files examined, by result (accepted, refused, superseded, error)",
+            m.bundle_updates.clone(),
+        );
+        registry.register(
+            "clock_behind_floor",
+            "1 while the system clock is behind the persisted time floor",
+            m.clock_behind_floor.clone(),
+        );
+        registry.register(
+            "policy_decisions",
+            "Policy decisions, by decision and reason code",
+            m.decisions.clone(),
         );
         Self {
             registry: Arc::new(registry),

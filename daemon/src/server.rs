@@ -18,9 +18,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use airgate_policy::admission::MemoryAdmission;
+
+use crate::bundle::Policy;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, Conn, Refusal};
 use crate::failpoint::Failpoints;
+use crate::gate::UserHasher;
 use crate::heartbeat::{Heartbeat, Worker};
 use crate::listener::{ListenerInfo, Listeners, TcpSocket, UnixSocket};
 use crate::logging::LogHandle;
@@ -31,6 +35,11 @@ use crate::tls::{TlsError, TlsState};
 /// State every task shares.
 pub struct Shared {
     config: ArcSwap<Config>,
+    pub policy: Policy,
+    pub admission: Arc<MemoryAdmission>,
+    pub users: UserHasher,
+    /// Wakes the bundle poller (SIGHUP re-reads the inbox).
+    rescan: tokio::sync::Notify,
     /// The TLS material in use; swapped whole on reload.
     tls: ArcSwapOption<TlsState>,
     pub metrics: Metrics,
@@ -86,12 +95,11 @@ impl Shared {
         }
     }
 
-    /// Why inference is not being served; empty when it is.
-    pub fn not_ready_reasons(&self) -> Vec<String> {
-        let mut reasons = vec![
-            "no policy bundle loaded".to_owned(),
-            "no models loaded".to_owned(),
-        ];
+    /// Why inference is not being served (empty when it is), and warnings
+    /// that do not stop it (a bundle in its grace period, a clock behind).
+    pub fn health(&self) -> (Vec<String>, Vec<String>) {
+        let (mut reasons, warnings) = self.policy.health(&self.config());
+        reasons.push("no models loaded".to_owned());
         let probe = self
             .state_probe
             .lock()
@@ -99,7 +107,7 @@ impl Shared {
         if let Some(e) = probe.as_ref().and_then(|p| p.error.as_ref()) {
             reasons.push(format!("state directory: {e}"));
         }
-        reasons
+        (reasons, warnings)
     }
 
     fn status_line(&self) -> String {
@@ -112,21 +120,30 @@ impl Shared {
             .map(|l| format!("{}:{}", l.kind, l.address))
             .collect::<Vec<_>>()
             .join(", ");
-        let reasons = self.not_ready_reasons();
-        if reasons.is_empty() {
-            format!("serving on {listening}")
+        let (reasons, warnings) = self.health();
+        let bundle = self.policy.active().map_or_else(
+            || "no bundle".to_owned(),
+            |a| format!("bundle v{}", a.version()),
+        );
+        let mut line = if reasons.is_empty() {
+            format!("serving on {listening}; {bundle}")
         } else {
             format!(
-                "listening on {listening}; not serving inference: {}",
+                "listening on {listening}; {bundle}; not serving inference: {}",
                 reasons.join("; ")
             )
+        };
+        if !warnings.is_empty() {
+            line.push_str("; WARNING: ");
+            line.push_str(&warnings.join("; "));
         }
+        line
     }
 
     /// The document behind `GET /admin/status` and `airgate status`.
     pub fn status(&self) -> serde_json::Value {
         let config = self.config();
-        let reasons = self.not_ready_reasons();
+        let (reasons, warnings) = self.health();
         let active: i64 = self
             .listeners
             .lock()
@@ -153,11 +170,11 @@ impl Shared {
             "config_file": config.source.as_ref().map(|p| p.display().to_string()),
             "ready": reasons.is_empty(),
             "not_ready_reasons": reasons,
+            "warnings": warnings,
             "listeners": *self.listeners.lock().unwrap_or_else(PoisonError::into_inner),
             "connections": {"active": active, "max": config.limits.max_connections},
-            "bundle": null,
+            "bundle": self.policy.status(&config),
             "models": [],
-            "static_tenants": config.tenants.len(),
             "workers": self.heartbeat.check(),
             "watchdog": {
                 "enabled": self.watchdog.is_some(),
@@ -245,9 +262,38 @@ pub fn prepare_state_dir(path: &Path) -> Result<(), StateDirError> {
     Ok(())
 }
 
+/// What the daemon keeps in its state directory, opened before it serves.
+pub struct State {
+    pub policy: Policy,
+    pub users: UserHasher,
+}
+
+impl State {
+    /// Opens the policy store (restoring and re-verifying the bundle in
+    /// force) and the user-hashing secret. Blocking (file I/O).
+    pub fn open(config: &Config) -> Result<Self, StateDirError> {
+        let policy = Policy::open(config).map_err(|e| StateDirError::Io {
+            path: config.state_dir.join("policy"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let secret = config.state_dir.join("user-hmac.key");
+        let users = UserHasher::load_or_create(&secret).map_err(|source| StateDirError::Io {
+            path: secret,
+            source,
+        })?;
+        Ok(Self { policy, users })
+    }
+}
+
 impl Daemon {
-    pub fn new(prepared: Prepared, log: Option<LogHandle>, failpoints: Failpoints) -> Self {
+    pub fn new(
+        prepared: Prepared,
+        state: State,
+        log: Option<LogHandle>,
+        failpoints: Failpoints,
+    ) -> Self {
         let Prepared { config, tls } = prepared;
+        let State { policy, users } = state;
         let metrics = Metrics::new();
         if let Some(tls) = &tls {
             metrics.set_tls(&tls.info);
@@ -255,6 +301,10 @@ impl Daemon {
         Self {
             shared: Arc::new(Shared {
                 config: ArcSwap::from_pointee(config),
+                policy,
+                admission: Arc::new(MemoryAdmission::new()),
+                users,
+                rescan: tokio::sync::Notify::new(),
                 tls: ArcSwapOption::from(tls.map(Arc::new)),
                 metrics,
                 heartbeat: Heartbeat::new(),
@@ -364,6 +414,8 @@ impl Daemon {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(record);
         shared.notifier.reloaded(&shared.status_line());
+        // SIGHUP also re-reads the bundle inbox, under the new configuration.
+        shared.rescan.notify_one();
     }
 
     /// Serves until `shutdown` completes, then drains: no new connections,
@@ -390,6 +442,12 @@ impl Daemon {
         let probe = tokio::spawn(run_state_probe(
             Arc::clone(&shared),
             shared.heartbeat.register("state-probe", probe_budget),
+            background.clone(),
+        ));
+        let policy_budget = (shared.config().policy.poll_interval * 4).max(Duration::from_secs(30));
+        let poller = tokio::spawn(run_bundle_poller(
+            Arc::clone(&shared),
+            shared.heartbeat.register("bundle-inbox", policy_budget),
             background.clone(),
         ));
         let accept_tls = tls.map(|tls| {
@@ -465,6 +523,7 @@ impl Daemon {
         }
         background.cancel();
         let _ = probe.await;
+        let _ = poller.await;
         if let Some(w) = watchdog {
             let _ = w.await;
         }
@@ -638,6 +697,35 @@ async fn accept_tls(
 
 /// Checks the state directory's free space and writability on a blocking
 /// thread. A hung file system hangs this worker, and the watchdog notices.
+/// Reads the bundle inbox every `policy.poll_interval` (and at once when
+/// woken by a reload), and re-weighs expiry and the clock; STATUS= follows
+/// every change.
+async fn run_bundle_poller(shared: Arc<Shared>, worker: Worker, stop: CancellationToken) {
+    loop {
+        let config = shared.config();
+        let s = Arc::clone(&shared);
+        let c = Arc::clone(&config);
+        let changed = tokio::task::spawn_blocking(move || {
+            let activated = s.policy.scan_inbox(&c, &s.metrics);
+            let ticked = s.policy.tick(&c, &s.metrics);
+            activated || ticked
+        });
+        let changed = tokio::select! {
+            () = stop.cancelled() => return,
+            r = changed => r.unwrap_or(false),
+        };
+        worker.progress();
+        if changed {
+            shared.notifier.status(&shared.status_line());
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = shared.rescan.notified() => {}
+            () = tokio::time::sleep(config.policy.poll_interval) => {}
+        }
+    }
+}
+
 async fn run_state_probe(shared: Arc<Shared>, worker: Worker, stop: CancellationToken) {
     let mut low_space_warned = false;
     loop {

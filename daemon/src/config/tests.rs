@@ -39,7 +39,9 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.limits, Limits::default());
     assert_eq!(c.log.target, LogTarget::Auto);
     assert_eq!(c.shutdown_grace, Duration::from_secs(30));
-    assert!(c.tenants.is_empty());
+    assert_eq!(c.policy.audience, None);
+    assert_eq!(c.policy.inbox, PathBuf::from("/var/lib/airgate/inbox"));
+    assert_eq!(c.policy.expiry_grace, Duration::from_secs(72 * 3600));
 }
 
 #[test]
@@ -69,10 +71,11 @@ http2_max_concurrent_streams = 8
 [log]
 target = "stderr"
 level = "airgate=debug,hyper=warn"
-[[tenants]]
-name = "claims"
-uids = [1001]
-gids = [2001, 2002]
+[policy]
+audience = "site-7"
+inbox = "/etc/airgate/inbox"
+poll_interval = "2s"
+expiry_grace = "24h"
 "#,
     )
     .expect("valid");
@@ -84,7 +87,10 @@ gids = [2001, 2002]
     assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
     assert_eq!(c.state_probe_interval, Duration::from_millis(250));
     assert_eq!(c.log.level, "airgate=debug,hyper=warn");
-    assert_eq!(c.tenants.len(), 1);
+    assert_eq!(c.policy.audience.as_deref(), Some("site-7"));
+    assert_eq!(c.policy.inbox, PathBuf::from("/etc/airgate/inbox"));
+    assert_eq!(c.policy.poll_interval, Duration::from_secs(2));
+    assert_eq!(c.policy.expiry_grace, Duration::from_secs(24 * 3600));
 }
 
 #[test]
@@ -103,12 +109,12 @@ max_body_bytes = "big"
 bogus = 1
 [log]
 target = "syslog"
+[policy]
+audience = ""
+inbox = "inbox"
+expiry_grace = "1y"
 [[tenants]]
-name = "bad name"
-uids = [-1]
-extra = true
-[[tenants]]
-name = "empty"
+name = "static tables are gone"
 "#,
     )
     .expect_err("invalid");
@@ -123,10 +129,10 @@ name = "empty"
         "limits.max_body_bytes: expected an integer, found string",
         "limits.bogus: unknown key",
         "log.target: expected \"auto\", \"journald\" or \"stderr\", found \"syslog\"",
-        "tenants[0].name: invalid tenant name \"bad name\"",
-        "tenants[0].uids: [0] -1 is out of range",
-        "tenants[0].extra: unknown key",
-        "tenants[1]: a tenant needs at least one of uids, gids, uris",
+        "policy.audience: expected 1 to 128 printable characters",
+        "policy.inbox: expected an absolute path",
+        "policy.expiry_grace: expected a duration",
+        "tenants: unknown key",
     ];
     for w in want {
         assert!(
@@ -173,20 +179,16 @@ fn wrong_types_for_tables() {
 }
 
 #[test]
-fn duplicate_tenants_and_anchors() {
-    let key = tempfile::NamedTempFile::new().expect("temp file");
+fn trust_anchors_are_read_and_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (private, public) = crate::keys::generate(dir.path(), "k1").expect("keygen");
     let text = format!(
         r#"{MINIMAL}
 [trust]
-anchors = [{{ key_id = "k1", public_key = "{p}" }}, {{ key_id = "k1", public_key = "{p}" }}, {{ key_id = "k2", public_key = "/nonexistent/key.pub" }}]
-[[tenants]]
-name = "a"
-uids = [1]
-[[tenants]]
-name = "a"
-gids = [2]
+anchors = [{{ key_id = "k1", public_key = "{p}" }}, {{ key_id = "k1", public_key = "{p}" }}, {{ key_id = "k2", public_key = "/nonexistent/key.pub" }}, {{ key_id = "k3", public_key = "{k}" }}]
 "#,
-        p = key.path().display()
+        p = public.display(),
+        k = private.display(),
     );
     let errors = parse(&text).expect_err("invalid");
     assert!(
@@ -195,13 +197,28 @@ gids = [2]
             .any(|e| e.starts_with("trust.anchors[1].key_id: duplicate key id")),
         "{errors:?}"
     );
-    assert!(errors.iter().any(|e| e.starts_with("trust.anchors[2].public_key: cannot read /nonexistent/key.pub")), "{errors:?}");
     assert!(
         errors
             .iter()
-            .any(|e| e == "tenants[1].name: duplicate tenant a"),
+            .any(|e| e
+                .starts_with("trust.anchors[2].public_key: /nonexistent/key.pub: No such file")),
         "{errors:?}"
     );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("trust.anchors[3].public_key:")
+                && e.contains("not a PEM PUBLIC KEY")),
+        "{errors:?}"
+    );
+    assert_eq!(errors.len(), 3, "{errors:?}");
+
+    let c = parse(&format!(
+        "{MINIMAL}\n[trust]\nanchors = [{{ key_id = \"k1\", public_key = \"{}\" }}]\n",
+        public.display()
+    ))
+    .expect("valid");
+    assert!(!c.trust.anchors().is_empty());
 }
 
 #[test]
@@ -260,11 +277,6 @@ cert = "/etc/airgate/tls/server.pem"
 key = "/etc/airgate/tls/server.key"
 client_ca = "/etc/airgate/tls/ca.pem"
 crls = ["/etc/airgate/tls/crl.pem"]
-map_dns_names = true
-[[tenants]]
-name = "claims"
-uris = ["spiffe://corp.example/tenant/claims"]
-dns_names = ["claims.corp.example"]
 "#
     ))
     .expect("valid");
@@ -273,8 +285,6 @@ dns_names = ["claims.corp.example"]
     assert_eq!(tls.expired_crl, ExpiredCrl::Refuse, "refuse is the default");
     assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
     assert_eq!(tls.fd_name, "tls");
-    assert!(tls.names.dns_names && !tls.names.common_name);
-    assert_eq!(c.tenants.len(), 1);
 }
 
 #[test]
@@ -285,10 +295,7 @@ fn tls_listener_errors() {
 address = "localhost"
 cert = "server.pem"
 expired_crl = "ignore"
-map_common_name = "yes"
-[[tenants]]
-name = "x"
-uris = ["not a uri"]
+map_common_name = true
 "#
     ))
     .expect_err("invalid");
@@ -298,13 +305,12 @@ uris = ["not a uri"]
         "listen.tls.key: required key is missing",
         "listen.tls.client_ca: required key is missing",
         "listen.tls.expired_crl: expected \"refuse\" or \"warn\"",
-        "listen.tls.map_common_name: expected true or false",
-        "tenants[0].uris: [0] expected a URI",
+        "listen.tls.map_common_name: unknown key",
     ] {
         assert!(
             errors.iter().any(|e| e.starts_with(want)),
             "missing {want:?} in {errors:#?}"
         );
     }
-    assert_eq!(errors.len(), 7, "{errors:#?}");
+    assert_eq!(errors.len(), 6, "{errors:#?}");
 }

@@ -24,7 +24,6 @@ fn material(dir: &Path) -> TlsListenerConfig {
         expired_crl: ExpiredCrl::Refuse,
         handshake_timeout: Duration::from_secs(1),
         fd_name: "tls".to_owned(),
-        names: Default::default(),
     }
 }
 

@@ -1,0 +1,328 @@
+//! The store's rules, on a real state directory, with time moved by a test clock.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use airgate_policy::bundle::WireBundle;
+use airgate_policy::bundle::sign::sign;
+use serde_json::json;
+
+use super::*;
+use crate::metrics::Metrics;
+
+const T: i64 = 1_795_000_000;
+const GRACE: i64 = 3600;
+
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now(&self) -> UnixTime {
+        UnixTime(self.0.load(Ordering::SeqCst))
+    }
+}
+
+struct Site {
+    dir: tempfile::TempDir,
+    config: Config,
+    key: crate::keys::PrivateKey,
+    clock: Arc<TestClock>,
+    metrics: Metrics,
+}
+
+impl Site {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (private, public) =
+            crate::keys::generate(&dir.path().join("keys"), "authority").expect("keygen");
+        let text = format!(
+            "state_dir = \"{d}/state\"\n[listen.unix]\npath = \"{d}/s.sock\"\n[trust]\nanchors = [{{ key_id = \"authority\", public_key = \"{p}\" }}]\n[policy]\naudience = \"site-7\"\nexpiry_grace = \"{GRACE}s\"\n",
+            d = dir.path().display(),
+            p = public.display()
+        );
+        let config = Config::parse(&text, "test", &crate::config::SystemGroups).expect("config");
+        std::fs::create_dir_all(&config.policy.inbox).expect("inbox");
+        Self {
+            key: crate::keys::read_private_key(&private).expect("key"),
+            dir,
+            config,
+            clock: Arc::new(TestClock(AtomicI64::new(T))),
+            metrics: Metrics::new(),
+        }
+    }
+
+    fn open(&self) -> Policy {
+        Policy::open_with_clock(&self.config, self.clock.clone()).expect("open")
+    }
+
+    fn set_time(&self, t: i64) {
+        self.clock.0.store(t, Ordering::SeqCst);
+    }
+
+    /// A signed bundle of `version`; `tag` varies its content.
+    fn bundle(&self, version: u64, exp: i64, tag: &str) -> String {
+        let claims = json!({
+            "schema": 1, "bundle_version": version, "iss": "authority", "aud": "site-7",
+            "iat": T - 10, "nbf": T - 10, "exp": exp,
+            "licences": [{"id": "Apache-2.0", "name": tag, "commercial_use": true,
+                          "review_by": "2030-01-01", "after_review": "flag"}],
+            "models": [{"id": "m", "files": [{"role": "weights", "name": "m.onnx", "sha256": "ab".repeat(32)}],
+                        "format": "onnx", "kinds": ["embedding"], "licence": "Apache-2.0"}],
+            "tenants": [{"id": "t", "identities": {"uids": [1000]}, "purposes": ["p"], "default_purpose": "p",
+                         "models": ["m"], "user_identity": {"kind": "openai_user"}}]
+        });
+        let wire: WireBundle = serde_json::from_value(claims).expect("wire");
+        sign(&wire, "authority", self.key.algorithm, &self.key.pkcs8).expect("sign")
+    }
+
+    fn drop_in(&self, name: &str, token: &str) {
+        std::fs::write(self.config.policy.inbox.join(name), token).expect("drop");
+    }
+
+    fn scan(&self, p: &Policy) -> bool {
+        p.scan_inbox(&self.config, &self.metrics)
+    }
+
+    fn record_of(&self, p: &Policy, name: &str) -> UpdateRecord {
+        p.lock().seen[&self.config.policy.inbox.join(name)]
+            .1
+            .clone()
+    }
+
+    fn last(&self, p: &Policy) -> UpdateRecord {
+        p.lock().last_update.clone().expect("a record")
+    }
+}
+
+fn version(p: &Policy) -> Option<u64> {
+    p.active().map(|a| a.version())
+}
+
+#[test]
+fn accepted_bundles_are_archived_persisted_and_restored() {
+    let site = Site::new();
+    let p = site.open();
+    assert_eq!(version(&p), None);
+    assert!(p.in_force(Duration::ZERO).is_err());
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    assert_eq!(version(&p), Some(1));
+    let digest = p.active().expect("active").verified.digest.clone();
+    assert!(
+        site.config
+            .state_dir
+            .join(format!("policy/archive/{digest}.jwt"))
+            .is_file()
+    );
+    // Seen once, not re-read.
+    assert!(!site.scan(&p));
+    drop(p);
+    let p = site.open();
+    assert_eq!(version(&p), Some(1));
+    assert_eq!(p.active().expect("active").source, "persisted");
+    // The same file again after a restart is no change.
+    assert!(!site.scan(&p));
+    assert_eq!(site.last(&p).result, "unchanged");
+}
+
+#[test]
+fn rollback_is_refused_also_after_a_restart() {
+    let site = Site::new();
+    let p = site.open();
+    site.drop_in("v2.jwt", &site.bundle(2, T + 1000, "a"));
+    assert!(site.scan(&p));
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(!site.scan(&p));
+    let r = site.last(&p);
+    assert_eq!(r.result, "refused");
+    assert!(r.message.contains("lower than version 2"), "{r:?}");
+    assert_eq!(version(&p), Some(2));
+
+    drop(p);
+    let p = site.open();
+    // A restart forgets which files were seen, not what was accepted.
+    assert!(!site.scan(&p));
+    assert_eq!(version(&p), Some(2));
+    site.drop_in("v2-other.jwt", &site.bundle(2, T + 1000, "b"));
+    assert!(!site.scan(&p));
+    let r = site.record_of(&p, "v2-other.jwt");
+    assert!(
+        r.message
+            .contains("already accepted with different content"),
+        "{r:?}"
+    );
+    assert_eq!(version(&p), Some(2));
+}
+
+#[test]
+fn the_highest_of_several_new_bundles_wins() {
+    let site = Site::new();
+    let p = site.open();
+    site.drop_in("a.jwt", &site.bundle(3, T + 1000, "a"));
+    site.drop_in("b.jwt", &site.bundle(5, T + 1000, "a"));
+    site.drop_in("c.jwt", &site.bundle(4, T + 1000, "a"));
+    assert!(site.scan(&p));
+    assert_eq!(version(&p), Some(5));
+}
+
+#[test]
+fn a_tampered_persisted_bundle_is_not_trusted() {
+    let site = Site::new();
+    let p = site.open();
+    let token = site.bundle(1, T + 1000, "a");
+    site.drop_in("v1.jwt", &token);
+    assert!(site.scan(&p));
+    let digest = p.active().expect("active").verified.digest.clone();
+    drop(p);
+    let archived = site
+        .config
+        .state_dir
+        .join(format!("policy/archive/{digest}.jwt"));
+    let mut bytes = std::fs::read(&archived).expect("archived");
+    let i = bytes.len() / 2;
+    bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+    std::fs::write(&archived, bytes).expect("tamper");
+
+    let p = site.open();
+    assert_eq!(version(&p), None);
+    let why = p.in_force(Duration::ZERO).expect_err("no bundle");
+    assert!(why.contains("not trusted"), "{why}");
+    let (reasons, _) = p.health(&site.config);
+    assert!(
+        reasons.iter().any(|r| r.contains("not trusted")),
+        "{reasons:?}"
+    );
+    // Dropping the genuine bundle in again restores service and the archive.
+    site.drop_in("again.jwt", &token);
+    assert!(site.scan(&p));
+    assert_eq!(version(&p), Some(1));
+    assert_eq!(std::fs::read_to_string(&archived).expect("repaired"), token);
+}
+
+#[test]
+fn expiry_grace_counts_from_exp_across_restarts() {
+    let site = Site::new();
+    let p = site.open();
+    let exp = T + 100;
+    site.drop_in("v1.jwt", &site.bundle(1, exp, "a"));
+    assert!(site.scan(&p));
+
+    // Expired, inside the grace period: enforced, with a warning.
+    site.set_time(exp + 10);
+    p.tick(&site.config, &site.metrics);
+    let grace = site.config.policy.expiry_grace;
+    assert!(p.in_force(grace).is_ok());
+    let (reasons, warnings) = p.health(&site.config);
+    assert!(reasons.is_empty(), "{reasons:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("grace period")),
+        "{warnings:?}"
+    );
+    drop(p);
+    let p = site.open();
+    assert!(
+        p.in_force(grace).is_ok(),
+        "a restart inside the grace period changes nothing"
+    );
+    // An expired bundle is refused from the inbox outright.
+    site.drop_in("v2.jwt", &site.bundle(2, exp, "b"));
+    assert!(!site.scan(&p));
+    assert!(site.record_of(&p, "v2.jwt").message.contains("expired"));
+
+    // Past the grace period: fail closed, also after a restart.
+    site.set_time(exp + GRACE);
+    p.tick(&site.config, &site.metrics);
+    let why = p.in_force(grace).expect_err("fail closed");
+    assert!(why.contains("grace period"), "{why}");
+    drop(p);
+    let p = site.open();
+    assert!(p.in_force(grace).is_err());
+}
+
+#[test]
+fn a_clock_behind_the_time_floor_is_flagged_and_the_floor_is_used() {
+    let site = Site::new();
+    let p = site.open();
+    let exp = T + 100;
+    site.drop_in("v1.jwt", &site.bundle(1, exp, "a"));
+    assert!(site.scan(&p));
+    // Time passes well beyond the grace period; the floor follows the clock.
+    site.set_time(exp + GRACE + 2 * FLOOR_STEP_SECONDS);
+    p.tick(&site.config, &site.metrics);
+    drop(p);
+    // Someone sets the clock back to when the bundle was fresh, and restarts.
+    site.set_time(T);
+    let p = site.open();
+    p.tick(&site.config, &site.metrics);
+    let (reasons, warnings) = p.health(&site.config);
+    assert!(
+        warnings.iter().any(|w| w.contains("behind the time floor")),
+        "{warnings:?}"
+    );
+    assert!(p.now() > UnixTime(exp + GRACE));
+    assert!(
+        reasons.iter().any(|r| r.contains("grace period")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn unreadable_state_is_recovered_from_the_archive() {
+    let site = Site::new();
+    let p = site.open();
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    site.drop_in("v2.jwt", &site.bundle(2, T + 1000, "a"));
+    assert!(site.scan(&p));
+    drop(p);
+    std::fs::write(site.config.state_dir.join("policy/state.json"), "{ torn").expect("corrupt");
+    let p = site.open();
+    assert_eq!(version(&p), Some(2));
+    let status = p.status(&site.config);
+    assert!(
+        status["start_problem"]
+            .as_str()
+            .expect("noted")
+            .contains("unreadable")
+    );
+    site.drop_in("v1-again.jwt", &site.bundle(1, T + 1000, "b"));
+    site.scan(&p);
+    let r = site.record_of(&p, "v1-again.jwt");
+    assert!(r.message.contains("lower than version 2"), "{r:?}");
+}
+
+#[test]
+fn junk_is_refused_once_and_the_bundle_in_force_stays() {
+    let site = Site::new();
+    let p = site.open();
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    site.drop_in("junk.jwt", "not a bundle");
+    std::fs::write(
+        site.config.policy.inbox.join("huge.jwt"),
+        vec![b'a'; MAX_TOKEN_BYTES + 1],
+    )
+    .expect("huge");
+    site.drop_in(".partial.jwt", "ignored while being written");
+    assert!(!site.scan(&p));
+    assert_eq!(version(&p), Some(1));
+    let seen = p.lock().seen.len();
+    assert_eq!(
+        seen, 3,
+        "v1, junk and huge are remembered; dotfiles are skipped"
+    );
+    let refused = site
+        .metrics
+        .bundle_updates
+        .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
+        .get();
+    assert_eq!(refused, 2);
+    // Not re-read (and not re-counted) on the next scan.
+    site.scan(&p);
+    assert_eq!(
+        site.metrics
+            .bundle_updates
+            .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
+            .get(),
+        2
+    );
+    let _ = site.dir.path();
+}

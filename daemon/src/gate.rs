@@ -1,0 +1,298 @@
+//! The policy gate on the inference path: request -> facts -> `decide` ->
+//! admission. Everything a decision needs is taken from the request here,
+//! once; policy sees only facts.
+//!
+//! End users are never handled in clear past this point: they become a
+//! [`UserKey`], HMAC-SHA256 under a host secret kept in the state
+//! directory, keyed per tenant, so equal users of one tenant count once
+//! and the key reveals nothing.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use airgate_policy::admission::{Admission, Ticket};
+use airgate_policy::bundle::{Kind, UserIdentity};
+use airgate_policy::decision::{Allow, Decision, Deny, RequestFacts, UserKey, decide};
+use http::HeaderMap;
+use serde_json::Value;
+
+use crate::bundle::Active;
+use crate::connection::Conn;
+use crate::metrics::DecisionLabels;
+use crate::server::Shared;
+
+/// The request header naming one of the tenant's purposes.
+pub const PURPOSE_HEADER: &str = "airgate-purpose";
+/// Generation bound assumed when a request names none.
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
+/// Longest end-user id accepted, in bytes.
+const MAX_USER_BYTES: usize = 256;
+
+/// Keyed hashing of end-user ids.
+pub struct UserHasher {
+    key: ring::hmac::Key,
+}
+
+impl UserHasher {
+    /// Reads `path` (32 bytes), creating it with mode 0600 at first start.
+    pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
+        let secret = match std::fs::read(path) {
+            Ok(s) if s.len() == 32 => s,
+            Ok(s) => {
+                return Err(std::io::Error::other(format!(
+                    "{} holds {} bytes; a user-hashing secret is 32",
+                    path.display(),
+                    s.len()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut secret = vec![0u8; 32];
+                getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)?;
+                file.write_all(&secret)?;
+                file.sync_all()?;
+                secret
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+        })
+    }
+
+    pub fn key(&self, tenant: &str, user: &str) -> UserKey {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        ctx.update(tenant.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(user.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        UserKey(out)
+    }
+}
+
+/// What a parsed inference request contributes to its decision.
+pub struct Ask<'a> {
+    pub kind: Kind,
+    pub model: &'a str,
+    pub prompt: String,
+    pub max_tokens: u32,
+    /// The OpenAI `user` field, if sent.
+    pub openai_user: Option<&'a str>,
+}
+
+/// Why a request did not get through the gate.
+#[derive(Debug)]
+pub enum Refused {
+    /// No bundle in force (or it expired past its grace).
+    NoPolicy(String),
+    /// The request names a purpose or user the wrong way.
+    BadRequest(String),
+    Denied {
+        deny: Deny,
+        retry_after: Option<u64>,
+    },
+}
+
+/// A request that may be served: its decision and the reservation taken for it.
+pub struct Admitted {
+    pub bundle: Arc<Active>,
+    pub allow: Allow,
+    pub ticket: Ticket,
+}
+
+/// Parses the fields every OpenAI-style request shares.
+pub fn ask_from_body(kind: Kind, body: &Value) -> Result<Ask<'_>, String> {
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .ok_or("\"model\" (a non-empty string) is required")?;
+    let text = |v: &Value| -> Result<String, String> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Array(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match item {
+                        Value::String(s) => out.push(s.clone()),
+                        Value::Object(part) => {
+                            if let Some(t) = part.get("text").and_then(Value::as_str) {
+                                out.push(t.to_owned());
+                            }
+                        }
+                        _ => return Err("content parts must be strings or objects".to_owned()),
+                    }
+                }
+                Ok(out.join("\n"))
+            }
+            Value::Null => Ok(String::new()),
+            _ => Err("expected a string or an array".to_owned()),
+        }
+    };
+    let prompt = match kind {
+        Kind::Chat => {
+            let messages = body
+                .get("messages")
+                .and_then(Value::as_array)
+                .filter(|m| !m.is_empty())
+                .ok_or("\"messages\" (a non-empty array) is required")?;
+            let mut parts = Vec::with_capacity(messages.len());
+            for (i, m) in messages.iter().enumerate() {
+                let content = m.get("content").unwrap_or(&Value::Null);
+                parts.push(text(content).map_err(|e| format!("messages[{i}].content: {e}"))?);
+            }
+            parts.join("\n")
+        }
+        Kind::Completion => {
+            text(body.get("prompt").unwrap_or(&Value::Null)).map_err(|e| format!("prompt: {e}"))?
+        }
+        _ => text(body.get("input").unwrap_or(&Value::Null)).map_err(|e| format!("input: {e}"))?,
+    };
+    let max_tokens = match body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+    {
+        None | Some(Value::Null) => DEFAULT_MAX_TOKENS,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .ok_or("max_tokens must be a positive integer")?,
+    };
+    let openai_user = match body.get("user") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(u.as_str()),
+        Some(_) => return Err("\"user\" must be a string".to_owned()),
+    };
+    Ok(Ask {
+        kind,
+        model,
+        prompt,
+        max_tokens,
+        openai_user,
+    })
+}
+
+/// Decides a request and, if allowed, takes its reservation. The bundle is
+/// loaded once: the whole request is decided (and later audited) against it.
+pub fn admit(
+    shared: &Shared,
+    conn: &Conn,
+    headers: &HeaderMap,
+    ask: &Ask<'_>,
+) -> Result<Admitted, Refused> {
+    let config = shared.config();
+    let bundle = shared
+        .policy
+        .in_force(config.policy.expiry_grace)
+        .map_err(Refused::NoPolicy)?;
+    let now = shared.policy.now();
+    let b = &bundle.verified.bundle;
+
+    let purpose = match headers.get(PURPOSE_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| Refused::BadRequest(format!("{PURPOSE_HEADER} is not text")))?,
+        ),
+    };
+    // The end user, as the tenant's rule says to find it. An unknown
+    // identity has no rule: decide() denies it before users matter.
+    let raw_user = b
+        .tenant_map
+        .resolve(&conn.identity)
+        .ok()
+        .and_then(|t| b.tenants.get(t))
+        .map(|tenant| match &tenant.user_identity {
+            UserIdentity::OpenaiUser => Ok(ask.openai_user.map(str::to_owned)),
+            UserIdentity::Header { name } => headers
+                .get(name.as_str())
+                .map(|v| {
+                    v.to_str()
+                        .map(str::to_owned)
+                        .map_err(|_| format!("header {name} is not text"))
+                })
+                .transpose(),
+            UserIdentity::Assertion { .. } => Err(
+                "signed user assertions are not supported by this airgate yet; the tenant's bundle entry needs another user_identity"
+                    .to_owned(),
+            ),
+        })
+        .transpose()
+        .map_err(Refused::BadRequest)?
+        .flatten()
+        .filter(|u| !u.is_empty());
+    if raw_user.as_ref().is_some_and(|u| u.len() > MAX_USER_BYTES) {
+        return Err(Refused::BadRequest(format!(
+            "end-user id is longer than {MAX_USER_BYTES} bytes"
+        )));
+    }
+    let end_user = raw_user.as_deref().and_then(|u| {
+        b.tenant_map
+            .resolve(&conn.identity)
+            .ok()
+            .map(|t| shared.users.key(t.as_str(), u))
+    });
+
+    // A crude estimate until the engine's tokenizer counts: about four
+    // characters per token, rounded up, holds for English text.
+    let prompt_tokens = u32::try_from(ask.prompt.len().div_ceil(4)).unwrap_or(u32::MAX);
+    let facts = RequestFacts {
+        identity: &conn.identity,
+        model: ask.model,
+        kind: ask.kind,
+        purpose,
+        end_user,
+        prompt: &ask.prompt,
+        prompt_tokens,
+        max_tokens: ask.max_tokens,
+    };
+    shared.admission.observe(now);
+    let decision = decide(b, shared.admission.as_ref(), &facts, now);
+    let allow = match decision {
+        Decision::Deny(deny) => {
+            count(shared, "deny", deny.reason.code());
+            return Err(Refused::Denied {
+                deny,
+                retry_after: None,
+            });
+        }
+        Decision::Allow(allow) => allow,
+    };
+    match shared.admission.reserve(allow.reservation.clone(), now) {
+        Ok(ticket) => {
+            count(shared, "allow", "allowed");
+            Ok(Admitted {
+                bundle,
+                allow,
+                ticket,
+            })
+        }
+        Err(refusal) => {
+            count(shared, "deny", refusal.reason.code());
+            Err(Refused::Denied {
+                deny: Deny {
+                    reason: refusal.reason,
+                    rule: refusal.rule,
+                    tenant: Some(allow.tenant),
+                },
+                retry_after: refusal.retry_after,
+            })
+        }
+    }
+}
+
+fn count(shared: &Shared, decision: &'static str, reason: &'static str) {
+    shared
+        .metrics
+        .decisions
+        .get_or_create(&DecisionLabels { decision, reason })
+        .inc();
+}
