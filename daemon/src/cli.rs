@@ -52,6 +52,21 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Make an Ed25519 key pair for signing bundles: DIR/NAME.key (PKCS#8,
+    /// mode 0600, never overwritten) and DIR/NAME.pub (give it to hosts as a
+    /// trust anchor with key_id NAME).
+    Keygen {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The key id: the file names and the `kid` of bundles signed with it.
+        #[arg(long)]
+        name: String,
+    },
+    /// Policy bundles: sign, verify, inspect, compare.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
     /// A small certificate authority for the mTLS listener.
     Pki {
         #[command(subcommand)]
@@ -117,6 +132,72 @@ pub enum PkiCommand {
         #[arg(long, default_value_t = 30)]
         days: i64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Sign a policy (TOML or JSON) into a bundle in one step. iat, nbf and
+    /// exp are filled in from --valid-for when the policy leaves them out.
+    Sign {
+        /// The private key (PKCS#8 PEM, Ed25519 or P-256).
+        #[arg(long)]
+        key: PathBuf,
+        /// The key id; defaults to the key file's name without extension.
+        #[arg(long)]
+        key_id: Option<String>,
+        #[arg(long, default_value = "30d")]
+        valid_for: String,
+        policy: PathBuf,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Write the signing input for a key held elsewhere (offline machine,
+    /// hardware token); sign its bytes there and join with `bundle attach`.
+    Prepare {
+        #[arg(long)]
+        key_id: String,
+        /// eddsa (Ed25519) or es256 (P-256).
+        #[arg(long, default_value = "eddsa")]
+        alg: String,
+        #[arg(long, default_value = "30d")]
+        valid_for: String,
+        policy: PathBuf,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Join a signing input and its signature (raw bytes, base64, or DER for
+    /// ES256) into a bundle, checking it against the public key first.
+    Attach {
+        input: PathBuf,
+        signature: PathBuf,
+        /// The signer's public key (PEM): the bundle is written only if it verifies.
+        #[arg(long = "pub")]
+        public_key: PathBuf,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Run the daemon's checks on a bundle and report; exit 65 if refused.
+    Verify {
+        /// A directory of trust anchors, KEYID.pub each.
+        #[arg(long, conflicts_with = "config")]
+        trust: Option<PathBuf>,
+        /// Or take trust anchors and audience from a configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The host's audience; defaults to the configuration's, else the bundle's own.
+        #[arg(long)]
+        audience: Option<String>,
+        bundle: PathBuf,
+    },
+    /// Show a bundle's contents (signature NOT checked: use verify).
+    Inspect {
+        bundle: PathBuf,
+        /// Print the claims as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changes from OLD to NEW, for which tenant.
+    Diff { old: PathBuf, new: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]

@@ -150,6 +150,22 @@ pub fn generate(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), KeyFileErr
         .map_err(|_| format_err(dir, "the system random source failed"))?;
     let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
         .map_err(|_| format_err(dir, "generated key does not parse"))?;
+    // ring writes PKCS#8 v2 (seed and public key); OpenSSL 3.0 reads only
+    // v1 (RFC 8410), so the seed is re-wrapped in the v1 form both accept.
+    const V2_PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let v2 = pkcs8.as_ref();
+    if v2.len() < 48 || v2[..16] != V2_PREFIX {
+        return Err(format_err(dir, "unexpected PKCS#8 layout from the key generator"));
+    }
+    let mut v1 = V1_PREFIX.to_vec();
+    v1.extend_from_slice(&v2[16..48]);
     let mut spki = vec![
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
     ];
@@ -163,7 +179,7 @@ pub fn generate(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), KeyFileErr
         .mode(0o600)
         .open(&key_path)
         .map_err(io(&key_path))?;
-    file.write_all(pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes())
+    file.write_all(pem("PRIVATE KEY", &v1).as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(io(&key_path))?;
     std::fs::write(&pub_path, pem("PUBLIC KEY", &spki)).map_err(io(&pub_path))?;

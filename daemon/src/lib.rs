@@ -6,6 +6,7 @@
 //! `airgate-policy` crate; this crate does every I/O and hands it facts.
 
 pub mod api;
+pub mod authority;
 pub mod bundle;
 pub mod cli;
 pub mod client;
@@ -30,7 +31,7 @@ pub mod tls;
 use std::path::Path;
 use std::time::Duration;
 
-use cli::{Cli, Command, ModelCommand, PkiCommand};
+use cli::{BundleCommand, Cli, Command, ModelCommand, PkiCommand};
 use config::Config;
 
 /// Runs a parsed command line and returns the process exit code.
@@ -47,6 +48,60 @@ pub fn run_cli(cli: Cli) -> u8 {
             command: ModelCommand::Inspect { path, json },
         } => inspect_model(&path, json),
         Command::Pki { command } => pki_command(command),
+        Command::Keygen { dir, name } => report(authority::keygen(&dir, &name)),
+        Command::Bundle { command } => report(bundle_command(command)),
+    }
+}
+
+fn bundle_command(command: BundleCommand) -> Result<String, authority::AuthorityError> {
+    match command {
+        BundleCommand::Sign {
+            key,
+            key_id,
+            valid_for,
+            policy,
+            out,
+        } => authority::bundle_sign(&key, key_id.as_deref(), &valid_for, &policy, &out),
+        BundleCommand::Prepare {
+            key_id,
+            alg,
+            valid_for,
+            policy,
+            out,
+        } => authority::bundle_prepare(&key_id, &alg, &valid_for, &policy, &out),
+        BundleCommand::Attach {
+            input,
+            signature,
+            public_key,
+            out,
+        } => authority::bundle_attach(&input, &signature, &public_key, &out),
+        BundleCommand::Verify {
+            trust,
+            config,
+            audience,
+            bundle,
+        } => authority::bundle_verify(
+            trust.as_deref(),
+            config.as_deref(),
+            audience.as_deref(),
+            &bundle,
+        ),
+        BundleCommand::Inspect { bundle, json } => authority::bundle_inspect(&bundle, json),
+        BundleCommand::Diff { old, new } => authority::bundle_diff(&old, &new),
+    }
+}
+
+/// Prints a command's report, or its error with the matching exit code.
+fn report(result: Result<String, authority::AuthorityError>) -> u8 {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("airgate: {e}");
+            e.exit_code()
+        }
     }
 }
 
