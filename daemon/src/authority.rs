@@ -177,7 +177,8 @@ pub fn bundle_prepare(
         }
     };
     let wire = load_policy(policy, valid_for)?;
-    let input = signing_input(&wire, key_id, alg).map_err(|e| AuthorityError::Usage(e.to_string()))?;
+    let input =
+        signing_input(&wire, key_id, alg).map_err(|e| AuthorityError::Usage(e.to_string()))?;
     write(out, input.as_bytes())?;
     Ok(format!(
         "wrote {} ({} bytes): sign exactly these bytes with {key_id:?}, e.g.\n  openssl pkeyutl -sign -inkey KEY.pem -rawin -in {} -out signature.bin\nthen: airgate bundle attach {} signature.bin --pub KEY.pub -o bundle.jwt",
@@ -273,7 +274,8 @@ pub fn bundle_verify(
             ));
         }
     };
-    let (_, claimed) = decode_unverified(&token).map_err(|e| AuthorityError::Refused(e.to_string()))?;
+    let (_, claimed) =
+        decode_unverified(&token).map_err(|e| AuthorityError::Refused(e.to_string()))?;
     let audience = audience
         .map(str::to_owned)
         .or(configured_audience)
@@ -310,9 +312,11 @@ pub fn bundle_verify(
 
 pub fn bundle_inspect(bundle: &Path, json: bool) -> Result<String, AuthorityError> {
     let token = read(bundle)?;
-    let (kid, wire) = decode_unverified(&token).map_err(|e| AuthorityError::Refused(e.to_string()))?;
+    let (kid, wire) =
+        decode_unverified(&token).map_err(|e| AuthorityError::Refused(e.to_string()))?;
     if json {
-        return serde_json::to_string_pretty(&wire).map_err(|e| AuthorityError::Refused(e.to_string()));
+        return serde_json::to_string_pretty(&wire)
+            .map_err(|e| AuthorityError::Refused(e.to_string()));
     }
     let mut out = format!(
         "{} (signature NOT checked; use `airgate bundle verify`)\n  version {}  schema {}  audience {:?}  issuer {:?}  key id {kid:?}\n  issued {}  valid {} .. {}",

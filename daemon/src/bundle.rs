@@ -93,7 +93,7 @@ pub enum Freshness {
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
     #[error(transparent)]
-    Bundle(#[from] BundleError),
+    Bundle(Box<BundleError>),
     #[error("version {found} is lower than version {highest}, already accepted (rollback)")]
     LowerVersion { found: u64, highest: u64 },
     #[error("version {version} was already accepted with different content (digest {accepted})")]
@@ -102,6 +102,8 @@ pub enum UpdateError {
     NoAudience,
     #[error("no trust anchors are configured, so no bundle can be accepted")]
     NoTrustAnchors,
+    #[error("cannot read the bundle file: {0}")]
+    Read(std::io::Error),
     #[error("cannot persist the bundle: {0}")]
     Persist(std::io::Error),
     #[error("this bundle is already in force")]
@@ -111,7 +113,7 @@ pub enum UpdateError {
 impl UpdateError {
     fn result(&self) -> &'static str {
         match self {
-            Self::Persist(_) => "error",
+            Self::Read(_) | Self::Persist(_) => "error",
             Self::AlreadyInForce => "unchanged",
             _ => "refused",
         }
@@ -502,7 +504,7 @@ impl Policy {
                         );
                     }
                     // An I/O failure (a full disk) is retried at the next scan.
-                    if !matches!(e, UpdateError::Persist(_)) {
+                    if !matches!(e, UpdateError::Read(_) | UpdateError::Persist(_)) {
                         self.lock().seen.insert(path, (stamp, record));
                     }
                 }
@@ -599,10 +601,6 @@ impl Policy {
     }
 
     /// Verifies one file: policy's checks, then rollback against the store.
-    #[allow(
-        clippy::result_large_err,
-        reason = "the error carries the digest and version for the record; cold path"
-    )]
     fn examine(
         &self,
         path: &Path,
@@ -611,13 +609,13 @@ impl Policy {
     ) -> Result<Verified, (String, Option<u64>, UpdateError)> {
         let unknown = |e| (String::new(), None, e);
         if meta.len() > MAX_TOKEN_BYTES as u64 {
-            return Err(unknown(UpdateError::Bundle(BundleError::TooLarge {
+            return Err(unknown(UpdateError::Bundle(Box::new(BundleError::TooLarge {
                 size: usize::try_from(meta.len()).unwrap_or(usize::MAX),
                 limit: MAX_TOKEN_BYTES,
-            })));
+            }))));
         }
         let token = std::fs::read(path)
-            .map_err(|e| unknown(UpdateError::Bundle(BundleError::BadClaims(e.to_string()))))?;
+            .map_err(|e| unknown(UpdateError::Read(e)))?;
         let digest = hex(&Sha256::digest(trim(&token)));
         let fail = |version, e| (digest.clone(), version, e);
         let Some(audience) = config.policy.audience.as_deref() else {
@@ -628,7 +626,7 @@ impl Policy {
             return Err(fail(None, UpdateError::NoTrustAnchors));
         }
         let verified = verify(&token, &anchors, audience, self.now())
-            .map_err(|e| fail(None, UpdateError::Bundle(e)))?;
+            .map_err(|e| fail(None, UpdateError::Bundle(Box::new(e))))?;
         let version = verified.bundle.version;
         let inner = self.lock();
         let p = &inner.persisted;

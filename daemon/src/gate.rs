@@ -82,7 +82,8 @@ pub struct Ask<'a> {
     pub kind: Kind,
     pub model: &'a str,
     pub prompt: String,
-    pub max_tokens: u32,
+    /// The request's bound on generated tokens, if it names one.
+    pub max_tokens: Option<u32>,
     /// The OpenAI `user` field, if sent.
     pub openai_user: Option<&'a str>,
 }
@@ -159,12 +160,13 @@ pub fn ask_from_body(kind: Kind, body: &Value) -> Result<Ask<'_>, String> {
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
     {
-        None | Some(Value::Null) => DEFAULT_MAX_TOKENS,
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .filter(|n| *n > 0)
-            .ok_or("max_tokens must be a positive integer")?,
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n > 0)
+                .ok_or("max_tokens must be a positive integer")?,
+        ),
     };
     let openai_user = match body.get("user") {
         None | Some(Value::Null) => None,
@@ -203,13 +205,20 @@ pub fn admit(
                 .map_err(|_| Refused::BadRequest(format!("{PURPOSE_HEADER} is not text")))?,
         ),
     };
-    // The end user, as the tenant's rule says to find it. An unknown
-    // identity has no rule: decide() denies it before users matter.
-    let raw_user = b
+    let tenant = b
         .tenant_map
         .resolve(&conn.identity)
         .ok()
-        .and_then(|t| b.tenants.get(t))
+        .and_then(|t| b.tenants.get(t));
+    // A request that names no bound gets the default, within the tenant's limit.
+    let max_tokens = ask.max_tokens.unwrap_or_else(|| {
+        tenant
+            .and_then(|t| t.limits.max_tokens_per_request)
+            .map_or(DEFAULT_MAX_TOKENS, |m| m.min(DEFAULT_MAX_TOKENS))
+    });
+    // The end user, as the tenant's rule says to find it. An unknown
+    // identity has no rule: decide() denies it before users matter.
+    let raw_user = tenant
         .map(|tenant| match &tenant.user_identity {
             UserIdentity::OpenaiUser => Ok(ask.openai_user.map(str::to_owned)),
             UserIdentity::Header { name } => headers
@@ -234,12 +243,10 @@ pub fn admit(
             "end-user id is longer than {MAX_USER_BYTES} bytes"
         )));
     }
-    let end_user = raw_user.as_deref().and_then(|u| {
-        b.tenant_map
-            .resolve(&conn.identity)
-            .ok()
-            .map(|t| shared.users.key(t.as_str(), u))
-    });
+    let end_user = raw_user
+        .as_deref()
+        .zip(tenant)
+        .map(|(u, t)| shared.users.key(t.id.as_str(), u));
 
     // A crude estimate until the engine's tokenizer counts: about four
     // characters per token, rounded up, holds for English text.
@@ -252,7 +259,7 @@ pub fn admit(
         end_user,
         prompt: &ask.prompt,
         prompt_tokens,
-        max_tokens: ask.max_tokens,
+        max_tokens,
     };
     shared.admission.observe(now);
     let decision = decide(b, shared.admission.as_ref(), &facts, now);

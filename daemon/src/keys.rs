@@ -162,7 +162,10 @@ pub fn generate(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), KeyFileErr
     ];
     let v2 = pkcs8.as_ref();
     if v2.len() < 48 || v2[..16] != V2_PREFIX {
-        return Err(format_err(dir, "unexpected PKCS#8 layout from the key generator"));
+        return Err(format_err(
+            dir,
+            "unexpected PKCS#8 layout from the key generator",
+        ));
     }
     let mut v1 = V1_PREFIX.to_vec();
     v1.extend_from_slice(&v2[16..48]);

@@ -444,6 +444,17 @@ impl Daemon {
             shared.heartbeat.register("state-probe", probe_budget),
             background.clone(),
         ));
+        // A bundle already waiting in the inbox is in force before READY=1.
+        {
+            let s = Arc::clone(&shared);
+            let _ = tokio::task::spawn_blocking(move || {
+                let config = s.config();
+                s.policy.scan_inbox(&config, &s.metrics);
+                s.policy.tick(&config, &s.metrics);
+                s.policy.publish_metrics(&s.metrics);
+            })
+            .await;
+        }
         let policy_budget = (shared.config().policy.poll_interval * 4).max(Duration::from_secs(30));
         let poller = tokio::spawn(run_bundle_poller(
             Arc::clone(&shared),

@@ -248,12 +248,62 @@ impl Sandbox {
 
     /// A configuration with this sandbox's paths; `extra` is appended (and
     /// may add keys to `[listen.unix]` right after it via `unix_extra`).
+    /// It trusts this sandbox's policy authority (see [`Sandbox::sign`]) and
+    /// polls the inbox every 100 ms.
     pub fn config(&self, unix_extra: &str, extra: &str) -> String {
         format!(
-            "state_dir = \"{state}\"\nstate_probe_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\n[listen.unix]\npath = \"{sock}\"\n{unix_extra}\n\n[log]\ntarget = \"stderr\"\nlevel = \"airgate=debug,info\"\n\n{extra}\n",
+            "state_dir = \"{state}\"\nstate_probe_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\n[listen.unix]\npath = \"{sock}\"\n{unix_extra}\n\n[log]\ntarget = \"stderr\"\nlevel = \"airgate=debug,info\"\n\n[trust]\nanchors = [{{ key_id = \"{KEY_ID}\", public_key = \"{key}\" }}]\n\n[policy]\naudience = \"{AUDIENCE}\"\npoll_interval = \"100ms\"\n\n{extra}\n",
             state = self.path().join("state").display(),
             sock = self.socket().display(),
+            key = self.authority().join(format!("{KEY_ID}.pub")).display(),
         )
+    }
+
+    /// The policy authority's key directory, made with `airgate keygen` on first use.
+    pub fn authority(&self) -> PathBuf {
+        let dir = self.path().join("authority");
+        if !dir.join(format!("{KEY_ID}.key")).exists() {
+            run_ok(
+                Command::new(airgate_bin())
+                    .args(["keygen", "--dir"])
+                    .arg(&dir)
+                    .args(["--name", KEY_ID]),
+            );
+        }
+        dir
+    }
+
+    /// Signs a policy (TOML) with `airgate bundle sign`; returns the bundle file.
+    pub fn sign(&self, name: &str, policy: &str) -> PathBuf {
+        let dir = self.path().join("policies");
+        std::fs::create_dir_all(&dir).expect("policies dir");
+        let source = dir.join(format!("{name}.toml"));
+        std::fs::write(&source, policy).expect("write policy");
+        let out = dir.join(format!("{name}.jwt"));
+        run_ok(
+            Command::new(airgate_bin())
+                .args(["bundle", "sign", "--key"])
+                .arg(self.authority().join(format!("{KEY_ID}.key")))
+                .arg(&source)
+                .arg("-o")
+                .arg(&out),
+        );
+        out
+    }
+
+    pub fn inbox(&self) -> PathBuf {
+        self.path().join("state").join("inbox")
+    }
+
+    /// Drops a bundle into the inbox the way a file sync should: written
+    /// aside, then renamed in.
+    pub fn publish(&self, bundle: &Path) {
+        let inbox = self.inbox();
+        std::fs::create_dir_all(&inbox).expect("inbox");
+        let name = bundle.file_name().expect("file name");
+        let tmp = inbox.join(format!(".{}.tmp", name.to_string_lossy()));
+        std::fs::copy(bundle, &tmp).expect("copy bundle");
+        std::fs::rename(&tmp, inbox.join(name)).expect("rename bundle");
     }
 
     pub fn write_config(&self, text: &str) -> PathBuf {
@@ -261,6 +311,65 @@ impl Sandbox {
         std::fs::write(&path, text).expect("write config");
         path
     }
+}
+
+/// The key id of a sandbox's policy authority.
+pub const KEY_ID: &str = "e2e-authority";
+/// The audience sandboxes are configured as.
+pub const AUDIENCE: &str = "e2e-site";
+
+/// A policy of `version` for the test site: the Gemma GGUF model under its
+/// custom terms and the MiniLM ONNX model under Apache-2.0, and `tenants`
+/// (TOML `[[tenants]]` tables).
+pub fn policy(version: u64, tenants: &str) -> String {
+    format!(
+        r#"schema = 1
+bundle_version = {version}
+iss = "e2e-authority"
+aud = "{AUDIENCE}"
+
+[[licences]]
+id = "LicenseRef-Gemma-Terms-of-Use"
+name = "Gemma Terms of Use"
+commercial_use = true
+prohibited_uses = ["weapons-development"]
+attribution = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+review_by = "2030-01-01"
+after_review = "flag"
+
+[[licences]]
+id = "Apache-2.0"
+name = "Apache License 2.0"
+commercial_use = true
+review_by = "2030-01-01"
+after_review = "flag"
+
+[[models]]
+id = "gemma-3-270m"
+format = "gguf"
+kinds = ["chat", "completion"]
+licence = "LicenseRef-Gemma-Terms-of-Use"
+files = [{{ role = "weights", name = "gemma-3-270m-q4_k_m.gguf", sha256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818" }}]
+
+[[models]]
+id = "paraphrase-minilm-l3"
+format = "onnx"
+kinds = ["embedding"]
+licence = "Apache-2.0"
+files = [{{ role = "weights", name = "paraphrase-MiniLM-L3-v2.onnx", sha256 = "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16" }}]
+
+{tenants}
+"#
+    )
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run airgate");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A running `airgate serve`, killed on drop.
@@ -314,6 +423,23 @@ impl Daemon {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "daemon not healthy in time; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until /readyz reports bundle `version` in force; returns /readyz.
+    pub fn wait_bundle(&self, version: u64) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let r = get(&self.socket, "/readyz", &[]).json();
+            if r["bundle"]["version"] == version {
+                return r;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "bundle version {version} not in force: {r}\nstderr:\n{}",
                 self.stderr()
             );
             std::thread::sleep(Duration::from_millis(20));

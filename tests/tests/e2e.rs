@@ -6,6 +6,8 @@
 mod api;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/policy.rs"]
+mod policy;
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/units.rs"]

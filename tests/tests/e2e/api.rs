@@ -59,10 +59,14 @@ fn open_to_everyone(sandbox: &Sandbox) {
 fn whoami_reports_the_kernel_credentials_of_the_caller() {
     let sb = Sandbox::new();
     open_to_everyone(&sb);
-    let config = sb.config(
-        "mode = \"0660\"\ngroup = 4243",
-        "[[tenants]]\nname = \"claims\"\ngids = [4242]\n",
-    );
+    let config = sb.config("mode = \"0660\"\ngroup = 4243", "");
+    sb.publish(&sb.sign(
+        "claims",
+        &airgate_tests::policy(
+            1,
+            "[[tenants]]\nid = \"claims\"\nidentities = { gids = [4242] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = []\nuser_identity = { kind = \"openai_user\" }\n",
+        ),
+    ));
     let d = Daemon::start(&sb, &config, &[]);
 
     // As root: uid 0, gid 0, our own supplementary groups.
@@ -92,6 +96,14 @@ fn whoami_reports_the_kernel_credentials_of_the_caller() {
     assert_eq!(j["identity"]["groups"], serde_json::json!([4242, 7000]));
     assert_eq!(j["operator"], false);
     assert_eq!(j["tenant"], "claims");
+    assert_eq!(j["bundle_version"], 1);
+
+    // A caller no tenant of the bundle claims.
+    let (status, body) = get_as(5002, 4243, &[], &d.socket, "/v1/whoami");
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(j["tenant"], serde_json::Value::Null);
+    assert!(j["tenant_error"].is_string(), "{j}");
 }
 
 #[test]
@@ -153,7 +165,7 @@ fn operators_only_for_metrics_and_status() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("(pid {})", d.pid())), "{text}");
     assert!(
-        text.contains("ready:       no: no policy bundle loaded"),
+        text.contains("ready:       no: no policy bundle in force"),
         "{text}"
     );
     let out = Command::new("setpriv")
@@ -196,7 +208,7 @@ fn inference_fails_closed_without_a_bundle_but_bad_bodies_are_named() {
     let r = post_json(
         &d.socket,
         "/v1/chat/completions",
-        "{\"model\": \"m\", \"messages\": []}",
+        "{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}",
     );
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["code"], "policy_unavailable");

@@ -62,6 +62,11 @@ impl Site {
             "--uri",
             CLAIMS,
         ]);
+        // The tenant comes from a signed bundle, in the inbox before start.
+        let tenant = format!(
+            "[[tenants]]\nid = \"claims\"\nidentities = {{ uris = [\"{CLAIMS}\"] }}\npurposes = [\"claims-triage\"]\ndefault_purpose = \"claims-triage\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = {{ kind = \"openai_user\" }}\n"
+        );
+        sb.publish(&sb.sign("claims", &airgate_tests::policy(1, &tenant)));
         Self { dir }
     }
 
@@ -105,7 +110,7 @@ impl Site {
         sb.config(
             "",
             &format!(
-                "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\nclient_ca = \"{d}/ca/ca.pem\"\ncrls = [\"{d}/ca/crl.pem\"]\nhandshake_timeout = \"1s\"\n\n[[tenants]]\nname = \"claims\"\nuris = [\"{CLAIMS}\"]\n",
+                "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\nclient_ca = \"{d}/ca/ca.pem\"\ncrls = [\"{d}/ca/crl.pem\"]\nhandshake_timeout = \"1s\"\n",
                 d = self.dir.display()
             ),
         )

@@ -157,7 +157,8 @@ async fn started_the_way_the_unit_starts_it() {
     let run = sb.path().join("run");
     std::fs::create_dir(&run).expect("run dir");
     let state = sb.path().join("state");
-    std::fs::create_dir(&state).expect("state dir");
+    // Exists already: the bundle was published into state/inbox (root's, 0755).
+    std::fs::create_dir_all(&state).expect("state dir");
     let owned = |p: &Path| {
         nix::unistd::chown(
             p,
