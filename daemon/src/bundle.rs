@@ -609,13 +609,14 @@ impl Policy {
     ) -> Result<Verified, (String, Option<u64>, UpdateError)> {
         let unknown = |e| (String::new(), None, e);
         if meta.len() > MAX_TOKEN_BYTES as u64 {
-            return Err(unknown(UpdateError::Bundle(Box::new(BundleError::TooLarge {
-                size: usize::try_from(meta.len()).unwrap_or(usize::MAX),
-                limit: MAX_TOKEN_BYTES,
-            }))));
+            return Err(unknown(UpdateError::Bundle(Box::new(
+                BundleError::TooLarge {
+                    size: usize::try_from(meta.len()).unwrap_or(usize::MAX),
+                    limit: MAX_TOKEN_BYTES,
+                },
+            ))));
         }
-        let token = std::fs::read(path)
-            .map_err(|e| unknown(UpdateError::Read(e)))?;
+        let token = std::fs::read(path).map_err(|e| unknown(UpdateError::Read(e)))?;
         let digest = hex(&Sha256::digest(trim(&token)));
         let fail = |version, e| (digest.clone(), version, e);
         let Some(audience) = config.policy.audience.as_deref() else {
