@@ -16,7 +16,7 @@
 //! behind one mutex. The daemon's persistent store implements the same
 //! trait with the same semantics.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use crate::decision::{Reason, Reservation, UsageView, UserKey};
@@ -74,21 +74,27 @@ struct TenantCounters {
     tokens: (i64, u64),
     concurrent: u32,
     /// (month, users).
-    users: (i64, BTreeSet<UserKey>),
+    users: (i64, HashSet<UserKey>),
 }
 
 #[derive(Default)]
 struct Counters {
-    tenants: BTreeMap<TenantId, TenantCounters>,
+    tenants: HashMap<TenantId, TenantCounters>,
     /// licence -> (month, users).
-    licences: BTreeMap<String, (i64, BTreeSet<UserKey>)>,
+    licences: HashMap<String, (i64, HashSet<UserKey>)>,
     /// The clock as of the last reserve: views answer for "now".
     now: UnixTime,
 }
 
 impl Counters {
     fn tenant(&mut self, id: &TenantId) -> &mut TenantCounters {
-        self.tenants.entry(id.clone()).or_default()
+        // Look up before inserting: the hot path must not allocate a key.
+        if !self.tenants.contains_key(id) {
+            self.tenants.insert(id.clone(), TenantCounters::default());
+        }
+        self.tenants
+            .get_mut(id)
+            .unwrap_or_else(|| unreachable!("inserted above"))
     }
 
     /// Drops what has fallen out of its window as of `now`.
@@ -105,14 +111,20 @@ impl Counters {
             t.tokens = (day(now), 0);
         }
         if t.users.0 != month(now) {
-            t.users = (month(now), BTreeSet::new());
+            t.users = (month(now), HashSet::new());
         }
     }
 
-    fn licence(&mut self, id: &str, now: UnixTime) -> &mut BTreeSet<UserKey> {
-        let entry = self.licences.entry(id.to_owned()).or_default();
+    fn licence(&mut self, id: &str, now: UnixTime) -> &mut HashSet<UserKey> {
+        if !self.licences.contains_key(id) {
+            self.licences.insert(id.to_owned(), Default::default());
+        }
+        let entry = self
+            .licences
+            .get_mut(id)
+            .unwrap_or_else(|| unreachable!("inserted above"));
         if entry.0 != month(now) {
-            *entry = (month(now), BTreeSet::new());
+            *entry = (month(now), HashSet::new());
         }
         &mut entry.1
     }
@@ -146,43 +158,58 @@ impl MemoryAdmission {
     }
 }
 
+impl Counters {
+    /// Reads without rolling windows forward: views take `&self`.
+    fn view(&self, id: &TenantId) -> Option<&TenantCounters> {
+        self.tenants.get(id)
+    }
+
+    fn licence_view(&self, id: &str) -> Option<&HashSet<UserKey>> {
+        self.licences
+            .get(id)
+            .filter(|(m, _)| *m == month(self.now))
+            .map(|(_, users)| users)
+    }
+}
+
 impl UsageView for MemoryAdmission {
     fn requests_last_minute(&self, tenant: &TenantId) -> u32 {
-        let mut c = self.lock();
-        let now = c.now;
-        c.roll(tenant, now);
-        u32::try_from(c.tenant(tenant).recent.len()).unwrap_or(u32::MAX)
+        let c = self.lock();
+        let since = c.now.seconds() - MINUTE;
+        c.view(tenant).map_or(0, |t| {
+            let stale = t.recent.partition_point(|s| *s <= since);
+            u32::try_from(t.recent.len() - stale).unwrap_or(u32::MAX)
+        })
     }
     fn tokens_today(&self, tenant: &TenantId) -> u64 {
-        let mut c = self.lock();
-        let now = c.now;
-        c.roll(tenant, now);
-        c.tenant(tenant).tokens.1
+        let c = self.lock();
+        c.view(tenant)
+            .filter(|t| t.tokens.0 == day(c.now))
+            .map_or(0, |t| t.tokens.1)
     }
     fn concurrent(&self, tenant: &TenantId) -> u32 {
-        self.lock().tenant(tenant).concurrent
+        self.lock().view(tenant).map_or(0, |t| t.concurrent)
     }
     fn tenant_users(&self, tenant: &TenantId) -> u64 {
-        let mut c = self.lock();
-        let now = c.now;
-        c.roll(tenant, now);
-        c.tenant(tenant).users.1.len() as u64
+        let c = self.lock();
+        c.view(tenant)
+            .filter(|t| t.users.0 == month(c.now))
+            .map_or(0, |t| t.users.1.len() as u64)
     }
     fn tenant_user_seen(&self, tenant: &TenantId, user: &UserKey) -> bool {
-        let mut c = self.lock();
-        let now = c.now;
-        c.roll(tenant, now);
-        c.tenant(tenant).users.1.contains(user)
+        let c = self.lock();
+        c.view(tenant)
+            .is_some_and(|t| t.users.0 == month(c.now) && t.users.1.contains(user))
     }
     fn licence_users(&self, licence: &str) -> u64 {
-        let mut c = self.lock();
-        let now = c.now;
-        c.licence(licence, now).len() as u64
+        self.lock()
+            .licence_view(licence)
+            .map_or(0, |u| u.len() as u64)
     }
     fn licence_user_seen(&self, licence: &str, user: &UserKey) -> bool {
-        let mut c = self.lock();
-        let now = c.now;
-        c.licence(licence, now).contains(user)
+        self.lock()
+            .licence_view(licence)
+            .is_some_and(|u| u.contains(user))
     }
 }
 

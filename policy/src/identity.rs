@@ -183,25 +183,36 @@ impl TenantMap {
     }
 
     pub fn resolve(&self, identity: &Identity) -> Result<&TenantId, TenantLookupError> {
-        // The first precedence level with any match decides.
-        for level in 0..3 {
-            let found: Vec<&TenantId> = self
-                .tenants
-                .iter()
-                .filter(|(_, rules)| rules.iter().any(|r| self.level(identity, r) == Some(level)))
-                .map(|(id, _)| id)
-                .collect();
-            match found.as_slice() {
-                [] => continue,
-                [one] => return Ok(one),
-                many => {
-                    return Err(TenantLookupError::Ambiguous(
-                        many.iter().map(|t| (*t).clone()).collect(),
-                    ));
+        // The strongest precedence level with any match decides. One pass,
+        // no allocation unless the answer is an ambiguity.
+        let strongest =
+            |rules: &[Principal]| rules.iter().filter_map(|r| self.level(identity, r)).min();
+        let mut best: Option<(u8, &TenantId)> = None;
+        let mut ambiguous = false;
+        for (id, rules) in &self.tenants {
+            let Some(level) = strongest(rules) else {
+                continue;
+            };
+            match best {
+                Some((b, _)) if level > b => {}
+                Some((b, _)) if level == b => ambiguous = true,
+                _ => {
+                    best = Some((level, id));
+                    ambiguous = false;
                 }
             }
         }
-        Err(TenantLookupError::NoTenant)
+        match best {
+            None => Err(TenantLookupError::NoTenant),
+            Some((_, id)) if !ambiguous => Ok(id),
+            Some((level, _)) => Err(TenantLookupError::Ambiguous(
+                self.tenants
+                    .iter()
+                    .filter(|(_, rules)| strongest(rules) == Some(level))
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            )),
+        }
     }
 
     /// The precedence at which `rule` matches `identity` (0 is strongest), if it does.
