@@ -427,6 +427,37 @@ fn render_status(doc: &serde_json::Value) -> String {
             tls["expired_crl"].as_str().unwrap_or("?"),
         );
     }
+    let bundle = &doc["bundle"];
+    match bundle["in_force"].as_object() {
+        Some(b) => {
+            let _ = writeln!(
+                out,
+                "bundle:      version {} ({}) signed by {}, expires {}, {}; {} tenant(s), {} model(s)",
+                b["version"],
+                b["digest"].as_str().map_or("?", |d| &d[..d.len().min(12)]),
+                b["key_id"].as_str().unwrap_or("?"),
+                b["expires"],
+                bundle["freshness"].as_str().unwrap_or("?"),
+                b["tenants"].as_array().map_or(0, Vec::len),
+                b["models"].as_array().map_or(0, Vec::len),
+            );
+        }
+        None => {
+            let _ = writeln!(out, "bundle:      none in force");
+        }
+    }
+    if let Some(u) = bundle["last_update"].as_object() {
+        let _ = writeln!(
+            out,
+            "last bundle: {} {}: {}",
+            u["file"].as_str().unwrap_or("?"),
+            u["result"].as_str().unwrap_or("?"),
+            u["message"].as_str().unwrap_or("")
+        );
+    }
+    for w in doc["warnings"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "WARNING:     {}", w.as_str().unwrap_or("?"));
+    }
     let _ = writeln!(
         out,
         "connections: {} of {}",

@@ -243,7 +243,7 @@ pub fn decide(
     if !tenant.purposes.contains(purpose) {
         return deny(
             Reason::PurposeNotDeclared,
-            format!("purpose {purpose:?} is not one of tenant {tenant_id}'s purposes"),
+            format!("purpose {purpose:?} is not declared by tenant {tenant_id}"),
             t,
         );
     }

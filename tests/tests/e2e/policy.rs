@@ -244,3 +244,126 @@ fn decisions_carry_stable_reason_codes_over_http() {
         metrics.contains("airgate_policy_decisions_total{decision=\"allow\",reason=\"allowed\"} 5")
     );
 }
+
+fn airgate(args: &[&str]) -> std::process::Output {
+    Command::new(airgate_tests::airgate_bin())
+        .args(args)
+        .output()
+        .expect("run airgate")
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_authority_tools_sign_verify_and_interoperate_with_openssl() {
+    let sb = Sandbox::new();
+    let dir = sb.path().to_str().expect("utf8").to_owned();
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/policy.example.toml"
+    );
+    let out = airgate(&["keygen", "--dir", &dir, "--name", "authority-2026"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let key = format!("{dir}/authority-2026.key");
+    let bundle = format!("{dir}/example.jwt");
+    let out = airgate(&["bundle", "sign", "--key", &key, example, "-o", &bundle]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = airgate(&["bundle", "verify", "--trust", &dir, &bundle]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK"), "{}", text(&out));
+    let out = airgate(&["bundle", "inspect", &bundle]);
+    let shown = text(&out);
+    for want in [
+        "LicenseRef-Gemma-Terms-of-Use",
+        "gemma-3-270m",
+        "paraphrase-minilm-l3",
+        "claims",
+        "search",
+    ] {
+        assert!(shown.contains(want), "{want} missing:\n{shown}");
+    }
+    let out = airgate(&[
+        "bundle",
+        "verify",
+        "--trust",
+        &dir,
+        "--audience",
+        "elsewhere",
+        &bundle,
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out));
+
+    // A flipped byte in the payload: refused with exit 65.
+    let token = std::fs::read_to_string(&bundle).expect("bundle");
+    let dot = token.find('.').expect("dot") + 10;
+    let mut bytes = token.into_bytes();
+    bytes[dot] = if bytes[dot] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("{dir}/tampered.jwt");
+    std::fs::write(&tampered, bytes).expect("write");
+    let out = airgate(&["bundle", "verify", "--trust", &dir, &tampered]);
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out));
+
+    // The two-step form with OpenSSL as the offline signer.
+    let input = format!("{dir}/input.txt");
+    let out = airgate(&[
+        "bundle",
+        "prepare",
+        "--key-id",
+        "authority-2026",
+        example,
+        "-o",
+        &input,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let sig = format!("{dir}/sig.bin");
+    let openssl = Command::new("openssl")
+        .args([
+            "pkeyutl", "-sign", "-inkey", &key, "-rawin", "-in", &input, "-out", &sig,
+        ])
+        .output()
+        .expect("openssl");
+    assert!(openssl.status.success(), "{}", text(&openssl));
+    let attached = format!("{dir}/attached.jwt");
+    let public = format!("{dir}/authority-2026.pub");
+    let out = airgate(&[
+        "bundle", "attach", &input, &sig, "--pub", &public, "-o", &attached,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = airgate(&["bundle", "verify", "--trust", &dir, &attached]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A signature of other bytes is not attached.
+    let out = airgate(&[
+        "bundle", "attach", &input, &public, "--pub", &public, "-o", &attached,
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out));
+
+    // diff names what changes, for whom.
+    let edited = std::fs::read_to_string(example)
+        .expect("example")
+        .replace("bundle_version = 1", "bundle_version = 2")
+        .replace(
+            "models = [\"paraphrase-minilm-l3\"]\nlimits",
+            "models = [\"paraphrase-minilm-l3\", \"gemma-3-270m\"]\nlimits",
+        );
+    let v2_source = format!("{dir}/v2.toml");
+    std::fs::write(&v2_source, edited).expect("v2");
+    let v2 = format!("{dir}/v2.jwt");
+    assert!(
+        airgate(&["bundle", "sign", "--key", &key, &v2_source, "-o", &v2])
+            .status
+            .success()
+    );
+    let out = airgate(&["bundle", "diff", &bundle, &v2]);
+    let shown = text(&out);
+    assert!(shown.contains("bundle: bundle_version: 1 -> 2"), "{shown}");
+    assert!(
+        shown.contains("tenant search: models + gemma-3-270m"),
+        "{shown}"
+    );
+}
