@@ -127,10 +127,7 @@ impl ApiError {
             Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::NotServing(_) => (StatusCode::SERVICE_UNAVAILABLE, "policy_unavailable"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Self::Denied { reason, .. } if reason.is_transient() => {
-                (StatusCode::TOO_MANY_REQUESTS, reason.code())
-            }
-            Self::Denied { reason, .. } => (StatusCode::FORBIDDEN, reason.code()),
+            Self::Denied { reason, .. } => (denial_status(*reason), reason.code()),
             Self::ModelNotLoaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
         }
     }
@@ -171,6 +168,21 @@ impl ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// The HTTP status of each policy denial (the table in README.md): 429 when
+/// a retry can succeed later, 404 for a model the bundle does not know, 400
+/// when the request itself must change, 403 when this caller may not.
+fn denial_status(reason: Reason) -> StatusCode {
+    match reason {
+        r if r.is_transient() => StatusCode::TOO_MANY_REQUESTS,
+        Reason::ModelNotInManifest => StatusCode::NOT_FOUND,
+        Reason::ModelKindMismatch
+        | Reason::UserRequired
+        | Reason::PromptTooLong
+        | Reason::MaxTokensExceeded => StatusCode::BAD_REQUEST,
+        _ => StatusCode::FORBIDDEN,
     }
 }
 

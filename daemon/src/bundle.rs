@@ -566,6 +566,55 @@ impl Policy {
         }
     }
 
+    /// A bundle from another source (the mirror): the same checks and
+    /// activation as an inbox file. Returns whether the bundle in force changed.
+    pub fn offer(
+        &self,
+        source: &str,
+        token: &[u8],
+        config: &Config,
+        metrics: &crate::metrics::Metrics,
+    ) -> bool {
+        let label = Path::new(source);
+        let count = |result| {
+            metrics
+                .bundle_updates
+                .get_or_create(&crate::metrics::ResultLabels { result })
+                .inc();
+        };
+        let verified = match self.examine_bytes(token, config) {
+            Ok(v) => v,
+            Err((digest, version, e)) => {
+                self.record(label, digest, version, e.result(), e.to_string());
+                count(e.result());
+                if !matches!(e, UpdateError::AlreadyInForce) {
+                    tracing::warn!(source, error = %e, "bundle refused; the bundle in force is unchanged");
+                }
+                return false;
+            }
+        };
+        match self.activate(verified, label) {
+            Ok(active) => {
+                self.record(
+                    label,
+                    active.verified.digest.clone(),
+                    Some(active.version()),
+                    "accepted",
+                    format!("version {} is in force", active.version()),
+                );
+                count("accepted");
+                self.publish_metrics(metrics);
+                true
+            }
+            Err((digest, e)) => {
+                self.record(label, digest, None, e.result(), e.to_string());
+                tracing::error!(source, error = %e, "bundle not activated");
+                count(e.result());
+                false
+            }
+        }
+    }
+
     pub fn publish_metrics(&self, metrics: &crate::metrics::Metrics) {
         let active = self.active();
         metrics.bundle_version.set(
@@ -617,7 +666,26 @@ impl Policy {
             ))));
         }
         let token = std::fs::read(path).map_err(|e| unknown(UpdateError::Read(e)))?;
-        let digest = hex(&Sha256::digest(trim(&token)));
+        self.examine_bytes(&token, config)
+    }
+
+    /// Policy's checks on a token from any source, then rollback against the store.
+    fn examine_bytes(
+        &self,
+        token: &[u8],
+        config: &Config,
+    ) -> Result<Verified, (String, Option<u64>, UpdateError)> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err((
+                String::new(),
+                None,
+                UpdateError::Bundle(Box::new(BundleError::TooLarge {
+                    size: token.len(),
+                    limit: MAX_TOKEN_BYTES,
+                })),
+            ));
+        }
+        let digest = hex(&Sha256::digest(trim(token)));
         let fail = |version, e| (digest.clone(), version, e);
         let Some(audience) = config.policy.audience.as_deref() else {
             return Err(fail(None, UpdateError::NoAudience));
@@ -626,7 +694,7 @@ impl Policy {
         if anchors.is_empty() {
             return Err(fail(None, UpdateError::NoTrustAnchors));
         }
-        let verified = verify(&token, &anchors, audience, self.now())
+        let verified = verify(token, &anchors, audience, self.now())
             .map_err(|e| fail(None, UpdateError::Bundle(Box::new(e))))?;
         let version = verified.bundle.version;
         let inner = self.lock();

@@ -49,6 +49,21 @@ pub struct PolicyConfig {
     /// How long an expired bundle keeps being enforced (with warnings) before
     /// the daemon fails closed. Counted from the bundle's `exp`.
     pub expiry_grace: Duration,
+    /// An internal HTTPS mirror polled for the current bundle, if any.
+    pub mirror: Option<MirrorConfig>,
+}
+
+/// `[policy.mirror]`: where the current bundle is published on the site
+/// network, and the TLS settings of that connection alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorConfig {
+    pub url: http::Uri,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// CA certificates the mirror's server certificate must chain to.
+    pub ca: PathBuf,
+    /// A client certificate and key for mirrors that require mTLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -420,6 +435,7 @@ fn parse_root(
             inbox: PathBuf::new(),
             poll_interval: Duration::from_secs(5),
             expiry_grace: Duration::from_secs(72 * 3600),
+            mirror: None,
         };
         let mut inbox = None;
         if let Some(mut s) = section {
@@ -431,6 +447,11 @@ fn parse_root(
                 Ok(a.to_owned())
             });
             inbox = s.optional(errors, "inbox", absolute_path);
+            policy.mirror = s.section(errors, "mirror", false).and_then(|mut m| {
+                let parsed = parse_mirror(&mut m, errors);
+                m.finish(errors);
+                parsed
+            });
             if let Some(d) = s.optional(
                 errors,
                 "poll_interval",
@@ -511,6 +532,56 @@ fn parse_tls(s: &mut Section<'_>, errors: &mut Vec<FieldError>) -> Option<TlsLis
         expired_crl,
         handshake_timeout,
         fd_name,
+    })
+}
+
+fn parse_mirror(s: &mut Section<'_>, errors: &mut Vec<FieldError>) -> Option<MirrorConfig> {
+    let url = s.required(errors, "url", |v| {
+        let text = string(v)?;
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|e| format!("not a URL ({e}): {text:?}"))?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            return Err(format!(
+                "expected an https:// URL with a host, found {text:?}"
+            ));
+        }
+        Ok(uri)
+    });
+    let interval = s
+        .optional(
+            errors,
+            "interval",
+            duration_between(Duration::from_millis(100), Duration::from_secs(7 * 86400)),
+        )
+        .unwrap_or(Duration::from_secs(300));
+    let timeout = s
+        .optional(
+            errors,
+            "timeout",
+            duration_between(Duration::from_millis(100), Duration::from_secs(600)),
+        )
+        .unwrap_or(Duration::from_secs(30));
+    let ca = s.required(errors, "ca", absolute_path);
+    let cert = s.optional(errors, "cert", absolute_path);
+    let key = s.optional(errors, "key", absolute_path);
+    let client_cert = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            errors.push(FieldError {
+                path: s.path.clone(),
+                message: "cert and key go together".to_owned(),
+            });
+            None
+        }
+    };
+    Some(MirrorConfig {
+        url: url?,
+        interval,
+        timeout,
+        ca: ca?,
+        client_cert,
     })
 }
 

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod mirror;
 pub mod model;
 pub mod pki;
 pub mod request_id;

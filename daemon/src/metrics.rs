@@ -88,6 +88,7 @@ pub struct Metrics {
     pub bundle_in_grace: Gauge,
     pub bundle_updates: Family<ResultLabels, Counter>,
     pub clock_behind_floor: Gauge,
+    pub mirror_polls: Family<ResultLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
 }
 
@@ -131,6 +132,7 @@ impl Metrics {
             bundle_in_grace: Gauge::default(),
             bundle_updates: Family::default(),
             clock_behind_floor: Gauge::default(),
+            mirror_polls: Family::default(),
             decisions: Family::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
@@ -230,6 +232,11 @@ impl Metrics {
             "clock_behind_floor",
             "1 while the system clock is behind the persisted time floor",
             m.clock_behind_floor.clone(),
+        );
+        registry.register(
+            "bundle_mirror_polls",
+            "Polls of the bundle mirror, by result (fetched, unchanged, error)",
+            m.mirror_polls.clone(),
         );
         registry.register(
             "policy_decisions",

@@ -40,6 +40,8 @@ pub struct Shared {
     pub users: UserHasher,
     /// Wakes the bundle poller (SIGHUP re-reads the inbox).
     rescan: tokio::sync::Notify,
+    /// The last poll of the bundle mirror, for status.
+    mirror_status: Mutex<Option<serde_json::Value>>,
     /// The TLS material in use; swapped whole on reload.
     tls: ArcSwapOption<TlsState>,
     pub metrics: Metrics,
@@ -174,6 +176,7 @@ impl Shared {
             "listeners": *self.listeners.lock().unwrap_or_else(PoisonError::into_inner),
             "connections": {"active": active, "max": config.limits.max_connections},
             "bundle": self.policy.status(&config),
+            "bundle_mirror": *self.mirror_status.lock().unwrap_or_else(PoisonError::into_inner),
             "models": [],
             "workers": self.heartbeat.check(),
             "watchdog": {
@@ -305,6 +308,7 @@ impl Daemon {
                 admission: Arc::new(MemoryAdmission::new()),
                 users,
                 rescan: tokio::sync::Notify::new(),
+                mirror_status: Mutex::new(None),
                 tls: ArcSwapOption::from(tls.map(Arc::new)),
                 metrics,
                 heartbeat: Heartbeat::new(),
@@ -367,6 +371,9 @@ impl Daemon {
                         "TLS material reloaded"
                     );
                     shared.tls.store(Some(Arc::new(tls)));
+                }
+                if next.policy.mirror != current.policy.mirror {
+                    pending.push("policy.mirror");
                 }
                 if next.state_dir != current.state_dir {
                     pending.push("state_dir");
@@ -461,6 +468,12 @@ impl Daemon {
             shared.heartbeat.register("bundle-inbox", policy_budget),
             background.clone(),
         ));
+        let mirror = shared
+            .config()
+            .policy
+            .mirror
+            .clone()
+            .map(|m| tokio::spawn(run_mirror(Arc::clone(&shared), m, background.clone())));
         let accept_tls = tls.map(|tls| {
             tokio::spawn(accept_tls(
                 Arc::clone(&shared),
@@ -535,6 +548,9 @@ impl Daemon {
         background.cancel();
         let _ = probe.await;
         let _ = poller.await;
+        if let Some(m) = mirror {
+            let _ = m.await;
+        }
         if let Some(w) = watchdog {
             let _ = w.await;
         }
@@ -708,6 +724,83 @@ async fn accept_tls(
 
 /// Checks the state directory's free space and writability on a blocking
 /// thread. A hung file system hangs this worker, and the watchdog notices.
+/// Polls the bundle mirror, feeding what it serves into the same
+/// verify-and-activate path as the inbox.
+async fn run_mirror(
+    shared: Arc<Shared>,
+    config: crate::config::MirrorConfig,
+    stop: CancellationToken,
+) {
+    let mut mirror = match crate::mirror::Mirror::new(config) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "bundle mirror disabled");
+            *shared
+                .mirror_status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some(json!({"at_unix": unix_now(), "result": "error", "message": e.to_string()}));
+            return;
+        }
+    };
+    let url = mirror.url();
+    let mut last_error: Option<String> = None;
+    loop {
+        let outcome = tokio::select! {
+            () = stop.cancelled() => return,
+            r = mirror.poll() => r,
+        };
+        let (result, message) = match outcome {
+            Ok(crate::mirror::Fetched::Unchanged) => ("unchanged", "304 not modified".to_owned()),
+            Ok(crate::mirror::Fetched::Bundle { body, .. }) => {
+                let s = Arc::clone(&shared);
+                let source = format!("mirror {url}");
+                let changed = tokio::task::spawn_blocking(move || {
+                    let config = s.config();
+                    s.policy.offer(&source, &body, &config, &s.metrics)
+                })
+                .await
+                .unwrap_or(false);
+                if changed {
+                    shared.notifier.status(&shared.status_line());
+                }
+                let message = if changed {
+                    "a new bundle is in force"
+                } else {
+                    "no change (see bundle.last_update)"
+                };
+                ("fetched", message.to_owned())
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if last_error.as_ref() != Some(&message) {
+                    tracing::warn!(url = %url, error = %message, "bundle mirror poll failed");
+                }
+                last_error = Some(message.clone());
+                ("error", message)
+            }
+        };
+        if result != "error" {
+            last_error = None;
+        }
+        shared
+            .metrics
+            .mirror_polls
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        *shared
+            .mirror_status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(json!({
+            "url": url, "at_unix": unix_now(), "result": result, "message": message,
+        }));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(mirror.interval()) => {}
+        }
+    }
+}
+
 /// Reads the bundle inbox every `policy.poll_interval` (and at once when
 /// woken by a reload), and re-weighs expiry and the clock; STATUS= follows
 /// every change.

@@ -314,3 +314,31 @@ map_common_name = true
     }
     assert_eq!(errors.len(), 6, "{errors:#?}");
 }
+
+#[test]
+fn bundle_mirror() {
+    let c = parse(&format!(
+        "{MINIMAL}\n[policy]\naudience = \"site-7\"\n[policy.mirror]\nurl = \"https://mirror.corp.example:8443/airgate/site-7.jwt\"\nca = \"/etc/airgate/mirror-ca.pem\"\ncert = \"/etc/airgate/tls/mirror-client.pem\"\nkey = \"/etc/airgate/tls/mirror-client.key\"\n"
+    ))
+    .expect("valid");
+    let m = c.policy.mirror.expect("mirror");
+    assert_eq!(m.url.port_u16(), Some(8443));
+    assert_eq!(m.interval, Duration::from_secs(300));
+    assert!(m.client_cert.is_some());
+
+    let errors = parse(&format!(
+        "{MINIMAL}\n[policy.mirror]\nurl = \"http://mirror/b.jwt\"\ncert = \"/c.pem\"\nsurprise = 1\n"
+    ))
+    .expect_err("invalid");
+    for want in [
+        "policy.mirror.url: expected an https:// URL",
+        "policy.mirror.ca: required key is missing",
+        "policy.mirror: cert and key go together",
+        "policy.mirror.surprise: unknown key",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "{want:?} in {errors:#?}"
+        );
+    }
+}

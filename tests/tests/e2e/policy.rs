@@ -197,7 +197,10 @@ fn decisions_carry_stable_reason_codes_over_http() {
             .contains("ignore previous")
     );
     let r = chat(&d, "no-such-model", "hi");
-    assert_eq!(error_code(&r), "model_not_in_manifest");
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (404, "model_not_in_manifest".into())
+    );
     let r = post_json(
         &d.socket,
         "/v1/embeddings",
@@ -209,7 +212,10 @@ fn decisions_carry_stable_reason_codes_over_http() {
         "/v1/chat/completions",
         r#"{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}"#,
     );
-    assert_eq!(error_code(&r), "max_tokens_exceeded");
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (400, "max_tokens_exceeded".into())
+    );
     let purpose = Command::new("curl")
         .args(["-s", "--unix-socket"])
         .arg(&d.socket)

@@ -460,3 +460,156 @@ fn tls_listener_with_unusable_material_is_a_configuration_error() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen.tls"));
 }
+
+/// A bundle mirror for the tests: HTTPS that requires a client certificate
+/// from the site CA, serving whatever `body` holds with its ETag.
+struct MirrorServer {
+    addr: SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<MirrorState>>,
+}
+
+#[derive(Default)]
+struct MirrorState {
+    body: String,
+    etag: String,
+    requests: u32,
+    not_modified: u32,
+}
+
+impl MirrorServer {
+    async fn start(site: &Site) -> Self {
+        use rustls::server::WebPkiClientVerifier;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in airgate_tests::tls::pem_certs(&site.ca()) {
+            roots.add(c).expect("root");
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .expect("verifier");
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                airgate_tests::tls::pem_certs(&site.dir.join("server.pem")),
+                airgate_tests::tls::pem_key(&site.dir.join("server.key")),
+            )
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = std::sync::Arc::new(std::sync::Mutex::new(MirrorState::default()));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    // A client without an acceptable certificate fails here.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let state = state.clone();
+                            async move {
+                                let mut s = state.lock().expect("state");
+                                s.requests += 1;
+                                let matches = req
+                                    .headers()
+                                    .get("if-none-match")
+                                    .is_some_and(|v| v.as_bytes() == s.etag.as_bytes());
+                                let response = if matches {
+                                    s.not_modified += 1;
+                                    hyper::Response::builder()
+                                        .status(304)
+                                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                } else {
+                                    hyper::Response::builder()
+                                        .header("etag", s.etag.as_str())
+                                        .body(http_body_util::Full::new(bytes::Bytes::from(
+                                            s.body.clone(),
+                                        )))
+                                };
+                                Ok::<_, std::convert::Infallible>(response.expect("response"))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    fn serve(&self, bundle: &Path, etag: &str) {
+        let mut s = self.state.lock().expect("state");
+        s.body = std::fs::read_to_string(bundle).expect("bundle");
+        s.etag = format!("\"{etag}\"");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_from_an_https_mirror_over_mtls_with_etags() {
+    let sb = Sandbox::new();
+    let site = Site::new(&sb); // bundle v1 is in the inbox
+    let mirror = MirrorServer::start(&site).await;
+    let ops = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"ops\"]\ndefault_purpose = \"ops\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+    mirror.serve(&sb.sign("v2", &airgate_tests::policy(2, ops)), "v2");
+    let d = site.dir.display();
+    let config = site.config(&sb).replace(
+        "poll_interval = \"100ms\"",
+        &format!(
+            "poll_interval = \"100ms\"\n[policy.mirror]\nurl = \"https://localhost:{port}/site/bundle.jwt\"\ninterval = \"200ms\"\nca = \"{d}/ca/ca.pem\"\ncert = \"{d}/claims.pem\"\nkey = \"{d}/claims.key\"\n",
+            port = mirror.addr.port()
+        ),
+    );
+    // The daemon helpers block: keep them off the runtime's async threads.
+    let d = tokio::task::block_in_place(|| Daemon::start(&sb, &config, &[]));
+    let wait = |v: u64| {
+        let d = &d;
+        move || d.wait_bundle(v)
+    };
+    tokio::task::block_in_place(wait(2));
+    assert_eq!(get(&d.socket, "/v1/whoami", &[]).json()["tenant"], "ops");
+    // Polls go on with If-None-Match and cost a 304.
+    let start = Instant::now();
+    while mirror.state.lock().expect("state").not_modified < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no 304s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new bundle on the mirror is picked up; a rollback served by the mirror is not.
+    mirror.serve(&sb.sign("v3", &airgate_tests::policy(3, ops)), "v3");
+    tokio::task::block_in_place(wait(3));
+    mirror.serve(&sb.sign("v1-old", &airgate_tests::policy(1, ops)), "old");
+    let start = Instant::now();
+    loop {
+        let status = get(&d.socket, "/admin/status", &[]).json();
+        if status["bundle"]["last_update"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("lower than version 3"))
+        {
+            assert_eq!(status["bundle"]["in_force"]["version"], 3);
+            assert_eq!(status["bundle_mirror"]["result"], "fetched");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = get(&d.socket, "/metrics", &[]).text();
+    assert!(
+        metrics.contains("airgate_bundle_mirror_polls_total{result=\"unchanged\"}"),
+        "{metrics}"
+    );
+}
