@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use airgate_policy::admission::{Admission, Ticket};
+use airgate_policy::assertion::verify_user_assertion;
 use airgate_policy::bundle::{Kind, UserIdentity};
 use airgate_policy::decision::{Allow, Decision, Deny, RequestFacts, UserKey, decide};
 use http::HeaderMap;
@@ -25,6 +26,8 @@ use crate::server::Shared;
 
 /// The request header naming one of the tenant's purposes.
 pub const PURPOSE_HEADER: &str = "airgate-purpose";
+/// The request header carrying a signed user assertion (a JWS).
+pub const ASSERTION_HEADER: &str = "airgate-user-assertion";
 /// Generation bound assumed when a request names none.
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
 /// Longest end-user id accepted, in bytes.
@@ -229,10 +232,16 @@ pub fn admit(
                         .map_err(|_| format!("header {name} is not text"))
                 })
                 .transpose(),
-            UserIdentity::Assertion { .. } => Err(
-                "signed user assertions are not supported by this airgate yet; the tenant's bundle entry needs another user_identity"
-                    .to_owned(),
-            ),
+            UserIdentity::Assertion { keys } => headers
+                .get(ASSERTION_HEADER)
+                .map(|v| {
+                    let token = v
+                        .to_str()
+                        .map_err(|_| format!("{ASSERTION_HEADER} is not text"))?;
+                    verify_user_assertion(token, keys, tenant.id.as_str(), now)
+                        .map_err(|e| e.to_string())
+                })
+                .transpose(),
         })
         .transpose()
         .map_err(Refused::BadRequest)?

@@ -560,6 +560,22 @@ impl WireBundle {
                     format!("user header {name:?} is not a valid header name"),
                 ));
             }
+            if let UserIdentity::Assertion { keys } = &t.user_identity {
+                if keys.is_empty() {
+                    return Err(invalid("tenant", &t.id, "user assertion keys are empty"));
+                }
+                for (kid, key) in keys {
+                    if crate::assertion::decode_key(key).is_none() {
+                        return Err(invalid(
+                            "tenant",
+                            &t.id,
+                            format!(
+                                "user assertion key {kid:?} is not base64url of a 32-byte Ed25519 public key"
+                            ),
+                        ));
+                    }
+                }
+            }
             rules.push((id.clone(), principals.into_iter().map(|(_, p)| p).collect()));
             let tenant = Tenant {
                 id: id.clone(),

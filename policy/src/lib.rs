@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod assertion;
 pub mod bundle;
 pub mod decision;
 pub mod identity;

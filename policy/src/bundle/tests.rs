@@ -144,6 +144,19 @@ fn cross_checks_refuse_naming_the_problem() {
             "names licence \"MIT\"",
         ),
         (
+            "bad user assertion key",
+            edit(|v| {
+                v["tenants"][0]["user_identity"] =
+                    json!({"kind": "assertion", "keys": {"front-end": "c2hvcnQ"}})
+            }),
+            "user assertion key \"front-end\" is not base64url of a 32-byte Ed25519 public key",
+        ),
+        (
+            "no user assertion keys",
+            edit(|v| v["tenants"][0]["user_identity"] = json!({"kind": "assertion", "keys": {}})),
+            "user assertion keys are empty",
+        ),
+        (
             "malformed sha256",
             edit(|v| v["models"][2]["files"][0]["sha256"] = json!("ABC")),
             "is not 64 lower-case hex digits",

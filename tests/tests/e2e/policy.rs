@@ -373,3 +373,77 @@ fn the_authority_tools_sign_verify_and_interoperate_with_openssl() {
         "{shown}"
     );
 }
+
+/// A user assertion as a tenant's front end would make it.
+fn assertion(seed: u8, sub: &str, aud: &str) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("key");
+    let header = B64.encode(r#"{"alg":"EdDSA","kid":"front-end"}"#);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 300;
+    let claims = B64.encode(format!(r#"{{"sub":"{sub}","aud":"{aud}","exp":{exp}}}"#));
+    let input = format!("{header}.{claims}");
+    format!("{input}.{}", B64.encode(pair.sign(input.as_bytes())))
+}
+
+#[test]
+fn signed_user_assertions_name_the_end_user() {
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    let public = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[5; 32])
+        .expect("key")
+        .public_key()
+        .as_ref()
+        .to_vec();
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public);
+    let tenant = format!(
+        "[[tenants]]\nid = \"ops\"\nidentities = {{ uids = [0] }}\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = {{ kind = \"assertion\", keys = {{ front-end = \"{key}\" }} }}\nuser_cap = {{ max_users_per_month = 10, scope = \"host\", over_cap = \"refuse_new_users\" }}\n"
+    );
+    let sb = Sandbox::new();
+    sb.publish(&sb.sign("v1", &policy(1, &tenant)));
+    let d = Daemon::start(&sb, &sb.config("", ""), &[]);
+    d.wait_bundle(1);
+    let ask = |token: Option<String>| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "--unix-socket"]).arg(&d.socket);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("airgate-user-assertion: {t}")]);
+        }
+        let out = cmd
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "user": "claimed-but-not-vouched"}"#,
+                "http://airgate/v1/chat/completions",
+            ])
+            .output()
+            .expect("curl");
+        serde_json::from_slice::<Value>(&out.stdout).expect("json")["error"].clone()
+    };
+    assert_eq!(ask(None)["code"], "user_required");
+    assert_eq!(
+        ask(Some(assertion(5, "alice", "ops")))["code"],
+        "model_not_loaded"
+    );
+    let forged = ask(Some(assertion(6, "alice", "ops")));
+    assert_eq!(forged["code"], "invalid_request");
+    assert!(
+        forged["message"]
+            .as_str()
+            .expect("message")
+            .contains("signature"),
+        "{forged}"
+    );
+    let other_tenant = ask(Some(assertion(5, "alice", "search")));
+    assert!(
+        other_tenant["message"]
+            .as_str()
+            .expect("message")
+            .contains("not this tenant")
+    );
+}
