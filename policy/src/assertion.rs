@@ -161,7 +161,8 @@ mod tests {
             check(&token(header.clone(), good_claims(), 9)).as_deref(),
             Ok("alice@corp")
         );
-        let cases: Vec<(String, fn(&AssertionError) -> bool)> = vec![
+        type Expect = fn(&AssertionError) -> bool;
+        let cases: Vec<(String, Expect)> = vec![
             (token(header.clone(), good_claims(), 8), |e| {
                 *e == AssertionError::BadSignature
             }),
@@ -207,7 +208,7 @@ mod tests {
             ),
             (
                 token(
-                    header.clone(),
+                    header,
                     json!({"aud": "claims", "exp": NOW.seconds() + 300}),
                     9,
                 ),
