@@ -326,3 +326,191 @@ fn junk_is_refused_once_and_the_bundle_in_force_stays() {
     );
     let _ = site.dir.path();
 }
+
+/// Every adversarial form reaches the inbox of a store with version 1 in
+/// force; each is refused for its own reason and version 1 stays.
+#[test]
+fn adversarial_bundles_leave_the_last_good_one_in_force() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+
+    let site = Site::new();
+    let p = site.open();
+    let good = site.bundle(1, T + 1000, "a");
+    site.drop_in("good.jwt", &good);
+    assert!(site.scan(&p));
+
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&site.key.pkcs8)
+        .expect("key pair");
+    let claims = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let (_, wire) =
+            airgate_policy::bundle::verify::decode_unverified(good.as_bytes()).expect("decode");
+        let mut v = serde_json::to_value(wire).expect("json");
+        v["bundle_version"] = 2.into();
+        edit(&mut v);
+        v
+    };
+    let signed = |header: serde_json::Value, claims: serde_json::Value| {
+        let input = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        format!("{input}.{}", B64.encode(pair.sign(input.as_bytes())))
+    };
+    let ed = serde_json::json!({"alg": "EdDSA", "kid": "authority"});
+    let plain = |c: serde_json::Value| signed(ed.clone(), c);
+    let public = crate::keys::read_public_key(&site.dir.path().join("keys/authority.pub"))
+        .expect("public")
+        .raw;
+    let hs256 = {
+        let header = B64.encode(r#"{"alg":"HS256","kid":"authority"}"#);
+        let body = B64.encode(claims(&|_| {}).to_string());
+        let input = format!("{header}.{body}");
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public);
+        format!(
+            "{input}.{}",
+            B64.encode(ring::hmac::sign(&key, input.as_bytes()))
+        )
+    };
+    let flip = |token: &str, at: usize| {
+        let mut b = token.as_bytes().to_vec();
+        b[at] = if b[at] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(b).expect("ascii")
+    };
+    let v2 = plain(claims(&|_| {}));
+    let payload_at = v2.find('.').expect("dot") + 20;
+    let signature_at = v2.rfind('.').expect("dot") + 5;
+    let without = |claim: &'static str| {
+        plain(claims(&move |v| {
+            v.as_object_mut().expect("object").remove(claim);
+        }))
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown key id",
+            signed(
+                serde_json::json!({"alg": "EdDSA", "kid": "stranger"}),
+                claims(&|_| {}),
+            ),
+            "is not a trust anchor",
+        ),
+        (
+            "key pinned to another algorithm",
+            signed(
+                serde_json::json!({"alg": "ES256", "kid": "authority"}),
+                claims(&|_| {}),
+            ),
+            "is trusted for EdDSA",
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.c2ln",
+                B64.encode(r#"{"alg":"none","kid":"authority"}"#),
+                B64.encode(claims(&|_| {}).to_string())
+            ),
+            "algorithm \"none\"",
+        ),
+        ("HS256 with the public key", hs256, "algorithm \"HS256\""),
+        (
+            "embedded jwk",
+            signed(
+                serde_json::json!({"alg": "EdDSA", "kid": "authority", "jwk": {"kty": "OKP"}}),
+                claims(&|_| {}),
+            ),
+            "header field \"jwk\"",
+        ),
+        ("flipped payload byte", flip(&v2, payload_at), ""),
+        (
+            "flipped signature byte",
+            flip(&v2, signature_at),
+            "signature does not verify",
+        ),
+        ("missing exp", without("exp"), "missing field `exp`"),
+        ("missing aud", without("aud"), "missing field `aud`"),
+        ("missing iss", without("iss"), "missing field `iss`"),
+        ("missing iat", without("iat"), "missing field `iat`"),
+        (
+            "wrong audience",
+            plain(claims(&|v| v["aud"] = "site-8".into())),
+            "is for audience \"site-8\"",
+        ),
+        (
+            "expired",
+            plain(claims(&|v| v["exp"] = (T - 5).into())),
+            "expired at",
+        ),
+        (
+            "not yet valid",
+            plain(claims(&|v| v["nbf"] = (T + 500).into())),
+            "is not valid before",
+        ),
+        ("oversized", "a".repeat(MAX_TOKEN_BYTES + 1), "the limit is"),
+        (
+            "prohibited purpose",
+            plain(claims(&|v| {
+                v["licences"][0]["prohibited_uses"] = serde_json::json!(["p"]);
+            })),
+            "prohibits",
+        ),
+        (
+            "prohibited through derived-from",
+            plain(claims(&|v| {
+                v["licences"][0]["prohibited_uses"] = serde_json::json!(["p"]);
+                v["licences"].as_array_mut().expect("licences").push(serde_json::json!({
+                "id": "MIT", "name": "MIT", "commercial_use": true, "review_by": "2030-01-01", "after_review": "flag"}));
+                v["models"][0]["licence"] = "MIT".into();
+                v["models"].as_array_mut().expect("models").push(serde_json::json!({
+                "id": "base", "files": [{"role": "weights", "name": "b.onnx", "sha256": "cd".repeat(32)}],
+                "format": "onnx", "kinds": ["embedding"], "licence": "Apache-2.0"}));
+                v["models"][0]["derived_from"] = "base".into();
+            })),
+            "prohibits",
+        ),
+        (
+            "malformed sha256",
+            plain(claims(&|v| {
+                v["models"][0]["files"][0]["sha256"] = "XYZ".into()
+            })),
+            "is not 64 lower-case hex digits",
+        ),
+        (
+            "tenant names a model not in the manifest",
+            plain(claims(&|v| {
+                v["tenants"][0]["models"] = serde_json::json!(["ghost"])
+            })),
+            "which is not in the manifest",
+        ),
+        (
+            "lower version",
+            site.bundle(0, T + 1000, "z"),
+            "lower than version 1",
+        ),
+        (
+            "same version, other content",
+            site.bundle(1, T + 1000, "other"),
+            "already accepted with different content",
+        ),
+    ];
+    for (i, (name, token, why)) in cases.iter().enumerate() {
+        let file = format!("case-{i:02}.jwt");
+        site.drop_in(&file, token);
+        assert!(
+            !site.scan(&p),
+            "{name}: must not change the bundle in force"
+        );
+        assert_eq!(version(&p), Some(1), "{name}");
+        let r = site.record_of(&p, &file);
+        assert_eq!(r.result, "refused", "{name}: {r:?}");
+        assert!(
+            r.message.contains(why),
+            "{name}: {:?} lacks {why:?}",
+            r.message
+        );
+    }
+    // And the control: the same claims, properly signed, do go in.
+    site.drop_in("v2.jwt", &v2);
+    assert!(site.scan(&p));
+    assert_eq!(version(&p), Some(2));
+}
