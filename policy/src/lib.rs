@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod assertion;
+pub mod audit;
 pub mod bundle;
 pub mod decision;
 pub mod identity;

@@ -1,0 +1,140 @@
+//! Tampering of every kind is found, at the first bad record.
+
+use super::*;
+
+fn content(i: u64) -> Vec<u8> {
+    let event = if i == 0 {
+        Event::Genesis {
+            host_key_sha256: "ab".repeat(32),
+            machine_id: "m".to_owned(),
+            state_dir: "/var/lib/airgate".to_owned(),
+            previous_store: None,
+        }
+    } else {
+        Event::Completion {
+            request_id: format!("r{i}"),
+            outcome: "completed".to_owned(),
+            detail: String::new(),
+            prompt_tokens: i,
+            completion_tokens: 2 * i,
+            duration_ms: 5,
+        }
+    };
+    Content {
+        time: 1_795_000_000 + i as i64,
+        event,
+    }
+    .encode()
+}
+
+/// A chain of `n` records as (key, stored bytes), and the hash of each.
+fn chain(n: u64) -> (Vec<(u64, Vec<u8>)>, Vec<[u8; 32]>) {
+    let mut prev = ZERO;
+    let mut records = Vec::new();
+    let mut hashes = Vec::new();
+    for seq in 0..n {
+        let (stored, h) = seal(seq, &prev, &content(seq));
+        records.push((seq, stored));
+        hashes.push(h);
+        prev = h;
+    }
+    (records, hashes)
+}
+
+fn verify(
+    records: &[(u64, Vec<u8>)],
+    checkpoints: Vec<(u64, [u8; 32])>,
+) -> Result<u64, ChainError> {
+    let mut v = Verifier::new().with_checkpoints(checkpoints);
+    for (k, r) in records {
+        v.push(*k, r)?;
+    }
+    v.finish()?;
+    Ok(v.next())
+}
+
+#[test]
+fn an_intact_chain_verifies_and_records_parse_back() {
+    let (records, hashes) = chain(10);
+    assert_eq!(verify(&records, vec![(4, hashes[4])]), Ok(10));
+    let sealed = open(3, &records[3].1).expect("open");
+    assert!(matches!(
+        sealed.parse().expect("json").event,
+        Event::Completion {
+            prompt_tokens: 3,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn tampering_is_found_at_the_first_bad_record() {
+    let (records, hashes) = chain(10);
+
+    // A flipped byte in the content: the CRC catches storage damage ...
+    let mut r = records.clone();
+    let last = r[5].1.len() - 3;
+    r[5].1[last] ^= 1;
+    assert_eq!(verify(&r, vec![]), Err(ChainError::Checksum { seq: 5 }));
+    // ... and with the CRC recomputed (a deliberate rewrite) the hash does.
+    let crc = crc32fast::hash(&r[5].1[4..]).to_be_bytes();
+    r[5].1[..4].copy_from_slice(&crc);
+    assert_eq!(verify(&r, vec![]), Err(ChainError::Hash { seq: 5 }));
+
+    // A deleted record.
+    let mut r = records.clone();
+    r.remove(6);
+    assert_eq!(
+        verify(&r, vec![]),
+        Err(ChainError::Gap { seq: 6, found: 7 })
+    );
+
+    // Two records swapped (values exchanged under their keys).
+    let mut r = records.clone();
+    let (a, b) = (r[3].1.clone(), r[4].1.clone());
+    r[3].1 = b;
+    r[4].1 = a;
+    assert_eq!(
+        verify(&r, vec![]),
+        Err(ChainError::Misplaced { seq: 4, key: 3 })
+    );
+
+    // A record re-sealed with a consistent hash but a new content breaks the link after it.
+    let mut r = records.clone();
+    let (forged, _) = seal(7, &hashes[6], &content(70));
+    r[7].1 = forged;
+    assert_eq!(verify(&r, vec![]), Err(ChainError::Link { seq: 8 }));
+
+    // A truncated tail verifies on its own, but not past an exported checkpoint.
+    let r = records[..6].to_vec();
+    assert_eq!(verify(&r, vec![]), Ok(6));
+    assert_eq!(
+        verify(&r, vec![(8, hashes[8])]),
+        Err(ChainError::ShortOfCheckpoint {
+            seq: 6,
+            checkpoint: 8
+        })
+    );
+
+    // A whole chain rebuilt from scratch with other content: the checkpoint differs.
+    let mut prev = ZERO;
+    let mut rebuilt = Vec::new();
+    for seq in 0..10 {
+        let c = if seq == 2 { content(99) } else { content(seq) };
+        let (stored, h) = seal(seq, &prev, &c);
+        rebuilt.push((seq, stored));
+        prev = h;
+    }
+    assert_eq!(
+        verify(&rebuilt, vec![(4, hashes[4])]),
+        Err(ChainError::CheckpointMismatch { seq: 4 })
+    );
+
+    // Record 0 must be a genesis record.
+    let (stored, _) = seal(0, &ZERO, &content(1));
+    assert_eq!(verify(&[(0, stored)], vec![]), Err(ChainError::NoGenesis));
+    assert_eq!(
+        open(0, b"short").err(),
+        Some(ChainError::Truncated { seq: 0 })
+    );
+}
