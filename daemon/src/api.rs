@@ -19,6 +19,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use airgate_policy::admission::Admission as _;
+use airgate_policy::audit::Event;
 use airgate_policy::bundle::Kind;
 use airgate_policy::decision::Reason;
 
@@ -98,6 +99,8 @@ pub enum ApiError {
     },
     #[error("model {0:?} is allowed but not loaded on this host")]
     ModelNotLoaded(String),
+    #[error("not serving: the audit record could not be made durable ({0})")]
+    AuditUnavailable(String),
 }
 
 impl From<gate::Refused> for ApiError {
@@ -129,6 +132,7 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::Denied { reason, .. } => (denial_status(*reason), reason.code()),
             Self::ModelNotLoaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
+            Self::AuditUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
         }
     }
 
@@ -341,9 +345,22 @@ async fn dispatch(
             // request gets its own clear error whatever the policy state.
             let body = read_json_body(req, limit).await?;
             let ask = gate::ask_from_body(kind, &body).map_err(ApiError::BadRequest)?;
-            let admitted = match gate::admit(shared, conn, &headers, &ask) {
-                Ok(a) => a,
-                Err(refused) => {
+            let started = Instant::now();
+            let decided = gate::admit(shared, conn, id.as_str(), route_of(&path), &headers, &ask)?;
+            // Fail closed: nothing is answered, not even a denial, before the
+            // decision record is durable.
+            let durable = shared
+                .audit
+                .append(Event::Decision(Box::new(decided.record)))
+                .await;
+            let admitted = match (decided.outcome, durable) {
+                (Ok(a), Err(e)) => {
+                    shared.admission.release(a.ticket);
+                    return Err(ApiError::AuditUnavailable(e.to_string()));
+                }
+                (Err(_), Err(e)) => return Err(ApiError::AuditUnavailable(e.to_string())),
+                (Ok(a), Ok(_)) => a,
+                (Err(refused), Ok(_)) => {
                     let e = ApiError::from(refused);
                     if let ApiError::Denied { reason, rule, .. } = &e {
                         tracing::warn!(
@@ -364,8 +381,16 @@ async fn dispatch(
                 "request allowed by policy"
             );
             // No engine serves this model yet: nothing was served, so the
-            // reservation is given back whole.
+            // reservation is given back whole, and the completion says so.
             shared.admission.release(admitted.ticket);
+            shared.audit.record(Event::Completion {
+                request_id: id.as_str().to_owned(),
+                outcome: "error".to_owned(),
+                detail: "model not loaded".to_owned(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
             Err(ApiError::ModelNotLoaded(admitted.allow.model))
         }
         ("/v1/models", &Method::GET) => Ok(json_response(StatusCode::OK, &models(shared, conn))),

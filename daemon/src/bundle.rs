@@ -142,6 +142,8 @@ struct Inner {
     start_problem: Option<String>,
     freshness: Freshness,
     clock_behind: bool,
+    /// Audit events not yet handed to the audit store.
+    events: Vec<airgate_policy::audit::Event>,
 }
 
 /// The policy store and the bundle in force. See the module docs.
@@ -241,6 +243,7 @@ impl Policy {
                 start_problem,
                 freshness: Freshness::None,
                 clock_behind: false,
+                events: Vec::new(),
             }),
         };
         let active_digest = policy.lock().persisted.active_digest.clone();
@@ -294,6 +297,12 @@ impl Policy {
             ));
         }
         Ok(verified)
+    }
+
+    /// Audit events (bundles accepted or refused, the clock behind the
+    /// floor) since the last call.
+    pub fn take_events(&self) -> Vec<airgate_policy::audit::Event> {
+        std::mem::take(&mut self.lock().events)
     }
 
     /// The bundle requests are decided against, as of now.
@@ -384,6 +393,14 @@ impl Policy {
         if behind != inner.clock_behind {
             inner.clock_behind = behind;
             changed = true;
+            if behind {
+                inner
+                    .events
+                    .push(airgate_policy::audit::Event::ClockBehindFloor {
+                        clock: system.seconds(),
+                        floor,
+                    });
+            }
             if behind {
                 tracing::warn!(
                     clock = system.seconds(),
@@ -645,7 +662,24 @@ impl Policy {
             result,
             message,
         };
-        self.lock().last_update = Some(record.clone());
+        use airgate_policy::audit::Event;
+        let event = match result {
+            "accepted" => Some(Event::BundleAccepted {
+                version: version.unwrap_or_default(),
+                digest: record.digest.clone(),
+                source: record.file.clone(),
+            }),
+            "unchanged" => None,
+            _ => Some(Event::BundleRefused {
+                version,
+                digest: record.digest.clone(),
+                source: record.file.clone(),
+                reason: record.message.clone(),
+            }),
+        };
+        let mut inner = self.lock();
+        inner.events.extend(event);
+        inner.last_update = Some(record.clone());
         record
     }
 

@@ -62,6 +62,11 @@ pub enum Command {
         #[arg(long)]
         name: String,
     },
+    /// The audit log of a stopped daemon (or a copy of its state directory).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Policy bundles: sign, verify, inspect, compare.
     Bundle {
         #[command(subcommand)]
@@ -131,6 +136,43 @@ pub enum PkiCommand {
         dir: PathBuf,
         #[arg(long, default_value_t = 30)]
         days: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the whole chain; exit 76 naming the first bad record.
+    Verify {
+        /// The state directory; defaults to the configuration's.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
+        /// Checkpoints kept elsewhere: lines `SEQ HASH` (e.g. from the journal).
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Records as JSON Lines.
+    Export {
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
+        /// First sequence number.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Only decision and completion records of this tenant's requests.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The keyed hash an end user's records carry, to search for them.
+    HashUser {
+        tenant: String,
+        user: String,
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
     },
 }
 

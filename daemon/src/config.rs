@@ -35,7 +35,22 @@ pub struct Config {
     pub log: LogConfig,
     pub trust: TrustConfig,
     pub policy: PolicyConfig,
+    pub audit: AuditConfig,
 }
+
+/// `[audit]`: the tamper-evident log in `STATE/audit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Written when a store is created, outside the state directory, so a
+    /// wiped store is noticed. `None` turns the check off.
+    pub marker: Option<PathBuf>,
+    /// sled's page cache (its default is 1 GiB).
+    pub cache_bytes: u64,
+}
+
+/// Where the audit store's creation is remembered: systemd's second
+/// StateDirectory=, outside `state_dir`.
+pub const DEFAULT_MARKER: &str = "/var/lib/airgate-marker/audit-store";
 
 /// Where signed bundles come from and how their life is weighed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -471,6 +486,26 @@ fn parse_root(
         (policy, inbox)
     };
 
+    let audit = match root.section(errors, "audit", false) {
+        Some(mut s) => {
+            let marker = s.optional(errors, "marker", |v| match v {
+                Value::Boolean(false) => Ok(None),
+                other => absolute_path(other).map(Some),
+            });
+            let cache_bytes = s
+                .optional(errors, "cache_bytes", integer_between(1 << 20, 1 << 36))
+                .unwrap_or(64 << 20);
+            s.finish(errors);
+            AuditConfig {
+                marker: marker.unwrap_or_else(|| Some(PathBuf::from(DEFAULT_MARKER))),
+                cache_bytes,
+            }
+        }
+        None => AuditConfig {
+            marker: Some(PathBuf::from(DEFAULT_MARKER)),
+            cache_bytes: 64 << 20,
+        },
+    };
     root.finish(errors);
     let state_dir = state_dir?;
     let models_dir = models_dir.unwrap_or_else(|| state_dir.join("models"));
@@ -491,6 +526,7 @@ fn parse_root(
         log,
         trust,
         policy,
+        audit,
     })
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use airgate_policy::admission::{Admission, Ticket};
 use airgate_policy::assertion::verify_user_assertion;
+use airgate_policy::audit::DecisionRecord;
 use airgate_policy::bundle::{Kind, UserIdentity};
 use airgate_policy::decision::{Allow, Decision, Deny, RequestFacts, UserKey, decide};
 use http::HeaderMap;
@@ -185,14 +186,22 @@ pub fn ask_from_body(kind: Kind, body: &Value) -> Result<Ask<'_>, String> {
     })
 }
 
+/// A request that reached policy: the record to make durable, and what was decided.
+pub struct Decided {
+    pub record: DecisionRecord,
+    pub outcome: Result<Admitted, Refused>,
+}
+
 /// Decides a request and, if allowed, takes its reservation. The bundle is
 /// loaded once: the whole request is decided (and later audited) against it.
 pub fn admit(
     shared: &Shared,
     conn: &Conn,
+    request_id: &str,
+    route: &str,
     headers: &HeaderMap,
     ask: &Ask<'_>,
-) -> Result<Admitted, Refused> {
+) -> Result<Decided, Refused> {
     let config = shared.config();
     let bundle = shared
         .policy
@@ -272,34 +281,76 @@ pub fn admit(
     };
     shared.admission.observe(now);
     let decision = decide(b, shared.admission.as_ref(), &facts, now);
+    // The record says what was decided, against which bundle, for whom.
+    let model = b.models.get(ask.model);
+    let mut record = DecisionRecord {
+        request_id: request_id.to_owned(),
+        identity: DecisionRecord::identity_value(&conn.identity),
+        tenant: tenant.map(|t| t.id.to_string()),
+        end_user: end_user.map(|u| crate::keys::hex(&u.0)),
+        route: route.to_owned(),
+        model: ask.model.to_owned(),
+        model_files: model.map_or_else(Vec::new, |m| {
+            m.files
+                .iter()
+                .map(|f| crate::keys::hex(&f.sha256))
+                .collect()
+        }),
+        licences: model.map_or_else(Vec::new, |m| m.licence_chain.clone()),
+        bundle_version: Some(bundle.version()),
+        bundle_digest: Some(bundle.verified.digest.clone()),
+        purpose: purpose
+            .map(str::to_owned)
+            .or_else(|| tenant.map(|t| t.default_purpose.clone())),
+        decision: "deny".to_owned(),
+        reason: String::new(),
+        rule: String::new(),
+        guard_score: None,
+    };
     let allow = match decision {
         Decision::Deny(deny) => {
             count(shared, "deny", deny.reason.code());
-            return Err(Refused::Denied {
-                deny,
-                retry_after: None,
+            record.reason = deny.reason.code().to_owned();
+            record.rule.clone_from(&deny.rule);
+            return Ok(Decided {
+                record,
+                outcome: Err(Refused::Denied {
+                    deny,
+                    retry_after: None,
+                }),
             });
         }
         Decision::Allow(allow) => allow,
     };
+    record.purpose = Some(allow.purpose.clone());
     match shared.admission.reserve(allow.reservation.clone(), now) {
         Ok(ticket) => {
             count(shared, "allow", "allowed");
-            Ok(Admitted {
-                bundle,
-                allow,
-                ticket,
+            record.decision = "allow".to_owned();
+            record.reason = "allowed".to_owned();
+            Ok(Decided {
+                record,
+                outcome: Ok(Admitted {
+                    bundle,
+                    allow,
+                    ticket,
+                }),
             })
         }
         Err(refusal) => {
             count(shared, "deny", refusal.reason.code());
-            Err(Refused::Denied {
-                deny: Deny {
-                    reason: refusal.reason,
-                    rule: refusal.rule,
-                    tenant: Some(allow.tenant),
-                },
-                retry_after: refusal.retry_after,
+            record.reason = refusal.reason.code().to_owned();
+            record.rule.clone_from(&refusal.rule);
+            Ok(Decided {
+                record,
+                outcome: Err(Refused::Denied {
+                    deny: Deny {
+                        reason: refusal.reason,
+                        rule: refusal.rule,
+                        tenant: Some(allow.tenant),
+                    },
+                    retry_after: refusal.retry_after,
+                }),
             })
         }
     }

@@ -6,6 +6,7 @@
 //! `airgate-policy` crate; this crate does every I/O and hands it facts.
 
 pub mod api;
+pub mod audit;
 pub mod authority;
 pub mod bundle;
 pub mod cli;
@@ -29,10 +30,10 @@ mod sys;
 pub mod systemd;
 pub mod tls;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cli::{BundleCommand, Cli, Command, ModelCommand, PkiCommand};
+use cli::{AuditCommand, BundleCommand, Cli, Command, ModelCommand, PkiCommand};
 use config::Config;
 
 /// Runs a parsed command line and returns the process exit code.
@@ -51,6 +52,7 @@ pub fn run_cli(cli: Cli) -> u8 {
         Command::Pki { command } => pki_command(command),
         Command::Keygen { dir, name } => report(authority::keygen(&dir, &name)),
         Command::Bundle { command } => report(bundle_command(command)),
+        Command::Audit { command } => audit_command(command),
     }
 }
 
@@ -90,6 +92,147 @@ fn bundle_command(command: BundleCommand) -> Result<String, authority::Authority
         BundleCommand::Inspect { bundle, json } => authority::bundle_inspect(&bundle, json),
         BundleCommand::Diff { old, new } => authority::bundle_diff(&old, &new),
     }
+}
+
+fn state_dir(state: Option<PathBuf>, config: &Path) -> Result<PathBuf, String> {
+    match state {
+        Some(s) => Ok(s),
+        None => Config::load(config)
+            .map(|c| c.state_dir)
+            .map_err(|e| format!("{e}\n(or pass --state DIR)")),
+    }
+}
+
+fn audit_command(command: AuditCommand) -> u8 {
+    use std::io::Write as _;
+    let fail = |code: u8, e: &dyn std::fmt::Display| {
+        eprintln!("airgate audit: {e}");
+        code
+    };
+    match command {
+        AuditCommand::Verify {
+            state,
+            config,
+            checkpoints,
+        } => {
+            let dir = match state_dir(state, &config) {
+                Ok(d) => d,
+                Err(e) => return fail(exit::CONFIG, &e),
+            };
+            let checkpoints = match checkpoints.map(|p| read_checkpoints(&p)).transpose() {
+                Ok(c) => c.unwrap_or_default(),
+                Err(e) => return fail(exit::CONFIG, &e),
+            };
+            let db = match audit::open_db(&dir.join("audit"), 64 << 20) {
+                Ok(db) => db,
+                Err(e) => return fail(exit::CANT_CREATE, &e),
+            };
+            match audit::verify_db(&db, checkpoints) {
+                Ok((records, head)) => {
+                    println!(
+                        "audit chain OK: {records} records, head {}",
+                        keys::hex(&head)
+                    );
+                    exit::OK
+                }
+                Err(e) => fail(exit::AUDIT_BROKEN, &e),
+            }
+        }
+        AuditCommand::Export {
+            state,
+            config,
+            from,
+            tenant,
+        } => {
+            let dir = match state_dir(state, &config) {
+                Ok(d) => d,
+                Err(e) => return fail(exit::CONFIG, &e),
+            };
+            let db = match audit::open_db(&dir.join("audit"), 64 << 20) {
+                Ok(db) => db,
+                Err(e) => return fail(exit::CANT_CREATE, &e),
+            };
+            let mut out = std::io::stdout().lock();
+            // Completions carry no tenant: follow their request ids.
+            let mut requests = std::collections::HashSet::new();
+            for item in audit::read_all(&db, from) {
+                let (seq, content) = match item {
+                    Ok(r) => r,
+                    Err(e) => return fail(exit::AUDIT_BROKEN, &e),
+                };
+                if let Some(t) = &tenant {
+                    use airgate_policy::audit::Event;
+                    let keep = match &content.event {
+                        Event::Decision(d) if d.tenant.as_deref() == Some(t) => {
+                            requests.insert(d.request_id.clone());
+                            true
+                        }
+                        Event::Completion { request_id, .. } => requests.contains(request_id),
+                        _ => false,
+                    };
+                    if !keep {
+                        continue;
+                    }
+                }
+                let line =
+                    serde_json::json!({"seq": seq, "time": content.time, "event": content.event});
+                if writeln!(out, "{line}").is_err() {
+                    return exit::OK; // the reader went away (e.g. `| head`)
+                }
+            }
+            exit::OK
+        }
+        AuditCommand::HashUser {
+            tenant,
+            user,
+            state,
+            config,
+        } => {
+            let dir = match state_dir(state, &config) {
+                Ok(d) => d,
+                Err(e) => return fail(exit::CONFIG, &e),
+            };
+            let secret = dir.join("user-hmac.key");
+            if !secret.exists() {
+                return fail(
+                    exit::CONFIG,
+                    &format!("{}: no such secret", secret.display()),
+                );
+            }
+            match gate::UserHasher::load_or_create(&secret) {
+                Ok(h) => {
+                    println!("{}", keys::hex(&h.key(&tenant, &user).0));
+                    exit::OK
+                }
+                Err(e) => fail(exit::CANT_CREATE, &e),
+            }
+        }
+    }
+}
+
+/// `SEQ HASH` per line; blank lines and `#` comments skipped.
+fn read_checkpoints(path: &Path) -> Result<Vec<(u64, [u8; 32])>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("{}:{}: expected `SEQ HASH`", path.display(), i + 1);
+        let (seq, hash) = line.split_once(char::is_whitespace).ok_or_else(bad)?;
+        let seq: u64 = seq.parse().map_err(|_| bad())?;
+        let hash = hash.trim();
+        if hash.len() != 64 {
+            return Err(bad());
+        }
+        let mut h = [0u8; 32];
+        for (j, b) in h.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hash[2 * j..2 * j + 2], 16).map_err(|_| bad())?;
+        }
+        out.push((seq, h));
+    }
+    Ok(out)
 }
 
 /// Prints a command's report, or its error with the matching exit code.
@@ -215,8 +358,14 @@ fn serve(path: &Path) -> u8 {
     }
     let state = match server::State::open(&prepared.config) {
         Ok(s) => s,
+        Err(server::StateError::Audit(e @ audit::AuditError::Broken(_))) => {
+            tracing::error!(error = %e, "AUDIT CHAIN BROKEN: not starting; inspect with `airgate audit verify`");
+            eprintln!("airgate: {e}");
+            return exit::AUDIT_BROKEN;
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot open the state directory");
+            eprintln!("airgate: {e}");
             return exit::CANT_CREATE;
         }
     };

@@ -20,6 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use airgate_policy::admission::MemoryAdmission;
 
+use airgate_policy::audit::Event;
+
+use crate::audit::{Audit, AuditError};
 use crate::bundle::Policy;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, Conn, Refusal};
@@ -38,6 +41,8 @@ pub struct Shared {
     pub policy: Policy,
     pub admission: Arc<MemoryAdmission>,
     pub users: UserHasher,
+    pub audit: Audit,
+    audit_opened: crate::audit::Opened,
     /// Wakes the bundle poller (SIGHUP re-reads the inbox).
     rescan: tokio::sync::Notify,
     /// The last poll of the bundle mirror, for status.
@@ -100,7 +105,15 @@ impl Shared {
     /// Why inference is not being served (empty when it is), and warnings
     /// that do not stop it (a bundle in its grace period, a clock behind).
     pub fn health(&self) -> (Vec<String>, Vec<String>) {
-        let (mut reasons, warnings) = self.policy.health(&self.config());
+        let (mut reasons, mut warnings) = self.policy.health(&self.config());
+        if let Some(e) = self.audit.state().degraded {
+            reasons.push(format!("audit store cannot write: {e}"));
+        }
+        if let Some(previous) = &self.audit_opened.previous_store {
+            warnings.push(format!(
+                "the audit store was missing and has been recreated (marker: {previous})"
+            ));
+        }
         reasons.push("no models loaded".to_owned());
         let probe = self
             .state_probe
@@ -176,6 +189,7 @@ impl Shared {
             "listeners": *self.listeners.lock().unwrap_or_else(PoisonError::into_inner),
             "connections": {"active": active, "max": config.limits.max_connections},
             "bundle": self.policy.status(&config),
+            "audit": {"opened": self.audit_opened, "writer": self.audit.state()},
             "bundle_mirror": *self.mirror_status.lock().unwrap_or_else(PoisonError::into_inner),
             "models": [],
             "workers": self.heartbeat.check(),
@@ -269,22 +283,66 @@ pub fn prepare_state_dir(path: &Path) -> Result<(), StateDirError> {
 pub struct State {
     pub policy: Policy,
     pub users: UserHasher,
+    pub audit: Audit,
+    pub audit_opened: crate::audit::Opened,
+    pub heartbeat: Heartbeat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Dir(#[from] StateDirError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 impl State {
     /// Opens the policy store (restoring and re-verifying the bundle in
-    /// force) and the user-hashing secret. Blocking (file I/O).
-    pub fn open(config: &Config) -> Result<Self, StateDirError> {
+    /// force), the user-hashing secret, the host key and the audit store
+    /// (verifying its whole chain). Blocking (file I/O).
+    pub fn open(config: &Config) -> Result<Self, StateError> {
+        let io = |path: PathBuf| move |source| StateDirError::Io { path, source };
         let policy = Policy::open(config).map_err(|e| StateDirError::Io {
             path: config.state_dir.join("policy"),
             source: std::io::Error::other(e.to_string()),
         })?;
         let secret = config.state_dir.join("user-hmac.key");
-        let users = UserHasher::load_or_create(&secret).map_err(|source| StateDirError::Io {
-            path: secret,
-            source,
+        let users = UserHasher::load_or_create(&secret).map_err(io(secret))?;
+        let host_pub = config.state_dir.join("host.pub");
+        if !host_pub.exists() {
+            crate::keys::generate(&config.state_dir, "host").map_err(|e| StateDirError::Io {
+                path: host_pub.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        let host_key = crate::keys::read_public_key(&host_pub).map_err(|e| StateDirError::Io {
+            path: host_pub.clone(),
+            source: std::io::Error::other(e.to_string()),
         })?;
-        Ok(Self { policy, users })
+        let machine_id = std::fs::read_to_string("/etc/machine-id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned());
+        let heartbeat = Heartbeat::new();
+        let state_dir = config.state_dir.display().to_string();
+        let (audit, audit_opened) = Audit::open(
+            &config.state_dir.join("audit"),
+            config.audit.cache_bytes,
+            config.audit.marker.as_deref(),
+            |previous_store| Event::Genesis {
+                host_key_sha256: host_key.fingerprint(),
+                machine_id,
+                state_dir,
+                previous_store,
+            },
+            heartbeat.register("audit-writer", Duration::from_secs(30)),
+        )?;
+        Ok(Self {
+            policy,
+            users,
+            audit,
+            audit_opened,
+            heartbeat,
+        })
     }
 }
 
@@ -296,7 +354,13 @@ impl Daemon {
         failpoints: Failpoints,
     ) -> Self {
         let Prepared { config, tls } = prepared;
-        let State { policy, users } = state;
+        let State {
+            policy,
+            users,
+            audit,
+            audit_opened,
+            heartbeat,
+        } = state;
         let metrics = Metrics::new();
         if let Some(tls) = &tls {
             metrics.set_tls(&tls.info);
@@ -311,7 +375,9 @@ impl Daemon {
                 mirror_status: Mutex::new(None),
                 tls: ArcSwapOption::from(tls.map(Arc::new)),
                 metrics,
-                heartbeat: Heartbeat::new(),
+                heartbeat,
+                audit,
+                audit_opened,
                 notifier: Notifier::default(),
                 log,
                 failpoints,
@@ -416,6 +482,10 @@ impl Daemon {
                 }
             }
         };
+        shared.audit.record(Event::ConfigReload {
+            ok: record.ok,
+            message: record.message.clone(),
+        });
         *shared
             .last_reload
             .lock()
@@ -493,6 +563,14 @@ impl Daemon {
             abort.clone(),
         ));
 
+        shared.audit.record(Event::AuditOpened {
+            records: shared.audit_opened.records,
+            head: shared.audit_opened.head.clone(),
+        });
+        shared.audit.record(Event::Startup {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+        });
         let status = shared.status_line();
         tracing::info!(status = %status, "ready");
         shared.notifier.ready(&status);
@@ -544,6 +622,15 @@ impl Daemon {
             );
             abort.cancel();
             connections.wait().await;
+        }
+        if let Err(e) = shared
+            .audit
+            .append(Event::Shutdown {
+                reason: "signal".to_owned(),
+            })
+            .await
+        {
+            tracing::error!(error = %e, "cannot record the shutdown");
         }
         background.cancel();
         let _ = probe.await;
@@ -761,6 +848,9 @@ async fn run_mirror(
                 })
                 .await
                 .unwrap_or(false);
+                for event in shared.policy.take_events() {
+                    shared.audit.record(event);
+                }
                 if changed {
                     shared.notifier.status(&shared.status_line());
                 }
@@ -819,6 +909,9 @@ async fn run_bundle_poller(shared: Arc<Shared>, worker: Worker, stop: Cancellati
             r = changed => r.unwrap_or(false),
         };
         worker.progress();
+        for event in shared.policy.take_events() {
+            shared.audit.record(event);
+        }
         if changed {
             shared.notifier.status(&shared.status_line());
         }

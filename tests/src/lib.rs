@@ -252,7 +252,8 @@ impl Sandbox {
     /// polls the inbox every 100 ms.
     pub fn config(&self, unix_extra: &str, extra: &str) -> String {
         format!(
-            "state_dir = \"{state}\"\nstate_probe_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\n[listen.unix]\npath = \"{sock}\"\n{unix_extra}\n\n[log]\ntarget = \"stderr\"\nlevel = \"airgate=debug,info\"\n\n[trust]\nanchors = [{{ key_id = \"{KEY_ID}\", public_key = \"{key}\" }}]\n\n[policy]\naudience = \"{AUDIENCE}\"\npoll_interval = \"100ms\"\n\n{extra}\n",
+            "state_dir = \"{state}\"\nstate_probe_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\n[listen.unix]\npath = \"{sock}\"\n{unix_extra}\n\n[log]\ntarget = \"stderr\"\nlevel = \"airgate=debug,info\"\n\n[trust]\nanchors = [{{ key_id = \"{KEY_ID}\", public_key = \"{key}\" }}]\n\n[audit]\nmarker = \"{marker}\"\n\n[policy]\naudience = \"{AUDIENCE}\"\npoll_interval = \"100ms\"\n\n{extra}\n",
+            marker = self.path().join("marker/audit-store").display(),
             state = self.path().join("state").display(),
             sock = self.socket().display(),
             key = self.authority().join(format!("{KEY_ID}.pub")).display(),
