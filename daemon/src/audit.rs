@@ -75,11 +75,11 @@ pub fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, AuditError> {
         .open()
         .map_err(|e| AuditError::Open {
             path: path.to_owned(),
-            reason: match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    "in use by another process (the running daemon?)".to_owned()
+            reason: match e.to_string() {
+                m if m.contains("could not acquire lock") => {
+                    "in use by another process (the running daemon?): stop it, or work on a copy of the state directory".to_owned()
                 }
-                other => other.to_string(),
+                m => m,
             },
         })
 }

@@ -4,6 +4,8 @@
 
 #[path = "e2e/api.rs"]
 mod api;
+#[path = "e2e/audit.rs"]
+mod audit;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
 #[path = "e2e/policy.rs"]

@@ -27,8 +27,11 @@ fn content(i: u64) -> Vec<u8> {
     .encode()
 }
 
+/// Stored records under their keys.
+type Records = Vec<(u64, Vec<u8>)>;
+
 /// A chain of `n` records as (key, stored bytes), and the hash of each.
-fn chain(n: u64) -> (Vec<(u64, Vec<u8>)>, Vec<[u8; 32]>) {
+fn chain(n: u64) -> (Records, Vec<[u8; 32]>) {
     let mut prev = ZERO;
     let mut records = Vec::new();
     let mut hashes = Vec::new();
