@@ -184,7 +184,18 @@ impl Audit {
         let dir = dir.to_owned();
         std::thread::Builder::new()
             .name("audit-writer".to_owned())
-            .spawn(move || write_loop(&db, &dir, rx, records, head, &writer_state, &worker))
+            .spawn(move || {
+                write_loop(
+                    db,
+                    cache_bytes,
+                    &dir,
+                    rx,
+                    records,
+                    head,
+                    &writer_state,
+                    &worker,
+                )
+            })
             .map_err(|e| io(&e))?;
         Ok((
             Self { tx, state },
@@ -236,8 +247,13 @@ impl Audit {
     }
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the writer thread's whole state, handed over once"
+)]
 fn write_loop(
-    db: &sled::Db,
+    db: sled::Db,
+    cache_bytes: u64,
     dir: &Path,
     rx: Receiver<Job>,
     mut next: u64,
@@ -245,6 +261,10 @@ fn write_loop(
     state: &Mutex<WriterState>,
     worker: &Worker,
 ) {
+    // sled keeps a failed I/O as a global error for the life of a handle, so
+    // after a failure the handle is dropped and the store reopened at the
+    // next batch: service resumes by itself once the disk takes writes.
+    let mut db = Some(db);
     loop {
         worker.idle();
         let Ok(first) = rx.recv() else {
@@ -258,6 +278,28 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        if db.is_none() {
+            match open_db(dir, cache_bytes) {
+                Ok(reopened) => {
+                    // What reached the disk before the failure decides the head.
+                    if let Ok(Some((k, v))) = reopened.last()
+                        && let Ok(k) = <[u8; 8]>::try_from(k.as_ref())
+                        && let Ok(sealed) = open(u64::from_be_bytes(k), &v)
+                    {
+                        next = sealed.seq + 1;
+                        head = sealed.hash;
+                    }
+                    db = Some(reopened);
+                }
+                Err(e) => {
+                    fail_batch(state, jobs, &e.to_string());
+                    continue;
+                }
+            }
+        }
+        let Some(handle) = db.as_ref() else {
+            continue;
+        };
         let mut batch = sled::Batch::default();
         let (mut seq, mut prev) = (next, head);
         for job in &jobs {
@@ -266,13 +308,12 @@ fn write_loop(
             seq += 1;
             prev = h;
         }
-        let result = db
+        let result = handle
             .apply_batch(batch)
-            .and_then(|()| db.flush().map(drop))
+            .and_then(|()| handle.flush().map(drop))
             .map_err(|e| e.to_string())
             .and_then(|()| fsync_tree(dir).map_err(|e| e.to_string()));
         worker.progress();
-        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(()) => {
                 for (i, job) in jobs.into_iter().enumerate() {
@@ -280,6 +321,7 @@ fn write_loop(
                 }
                 next = seq;
                 head = prev;
+                let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
                 s.records = next;
                 s.head = hex(&head);
                 s.batches += 1;
@@ -288,25 +330,23 @@ fn write_loop(
                 }
             }
             Err(e) => {
-                // The batch may or may not have reached sled's pages: take the
-                // head from what the tree holds now, so the chain stays whole.
-                if let Ok(Some((k, v))) = db.last()
-                    && let Ok(k) = <[u8; 8]>::try_from(k.as_ref())
-                    && let Ok(sealed) = open(u64::from_be_bytes(k), &v)
-                {
-                    next = sealed.seq + 1;
-                    head = sealed.hash;
-                }
-                if s.degraded.is_none() {
-                    tracing::error!(error = %e, "AUDIT STORE CANNOT WRITE: failing closed");
-                }
-                s.degraded = Some(e.clone());
-                s.failed_batches += 1;
-                for job in jobs {
-                    let _ = job.reply.send(Err(e.clone()));
-                }
+                db = None;
+                fail_batch(state, jobs, &e);
             }
         }
+    }
+}
+
+fn fail_batch(state: &Mutex<WriterState>, jobs: Vec<Job>, error: &str) {
+    let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+    if s.degraded.is_none() {
+        tracing::error!(error, "AUDIT STORE CANNOT WRITE: failing closed");
+    }
+    s.degraded = Some(error.to_owned());
+    s.failed_batches += 1;
+    drop(s);
+    for job in jobs {
+        let _ = job.reply.send(Err(error.to_owned()));
     }
 }
 

@@ -344,6 +344,9 @@ fn serve(path: &Path) -> u8 {
     if failpoints.any() {
         tracing::warn!(failpoints = ?failpoints, "FAULT INJECTION ACTIVE ({}): for tests only", failpoint::ENV);
     }
+    if let Err(e) = sys::ignore_file_size_signal() {
+        tracing::warn!(error = %e, "cannot ignore SIGXFSZ");
+    }
     // Before any thread exists: this reads and unsets LISTEN_* variables.
     let mut activated = match systemd::ActivatedFds::take() {
         Ok(a) => a,

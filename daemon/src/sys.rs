@@ -92,3 +92,18 @@ pub(crate) fn close_unclaimed(fd: RawFd) {
     // else has adopted it, so this is its only owner.
     drop(unsafe { OwnedFd::from_raw_fd(fd) });
 }
+
+/// Ignores SIGXFSZ, so a write past RLIMIT_FSIZE fails with EFBIG (and the
+/// audit store degrades, fail-closed) instead of killing the process.
+pub(crate) fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal
+    // context; called once at start-up before other threads exist.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGXFSZ,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map(drop)
+    .map_err(io::Error::from)
+}

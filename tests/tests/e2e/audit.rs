@@ -172,3 +172,201 @@ fn a_store_in_use_is_refused_with_a_clear_message() {
     );
     drop(d);
 }
+
+/// The largest file under `dir`, in bytes.
+fn largest_file(dir: &std::path::Path) -> u64 {
+    let mut max = 0;
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let meta = entry.metadata().expect("meta");
+        max = max.max(if meta.is_dir() {
+            largest_file(&entry.path())
+        } else {
+            meta.len()
+        });
+    }
+    max
+}
+
+#[test]
+fn when_the_disk_refuses_writes_nothing_is_served_and_service_resumes() {
+    let sb = Sandbox::new();
+    let tenant = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+    sb.publish(&sb.sign("v1", &policy(1, tenant)));
+    let config = sb.config("", "");
+    let mut d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    let chat = |i: usize| {
+        post_json(
+            &d.socket,
+            "/v1/chat/completions",
+            &format!(
+                r#"{{"model": "gemma-3-270m", "messages": [{{"role": "user", "content": "{}"}}], "user": "u{i}"}}"#,
+                "x".repeat(2000)
+            ),
+        )
+    };
+    assert_eq!(chat(0).json()["error"]["code"], "model_not_loaded");
+
+    // No file may grow past its current size: the next writes fail (EFBIG).
+    let limit = largest_file(&sb.path().join("state/audit"));
+    let set_limit = |value: &str| {
+        let out = Command::new("prlimit")
+            .arg(format!("--pid={}", d.pid()))
+            .arg(format!("--fsize={value}"))
+            .output()
+            .expect("prlimit");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    set_limit(&format!("{limit}:unlimited"));
+    let mut refused = 0;
+    let mut served_while_limited = Vec::new();
+    for i in 1..400 {
+        let r = chat(i);
+        let code = r.json()["error"]["code"].clone();
+        if code == "audit_unavailable" {
+            refused += 1;
+            assert_eq!(r.status, 503);
+            assert!(
+                r.text().contains("could not be made durable"),
+                "{}",
+                r.text()
+            );
+            break;
+        }
+        served_while_limited.push(r.header("x-request-id").expect("id").to_owned());
+    }
+    assert_eq!(refused, 1, "writes past the limit must fail closed");
+    let ready = get(&d.socket, "/readyz", &[]).json();
+    assert!(
+        ready["reasons"]
+            .to_string()
+            .contains("audit store cannot write"),
+        "{ready}"
+    );
+    // (The log file is under the same limit, so the journal line is not checked here.)
+
+    // The disk takes writes again: service resumes by itself.
+    set_limit("unlimited");
+    let r = chat(1000);
+    assert_eq!(
+        r.json()["error"]["code"],
+        "model_not_loaded",
+        "{}",
+        r.text()
+    );
+    let resumed = r.header("x-request-id").expect("id").to_owned();
+    assert!(d.stderr().contains("audit store writes again"));
+
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+    let state = sb.path().join("state");
+    let out = airgate(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every request that was answered has its decision record.
+    let records = export(&sb, &[]);
+    for id in served_while_limited.iter().chain([&resumed]) {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["event"]["kind"] == "decision" && &r["event"]["request_id"] == id),
+            "no record for {id}"
+        );
+    }
+}
+
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_record() {
+    let kills: u32 = std::env::var("AIRGATE_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let sb = Sandbox::new();
+    let tenant = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+    sb.publish(&sb.sign("v1", &policy(1, tenant)));
+    let config = sb.config("", "");
+    let mut answered: Vec<String> = Vec::new();
+    let mut seed = u64::from(std::process::id());
+    for round in 0..kills {
+        let mut d = Daemon::start(&sb, &config, &[]);
+        d.wait_bundle(1);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let socket = d.socket.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut ids = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        i += 1;
+                        let model = if i % 3 == 0 { "paraphrase-minilm-l3" } else { "gemma-3-270m" };
+                        let body = format!(r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}], "user": "u{c}-{i}"}}"#);
+                        let request = format!(
+                            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        // A request cut by the kill has no answer and proves nothing.
+                        let Ok(r) = airgate_tests::raw_request(&socket, request.as_bytes()) else {
+                            continue;
+                        };
+                        let code = r.json()["error"]["code"].clone();
+                        if code == "model_not_loaded" || code == "model_not_allowed" {
+                            ids.push(r.header("x-request-id").expect("id").to_owned());
+                        }
+                    }
+                    ids
+                })
+            })
+            .collect();
+        // A pseudo-random moment: 50 to 300 ms into the load.
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        std::thread::sleep(Duration::from_millis(50 + (seed >> 33) % 250));
+        d.signal(Signal::SIGKILL);
+        let _ = d.wait_exit(Duration::from_secs(10));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in clients {
+            answered.extend(c.join().expect("client"));
+        }
+        assert!(round < kills);
+    }
+    assert!(answered.len() > kills as usize, "the load produced answers");
+    let state = sb.path().join("state");
+    let out = airgate(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = export(&sb, &[]);
+    let recorded: std::collections::HashSet<&str> = records
+        .iter()
+        .filter(|r| r["event"]["kind"] == "decision")
+        .filter_map(|r| r["event"]["request_id"].as_str())
+        .collect();
+    let missing: Vec<&String> = answered
+        .iter()
+        .filter(|id| !recorded.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered requests have no record: {missing:?}",
+        missing.len()
+    );
+    // And the daemon comes back after all of it.
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    eprintln!(
+        "crash loop: {kills} kills, {} answered requests, all recorded",
+        answered.len()
+    );
+}
