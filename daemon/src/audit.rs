@@ -265,6 +265,7 @@ fn write_loop(
     // after a failure the handle is dropped and the store reopened at the
     // next batch: service resumes by itself once the disk takes writes.
     let mut db = Some(db);
+    let mut log: Option<std::fs::File> = None;
     loop {
         worker.idle();
         let Ok(first) = rx.recv() else {
@@ -308,11 +309,25 @@ fn write_loop(
             seq += 1;
             prev = h;
         }
+        // sled's flush leaves the data in the disk's cache (sync_file_range);
+        // one fdatasync of its log file makes the batch durable. New files
+        // (a reopened store) get the whole tree synced once.
         let result = handle
             .apply_batch(batch)
             .and_then(|()| handle.flush().map(drop))
             .map_err(|e| e.to_string())
-            .and_then(|()| fsync_tree(dir).map_err(|e| e.to_string()));
+            .and_then(|()| {
+                let synced = match &log {
+                    Some(f) => f.sync_data(),
+                    None => fsync_tree(dir).and_then(|()| {
+                        let f = std::fs::File::open(dir.join("db"))?;
+                        f.sync_data()?;
+                        log = Some(f);
+                        Ok(())
+                    }),
+                };
+                synced.map_err(|e| e.to_string())
+            });
         worker.progress();
         match result {
             Ok(()) => {
@@ -331,6 +346,7 @@ fn write_loop(
             }
             Err(e) => {
                 db = None;
+                log = None;
                 fail_batch(state, jobs, &e);
             }
         }
