@@ -17,7 +17,7 @@ use airgate_policy::audit::{DecisionRecord, Event};
 fn bench_dir() -> tempfile::TempDir {
     let base = std::env::var_os("AIRGATE_BENCH_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir());
+        .unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).expect("bench dir");
     tempfile::tempdir_in(base).expect("tempdir")
 }

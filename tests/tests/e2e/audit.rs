@@ -259,7 +259,18 @@ fn when_the_disk_refuses_writes_nothing_is_served_and_service_resumes() {
         r.text()
     );
     let resumed = r.header("x-request-id").expect("id").to_owned();
-    assert!(d.stderr().contains("audit store writes again"));
+    let status = get(&d.socket, "/admin/status", &[]).json();
+    assert_eq!(
+        status["audit"]["writer"]["degraded"],
+        Value::Null,
+        "{status}"
+    );
+    assert!(
+        status["audit"]["writer"]["failed_batches"].as_u64() >= Some(1),
+        "{status}"
+    );
+    let reasons = get(&d.socket, "/readyz", &[]).json()["reasons"].to_string();
+    assert!(!reasons.contains("audit"), "{reasons}");
 
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(10)).success());
