@@ -89,6 +89,7 @@ fn main() {
                 state_dir: "bench".to_owned(),
                 previous_store: None,
             },
+            None,
             heartbeat.register("audit-writer", Duration::from_secs(60)),
         )
         .expect("open");

@@ -364,9 +364,12 @@ async fn dispatch(
                     let e = ApiError::from(refused);
                     if let ApiError::Denied { reason, rule, .. } = &e {
                         tracing::warn!(
-                            reason = reason.code(),
+                            AIRGATE_EVENT = "denial",
+                            AIRGATE_DECISION = "deny",
+                            AIRGATE_REASON = reason.code(),
+                            AIRGATE_MODEL = ask.model,
+                            AIRGATE_REQUEST_ID = id.as_str(),
                             rule = %rule,
-                            model = ask.model,
                             "request denied by policy"
                         );
                     }

@@ -84,21 +84,85 @@ pub fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, AuditError> {
         })
 }
 
-/// Verifies a whole store; returns (records, head).
+/// What verifying a store found.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub records: u64,
+    pub head: [u8; 32],
+    /// Signed checkpoints inside the chain whose signature was checked.
+    pub checkpoints: u64,
+}
+
+/// Verifies a whole store: every link, the checkpoints kept elsewhere, and
+/// the signature of every checkpoint record against the host key (raw
+/// Ed25519 public key) when given.
 pub fn verify_db(
     db: &sled::Db,
-    checkpoints: Vec<(u64, [u8; 32])>,
-) -> Result<(u64, [u8; 32]), AuditError> {
-    let mut v = Verifier::new().with_checkpoints(checkpoints);
+    external: Vec<(u64, [u8; 32])>,
+    host_key: Option<&[u8]>,
+) -> Result<Verified, AuditError> {
+    let mut v = Verifier::new().with_checkpoints(external);
+    let mut checkpoints = 0;
     for item in db.iter() {
         let (k, value) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
         let seq = <[u8; 8]>::try_from(k.as_ref())
             .map(u64::from_be_bytes)
             .map_err(|_| AuditError::Broken(ChainError::Truncated { seq: v.next() }))?;
+        let before = v.head();
         v.push(seq, &value).map_err(AuditError::Broken)?;
+        if let Some(key) = host_key
+            && let Ok(sealed) = open(seq, &value)
+            && let Ok(Content {
+                event:
+                    Event::Checkpoint {
+                        seq: at,
+                        head,
+                        signature,
+                        ..
+                    },
+                ..
+            }) = sealed.parse()
+        {
+            let ok = at + 1 == seq
+                && head == hex(&before)
+                && unhex(&signature).is_some_and(|sig| {
+                    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+                        .verify(
+                            &airgate_policy::audit::checkpoint_message(at, &before),
+                            &sig,
+                        )
+                        .is_ok()
+                });
+            if !ok {
+                return Err(AuditError::Broken(ChainError::BadCheckpoint { seq }));
+            }
+            checkpoints += 1;
+        }
     }
     v.finish().map_err(AuditError::Broken)?;
-    Ok((v.next(), v.head()))
+    Ok(Verified {
+        records: v.next(),
+        head: v.head(),
+        checkpoints,
+    })
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Signs checkpoints with the host key, every `every` records or `interval`.
+pub struct CheckpointSigner {
+    pub key: ring::signature::Ed25519KeyPair,
+    pub key_sha256: String,
+    pub every: u64,
+    pub interval: std::time::Duration,
 }
 
 /// fsync every file sled keeps, and the directories holding them.
@@ -127,6 +191,7 @@ impl Audit {
         cache_bytes: u64,
         marker: Option<&Path>,
         genesis: impl FnOnce(Option<String>) -> Event,
+        checkpoints: Option<CheckpointSigner>,
         worker: Worker,
     ) -> Result<(Self, Opened), AuditError> {
         let db = open_db(dir, cache_bytes)?;
@@ -173,7 +238,12 @@ impl Audit {
                 }
             }
         }
-        let (records, head) = verify_db(&db, Vec::new())?;
+        let host_public = checkpoints.as_ref().map(|c| {
+            use ring::signature::KeyPair as _;
+            c.key.public_key().as_ref().to_vec()
+        });
+        let verified = verify_db(&db, Vec::new(), host_public.as_deref())?;
+        let (records, head) = (verified.records, verified.head);
         let state = Arc::new(Mutex::new(WriterState {
             records,
             head: hex(&head),
@@ -190,11 +260,11 @@ impl Audit {
                     cache_bytes,
                     &dir,
                     rx,
-                    records,
-                    head,
+                    (records, head),
+                    checkpoints,
                     &writer_state,
                     &worker,
-                )
+                );
             })
             .map_err(|e| io(&e))?;
         Ok((
@@ -256,11 +326,13 @@ fn write_loop(
     cache_bytes: u64,
     dir: &Path,
     rx: Receiver<Job>,
-    mut next: u64,
-    mut head: [u8; 32],
+    (mut next, mut head): (u64, [u8; 32]),
+    signer: Option<CheckpointSigner>,
     state: &Mutex<WriterState>,
     worker: &Worker,
 ) {
+    let mut since_checkpoint = 0u64;
+    let mut last_checkpoint = std::time::Instant::now();
     // sled keeps a failed I/O as a global error for the life of a handle, so
     // after a failure the handle is dropped and the store reopened at the
     // next batch: service resumes by itself once the disk takes writes.
@@ -329,6 +401,7 @@ fn write_loop(
                 synced.map_err(|e| e.to_string())
             });
         worker.progress();
+        let written = jobs.len() as u64;
         match result {
             Ok(()) => {
                 for (i, job) in jobs.into_iter().enumerate() {
@@ -343,6 +416,26 @@ fn write_loop(
                 if let Some(was) = s.degraded.take() {
                     tracing::warn!(previous_error = %was, "audit store writes again; service resumes");
                 }
+                drop(s);
+                since_checkpoint += written;
+                if let Some(signer) = &signer
+                    && (since_checkpoint >= signer.every
+                        || last_checkpoint.elapsed() >= signer.interval)
+                    && let Some(handle) = db.as_ref()
+                {
+                    match write_checkpoint(handle, dir, log.as_ref(), signer, next, head) {
+                        Ok(h) => {
+                            next += 1;
+                            head = h;
+                            since_checkpoint = 0;
+                            last_checkpoint = std::time::Instant::now();
+                            let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                            s.records = next;
+                            s.head = hex(&head);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot write an audit checkpoint"),
+                    }
+                }
             }
             Err(e) => {
                 db = None;
@@ -353,10 +446,58 @@ fn write_loop(
     }
 }
 
+/// Seals a signed checkpoint for record `next - 1` as record `next`.
+fn write_checkpoint(
+    db: &sled::Db,
+    dir: &Path,
+    log: Option<&std::fs::File>,
+    signer: &CheckpointSigner,
+    next: u64,
+    head: [u8; 32],
+) -> Result<[u8; 32], String> {
+    let at = next - 1;
+    let signature = signer
+        .key
+        .sign(&airgate_policy::audit::checkpoint_message(at, &head));
+    let content = Content {
+        time: now(),
+        event: Event::Checkpoint {
+            seq: at,
+            head: hex(&head),
+            signature: hex(signature.as_ref()),
+            key_sha256: signer.key_sha256.clone(),
+        },
+    }
+    .encode();
+    let (stored, h) = seal(next, &head, &content);
+    db.insert(key(next), stored).map_err(|e| e.to_string())?;
+    db.flush().map_err(|e| e.to_string())?;
+    match log {
+        Some(f) => f.sync_data(),
+        None => fsync_tree(dir),
+    }
+    .map_err(|e| e.to_string())?;
+    // The journal keeps a copy off the store: what `audit verify
+    // --checkpoints` compares against after truncation or rewriting.
+    tracing::info!(
+        AIRGATE_EVENT = "checkpoint",
+        AIRGATE_SEQ = at,
+        AIRGATE_HEAD = %hex(&head),
+        AIRGATE_SIGNATURE = %hex(signature.as_ref()),
+        "audit checkpoint {at} {}",
+        hex(&head)
+    );
+    Ok(h)
+}
+
 fn fail_batch(state: &Mutex<WriterState>, jobs: Vec<Job>, error: &str) {
     let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
     if s.degraded.is_none() {
-        tracing::error!(error, "AUDIT STORE CANNOT WRITE: failing closed");
+        tracing::error!(
+            AIRGATE_EVENT = "audit_degraded",
+            error,
+            "AUDIT STORE CANNOT WRITE: failing closed"
+        );
     }
     s.degraded = Some(error.to_owned());
     s.failed_batches += 1;
@@ -380,4 +521,69 @@ pub fn read_all(
         let content = sealed.parse().map_err(|e| format!("record {seq}: {e}"))?;
         Ok((seq, content))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::signature::KeyPair as _;
+
+    use super::*;
+    use crate::heartbeat::Heartbeat;
+
+    fn pair(seed: u8) -> ring::signature::Ed25519KeyPair {
+        ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("key")
+    }
+
+    #[test]
+    fn checkpoints_are_signed_by_the_host_key_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("audit");
+        let heartbeat = Heartbeat::new();
+        let (audit, opened) = Audit::open(
+            &store,
+            8 << 20,
+            None,
+            |_| Event::Genesis {
+                host_key_sha256: String::new(),
+                machine_id: "m".to_owned(),
+                state_dir: "s".to_owned(),
+                previous_store: None,
+            },
+            Some(CheckpointSigner {
+                key: pair(1),
+                key_sha256: String::new(),
+                every: 3,
+                interval: std::time::Duration::from_secs(3600),
+            }),
+            heartbeat.register("audit-writer", std::time::Duration::from_secs(30)),
+        )
+        .expect("open");
+        assert!(opened.created);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        for i in 0..10 {
+            rt.block_on(audit.append(Event::Shutdown {
+                reason: format!("r{i}"),
+            }))
+            .expect("append");
+        }
+        assert!(audit.state().records > 11, "checkpoints were added");
+        drop(audit);
+        // The writer thread lets go of the store once its channel closes.
+        let db = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                open_db(&store, 8 << 20).ok()
+            })
+            .expect("reopen");
+        let good = pair(1).public_key().as_ref().to_vec();
+        let v = verify_db(&db, Vec::new(), Some(&good)).expect("verifies");
+        assert!(v.checkpoints >= 3, "{v:?}");
+        let other = pair(2).public_key().as_ref().to_vec();
+        assert!(matches!(
+            verify_db(&db, Vec::new(), Some(&other)),
+            Err(AuditError::Broken(ChainError::BadCheckpoint { .. }))
+        ));
+    }
 }

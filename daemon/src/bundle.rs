@@ -514,6 +514,7 @@ impl Policy {
                         tracing::debug!(file = %path.display(), "bundle already in force");
                     } else {
                         tracing::warn!(
+                            AIRGATE_EVENT = "bundle_refused",
                             file = %path.display(),
                             digest = %record.digest,
                             error = %e,
@@ -801,6 +802,7 @@ impl Policy {
             self.active.store(Some(Arc::clone(&active)));
         }
         tracing::info!(
+            AIRGATE_EVENT = "bundle_accepted",
             version = active.version(),
             previous_version = previous,
             digest = %active.verified.digest,

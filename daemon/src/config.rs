@@ -46,6 +46,10 @@ pub struct AuditConfig {
     pub marker: Option<PathBuf>,
     /// sled's page cache (its default is 1 GiB).
     pub cache_bytes: u64,
+    /// A signed checkpoint after this many records ...
+    pub checkpoint_every: u64,
+    /// ... or this long, whichever comes first (only once records arrive).
+    pub checkpoint_interval: Duration,
 }
 
 /// Where the audit store's creation is remembered: systemd's second
@@ -495,15 +499,29 @@ fn parse_root(
             let cache_bytes = s
                 .optional(errors, "cache_bytes", integer_between(1 << 20, 1 << 36))
                 .unwrap_or(64 << 20);
+            let checkpoint_every = s
+                .optional(errors, "checkpoint_every", integer_between(1, 1 << 32))
+                .unwrap_or(1000);
+            let checkpoint_interval = s
+                .optional(
+                    errors,
+                    "checkpoint_interval",
+                    duration_between(Duration::from_secs(1), Duration::from_secs(86400)),
+                )
+                .unwrap_or(Duration::from_secs(300));
             s.finish(errors);
             AuditConfig {
                 marker: marker.unwrap_or_else(|| Some(PathBuf::from(DEFAULT_MARKER))),
                 cache_bytes,
+                checkpoint_every,
+                checkpoint_interval,
             }
         }
         None => AuditConfig {
             marker: Some(PathBuf::from(DEFAULT_MARKER)),
             cache_bytes: 64 << 20,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(300),
         },
     };
     root.finish(errors);

@@ -127,11 +127,20 @@ fn audit_command(command: AuditCommand) -> u8 {
                 Ok(db) => db,
                 Err(e) => return fail(exit::CANT_CREATE, &e),
             };
-            match audit::verify_db(&db, checkpoints) {
-                Ok((records, head)) => {
+            let host = keys::read_public_key(&dir.join("host.pub")).ok();
+            if host.is_none() {
+                eprintln!(
+                    "airgate audit: {}: no host key; checkpoint signatures are not checked",
+                    dir.join("host.pub").display()
+                );
+            }
+            match audit::verify_db(&db, checkpoints, host.as_ref().map(|k| k.raw.as_slice())) {
+                Ok(v) => {
                     println!(
-                        "audit chain OK: {records} records, head {}",
-                        keys::hex(&head)
+                        "audit chain OK: {} records, head {}, {} signed checkpoints verified",
+                        v.records,
+                        keys::hex(&v.head),
+                        v.checkpoints
                     );
                     exit::OK
                 }

@@ -319,6 +319,17 @@ impl State {
             path: host_pub.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        let host_private = crate::keys::read_private_key(&config.state_dir.join("host.key"))
+            .map_err(|e| StateDirError::Io {
+                path: config.state_dir.join("host.key"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let signer =
+            ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&host_private.pkcs8)
+                .map_err(|e| StateDirError::Io {
+                    path: config.state_dir.join("host.key"),
+                    source: std::io::Error::other(format!("not an Ed25519 key: {e}")),
+                })?;
         let machine_id = std::fs::read_to_string("/etc/machine-id")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".to_owned());
@@ -334,6 +345,12 @@ impl State {
                 state_dir,
                 previous_store,
             },
+            Some(crate::audit::CheckpointSigner {
+                key: signer,
+                key_sha256: host_key.fingerprint(),
+                every: config.audit.checkpoint_every,
+                interval: config.audit.checkpoint_interval,
+            }),
             heartbeat.register("audit-writer", Duration::from_secs(30)),
         )?;
         Ok(Self {

@@ -72,6 +72,14 @@ pub enum Event {
         reason: String,
     },
     Decision(Box<DecisionRecord>),
+    /// The host vouches for the chain up to `seq`: Ed25519 over
+    /// [`checkpoint_message`], by the host key whose SHA-256 is given.
+    Checkpoint {
+        seq: u64,
+        head: String,
+        signature: String,
+        key_sha256: String,
+    },
     Completion {
         request_id: String,
         /// `completed`, `cancelled` or `error`.
@@ -125,6 +133,14 @@ impl Content {
         // Serialising our own types to a Vec cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
+
+/// What a checkpoint signs: a domain tag, the sequence number and its hash.
+pub fn checkpoint_message(seq: u64, head: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"airgate-checkpoint-v1\0".to_vec();
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(head);
+    m
 }
 
 pub fn key(seq: u64) -> [u8; 8] {
@@ -190,6 +206,8 @@ pub enum ChainError {
     CheckpointMismatch { seq: u64 },
     #[error("record 0 is not a genesis record")]
     NoGenesis,
+    #[error("record {seq}: checkpoint does not match the chain or its signature does not verify")]
+    BadCheckpoint { seq: u64 },
 }
 
 impl ChainError {
@@ -203,7 +221,8 @@ impl ChainError {
             | Self::Hash { seq }
             | Self::Link { seq }
             | Self::ShortOfCheckpoint { seq, .. }
-            | Self::CheckpointMismatch { seq } => *seq,
+            | Self::CheckpointMismatch { seq }
+            | Self::BadCheckpoint { seq } => *seq,
             Self::NoGenesis => 0,
         }
     }

@@ -37,7 +37,9 @@ fn every_request_reaching_policy_leaves_one_durable_decision_record() {
     let sb = Sandbox::new();
     let tenant = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
     sb.publish(&sb.sign("v1", &policy(1, tenant)));
-    let config = sb.config("", "");
+    let config = sb
+        .config("", "")
+        .replace("[audit]\n", "[audit]\ncheckpoint_every = 4\n");
     let mut d = Daemon::start(&sb, &config, &[]);
     d.wait_bundle(1);
 
@@ -82,9 +84,49 @@ fn every_request_reaching_policy_leaves_one_durable_decision_record() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("audit chain OK"));
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(report.contains("audit chain OK"), "{report}");
+    assert!(!report.contains(" 0 signed checkpoints"), "{report}");
 
     let records = export(&sb, &[]);
+    // Checkpoints carried off the host (here: from the export) verify; a
+    // forged one does not.
+    let kept: String = records
+        .iter()
+        .filter(|r| r["event"]["kind"] == "checkpoint")
+        .map(|r| {
+            format!(
+                "{} {}\n",
+                r["event"]["seq"],
+                r["event"]["head"].as_str().expect("head")
+            )
+        })
+        .collect();
+    assert!(!kept.is_empty());
+    let file = sb.path().join("checkpoints.txt");
+    std::fs::write(&file, &kept).expect("checkpoints");
+    let f = file.to_str().expect("utf8");
+    let s = state.to_str().expect("utf8");
+    assert!(
+        airgate(&["audit", "verify", "--state", s, "--checkpoints", f])
+            .status
+            .success()
+    );
+    std::fs::write(&file, format!("3 {}\n", "00".repeat(32))).expect("forged");
+    let out = airgate(&["audit", "verify", "--state", s, "--checkpoints", f]);
+    assert_eq!(out.status.code(), Some(76));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("record 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&file, format!("99999 {}\n", "00".repeat(32))).expect("beyond");
+    let out = airgate(&["audit", "verify", "--state", s, "--checkpoints", f]);
+    assert_eq!(
+        out.status.code(),
+        Some(76),
+        "a chain cut before a kept checkpoint"
+    );
     assert_eq!(records[0]["event"]["kind"], "genesis");
     let decisions: Vec<&Value> = records
         .iter()
