@@ -209,6 +209,8 @@ fn route_of(path: &str) -> &'static str {
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
         "/admin/status" => "/admin/status",
+        "/admin/audit/records" => "/admin/audit/records",
+        "/admin/audit/snapshot" => "/admin/audit/snapshot",
         "/v1/whoami" => "/v1/whoami",
         "/v1/models" => "/v1/models",
         "/v1/chat/completions" => "/v1/chat/completions",
@@ -397,6 +399,58 @@ async fn dispatch(
             Err(ApiError::ModelNotLoaded(admitted.allow.model))
         }
         ("/v1/models", &Method::GET) => Ok(json_response(StatusCode::OK, &models(shared, conn))),
+        ("/admin/audit/records", &Method::GET) => {
+            require_operator(shared, conn)?;
+            let query = req.uri().query().unwrap_or("");
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_owned())
+            };
+            let number = |name: &str, default: u64| match param(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::BadRequest(format!("{name} must be a number"))),
+            };
+            let from = number("from", 0)?;
+            let limit = usize::try_from(number("limit", 1000)?.clamp(1, 10_000)).unwrap_or(1000);
+            let (lines, next) = shared
+                .audit
+                .page(from, limit)
+                .map_err(|e| ApiError::AuditUnavailable(e.to_string()))?;
+            let mut body = lines.join("\n");
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            let mut response = Response::new(ResponseBody::new(body));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/jsonl"),
+            );
+            headers.insert("x-airgate-next", HeaderValue::from(next));
+            Ok(response)
+        }
+        ("/admin/audit/snapshot", &Method::POST) => {
+            require_operator(shared, conn)?;
+            let config = shared.config();
+            let name = format!("audit-{}", crate::bundle::system_time_now());
+            let dest = config.state_dir.join("snapshots").join(&name);
+            let host_pub = config.state_dir.join("host.pub");
+            let audit = shared.audit.clone();
+            let d = dest.clone();
+            let records = tokio::task::spawn_blocking(move || audit.snapshot(&d, &host_pub))
+                .await
+                .map_err(|e| ApiError::AuditUnavailable(e.to_string()))?
+                .map_err(|e| ApiError::AuditUnavailable(e.to_string()))?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"path": dest.display().to_string(), "records": records}),
+            ))
+        }
         (
             "/healthz" | "/readyz" | "/v1/whoami" | "/v1/models" | "/metrics" | "/admin/status",
             _,

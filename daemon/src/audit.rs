@@ -56,6 +56,42 @@ pub struct Opened {
 pub struct Audit {
     tx: SyncSender<Job>,
     state: Arc<Mutex<WriterState>>,
+    /// A handle for readers (export, snapshot); the writer replaces it when
+    /// it reopens the store.
+    reader: Arc<Mutex<Option<sled::Db>>>,
+}
+
+/// Keeps a tenant's records: its decisions, and the completions of those
+/// requests (which carry no tenant of their own). Feed records in order.
+#[derive(Default)]
+pub struct TenantFilter {
+    tenant: String,
+    requests: std::collections::HashSet<String>,
+}
+
+impl TenantFilter {
+    pub fn new(tenant: &str) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            requests: std::collections::HashSet::new(),
+        }
+    }
+
+    pub fn keep(&mut self, event: &Event) -> bool {
+        match event {
+            Event::Decision(d) if d.tenant.as_deref() == Some(self.tenant.as_str()) => {
+                self.requests.insert(d.request_id.clone());
+                true
+            }
+            Event::Completion { request_id, .. } => self.requests.contains(request_id),
+            _ => false,
+        }
+    }
+}
+
+/// One record as a line of the JSON Lines export.
+pub fn export_line(seq: u64, content: &Content) -> String {
+    serde_json::json!({"seq": seq, "time": content.time, "event": content.event}).to_string()
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -251,6 +287,8 @@ impl Audit {
         }));
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let writer_state = Arc::clone(&state);
+        let reader = Arc::new(Mutex::new(Some(db.clone())));
+        let writer_reader = Arc::clone(&reader);
         let dir = dir.to_owned();
         std::thread::Builder::new()
             .name("audit-writer".to_owned())
@@ -263,12 +301,13 @@ impl Audit {
                     (records, head),
                     checkpoints,
                     &writer_state,
+                    &writer_reader,
                     &worker,
                 );
             })
             .map_err(|e| io(&e))?;
         Ok((
-            Self { tx, state },
+            Self { tx, state, reader },
             Opened {
                 records,
                 head: hex(&head),
@@ -309,6 +348,50 @@ impl Audit {
         }
     }
 
+    fn reader(&self) -> Result<sled::Db, AuditError> {
+        self.reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| AuditError::Unavailable("the store is being reopened".to_owned()))
+    }
+
+    /// Up to `limit` records from `from`, as export lines; and the next sequence.
+    pub fn page(&self, from: u64, limit: usize) -> Result<(Vec<String>, u64), AuditError> {
+        let db = self.reader()?;
+        let mut lines = Vec::new();
+        let mut next = from;
+        for item in read_all(&db, from).take(limit) {
+            let (seq, content) = item.map_err(AuditError::Unavailable)?;
+            lines.push(export_line(seq, &content));
+            next = seq + 1;
+        }
+        Ok((lines, next))
+    }
+
+    /// A consistent copy of every record written so far, as a stopped store
+    /// under `dest/audit` that `airgate audit verify --state dest` reads.
+    /// Records are append-only, so those below the head never change.
+    pub fn snapshot(&self, dest: &Path, host_pub: &Path) -> Result<u64, AuditError> {
+        let io = |e: &dyn std::fmt::Display| AuditError::Open {
+            path: dest.to_owned(),
+            reason: e.to_string(),
+        };
+        let records = self.state().records;
+        let db = self.reader()?;
+        std::fs::create_dir_all(dest).map_err(|e| io(&e))?;
+        let copy = open_db(&dest.join("audit"), 8 << 20)?;
+        for item in db.range(key(0)..key(records)) {
+            let (k, v) = item.map_err(|e| io(&e))?;
+            copy.insert(k, v).map_err(|e| io(&e))?;
+        }
+        copy.flush().map_err(|e| io(&e))?;
+        drop(copy);
+        fsync_tree(&dest.join("audit")).map_err(|e| io(&e))?;
+        std::fs::copy(host_pub, dest.join("host.pub")).map_err(|e| io(&e))?;
+        Ok(records)
+    }
+
     pub fn state(&self) -> WriterState {
         self.state
             .lock()
@@ -329,6 +412,7 @@ fn write_loop(
     (mut next, mut head): (u64, [u8; 32]),
     signer: Option<CheckpointSigner>,
     state: &Mutex<WriterState>,
+    reader: &Mutex<Option<sled::Db>>,
     worker: &Worker,
 ) {
     let mut since_checkpoint = 0u64;
@@ -362,6 +446,7 @@ fn write_loop(
                         next = sealed.seq + 1;
                         head = sealed.hash;
                     }
+                    *reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(reopened.clone());
                     db = Some(reopened);
                 }
                 Err(e) => {
@@ -438,6 +523,8 @@ fn write_loop(
                 }
             }
             Err(e) => {
+                // Every handle must go for the file lock to be released.
+                *reader.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 db = None;
                 log = None;
                 fail_batch(state, jobs, &e);

@@ -154,6 +154,11 @@ pub struct Policy {
     inner: Mutex<Inner>,
 }
 
+/// Seconds since the epoch by the host's clock.
+pub fn system_time_now() -> i64 {
+    SystemClock.now().seconds()
+}
+
 /// The host's clock.
 pub struct SystemClock;
 

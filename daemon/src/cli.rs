@@ -152,8 +152,10 @@ pub enum AuditCommand {
         #[arg(long)]
         checkpoints: Option<PathBuf>,
     },
-    /// Records as JSON Lines.
+    /// Records as JSON Lines: from the running daemon (admin socket), or
+    /// read directly from a stopped store or snapshot with --state.
     Export {
+        /// Read this state directory directly (a stopped daemon's, or a snapshot).
         #[arg(long)]
         state: Option<PathBuf>,
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
@@ -164,6 +166,24 @@ pub enum AuditCommand {
         /// Only decision and completion records of this tenant's requests.
         #[arg(long)]
         tenant: Option<String>,
+    },
+    /// Follow new records of the running daemon (operators; Ctrl-C to stop).
+    Tail {
+        /// Start here instead of the last 10 records.
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Ask the running daemon for a consistent copy of its audit store
+    /// (written under STATE/snapshots/); verify or export it with --state.
+    Snapshot {
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// The keyed hash an end user's records carry, to search for them.
     HashUser {

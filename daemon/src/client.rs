@@ -28,6 +28,17 @@ pub enum ClientError {
 
 /// Sends `GET path` and returns the status and body.
 pub async fn get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
+    request(socket, http::Method::GET, path)
+        .await
+        .map(|(s, _, b)| (s, b))
+}
+
+/// Sends a bodiless request; returns status, headers and body.
+pub async fn request(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), ClientError> {
     let timeout = Duration::from_secs(10);
     tokio::time::timeout(timeout, async {
         let stream = UnixStream::connect(socket)
@@ -39,14 +50,17 @@ pub async fn get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), Clien
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let driver = tokio::spawn(conn);
-        let req = Request::get(path)
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
             .header(http::header::HOST, "localhost")
             .body(Empty::<Bytes>::new())?;
         let response = sender.send_request(req).await?;
         let status = response.status();
+        let headers = response.headers().clone();
         let body = response.into_body().collect().await?.to_bytes();
         driver.abort();
-        Ok((status, body))
+        Ok((status, headers, body))
     })
     .await
     .map_err(|_| ClientError::Timeout(timeout))?

@@ -153,6 +153,39 @@ fn audit_command(command: AuditCommand) -> u8 {
             from,
             tenant,
         } => {
+            let mut filter = tenant.as_deref().map(audit::TenantFilter::new);
+            let mut out = std::io::stdout().lock();
+            // A running daemon holds the store: ask it, unless told to read a directory.
+            if state.is_none()
+                && let Ok(c) = Config::load(&config)
+                && std::os::unix::net::UnixStream::connect(&c.unix.path).is_ok()
+            {
+                let mut next = from;
+                loop {
+                    let (lines, after) = match remote_page(&c.unix.path, next) {
+                        Ok(p) => p,
+                        Err(e) => return fail(exit::NO_DAEMON, &e),
+                    };
+                    if lines.is_empty() {
+                        return exit::OK;
+                    }
+                    for line in lines {
+                        if let Some(f) = filter.as_mut() {
+                            let keep = serde_json::from_str::<serde_json::Value>(&line)
+                                .ok()
+                                .and_then(|v| serde_json::from_value(v["event"].clone()).ok())
+                                .is_some_and(|e| f.keep(&e));
+                            if !keep {
+                                continue;
+                            }
+                        }
+                        if writeln!(out, "{line}").is_err() {
+                            return exit::OK;
+                        }
+                    }
+                    next = after;
+                }
+            }
             let dir = match state_dir(state, &config) {
                 Ok(d) => d,
                 Err(e) => return fail(exit::CONFIG, &e),
@@ -161,35 +194,90 @@ fn audit_command(command: AuditCommand) -> u8 {
                 Ok(db) => db,
                 Err(e) => return fail(exit::CANT_CREATE, &e),
             };
-            let mut out = std::io::stdout().lock();
-            // Completions carry no tenant: follow their request ids.
-            let mut requests = std::collections::HashSet::new();
             for item in audit::read_all(&db, from) {
                 let (seq, content) = match item {
                     Ok(r) => r,
                     Err(e) => return fail(exit::AUDIT_BROKEN, &e),
                 };
-                if let Some(t) = &tenant {
-                    use airgate_policy::audit::Event;
-                    let keep = match &content.event {
-                        Event::Decision(d) if d.tenant.as_deref() == Some(t) => {
-                            requests.insert(d.request_id.clone());
-                            true
-                        }
-                        Event::Completion { request_id, .. } => requests.contains(request_id),
-                        _ => false,
-                    };
-                    if !keep {
-                        continue;
-                    }
+                if let Some(f) = filter.as_mut()
+                    && !f.keep(&content.event)
+                {
+                    continue;
                 }
-                let line =
-                    serde_json::json!({"seq": seq, "time": content.time, "event": content.event});
-                if writeln!(out, "{line}").is_err() {
+                if writeln!(out, "{}", audit::export_line(seq, &content)).is_err() {
                     return exit::OK; // the reader went away (e.g. `| head`)
                 }
             }
             exit::OK
+        }
+        AuditCommand::Tail {
+            from,
+            config,
+            socket,
+        } => {
+            let socket = match socket.map_or_else(
+                || {
+                    Config::load(&config)
+                        .map(|c| c.unix.path)
+                        .map_err(|e| e.to_string())
+                },
+                Ok,
+            ) {
+                Ok(s) => s,
+                Err(e) => return fail(exit::CONFIG, &e),
+            };
+            let mut next = match from {
+                Some(f) => f,
+                None => match remote_status(&socket) {
+                    Ok(doc) => doc["audit"]["writer"]["records"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        .saturating_sub(10),
+                    Err(e) => return fail(exit::NO_DAEMON, &e),
+                },
+            };
+            let mut out = std::io::stdout().lock();
+            loop {
+                let (lines, after) = match remote_page(&socket, next) {
+                    Ok(p) => p,
+                    Err(e) => return fail(exit::NO_DAEMON, &e),
+                };
+                for line in &lines {
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        return exit::OK;
+                    }
+                }
+                next = after;
+                if lines.is_empty() {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        AuditCommand::Snapshot { config, socket } => {
+            let socket = match socket.map_or_else(
+                || {
+                    Config::load(&config)
+                        .map(|c| c.unix.path)
+                        .map_err(|e| e.to_string())
+                },
+                Ok,
+            ) {
+                Ok(s) => s,
+                Err(e) => return fail(exit::CONFIG, &e),
+            };
+            match remote(&socket, http::Method::POST, "/admin/audit/snapshot") {
+                Ok((_, body)) => {
+                    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    println!(
+                        "snapshot of {} records in {}\nverify: airgate audit verify --state {}",
+                        doc["records"],
+                        doc["path"].as_str().unwrap_or("?"),
+                        doc["path"].as_str().unwrap_or("?")
+                    );
+                    exit::OK
+                }
+                Err(e) => fail(exit::NO_DAEMON, &e),
+            }
         }
         AuditCommand::HashUser {
             tenant,
@@ -217,6 +305,50 @@ fn audit_command(command: AuditCommand) -> u8 {
             }
         }
     }
+}
+
+/// One operator request to the daemon; an answer other than 2xx is an error.
+fn remote(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+) -> Result<(http::HeaderMap, bytes::Bytes), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (status, headers, body) = runtime
+        .block_on(client::request(socket, method, path))
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        return Err(format!(
+            "{status}: {}",
+            doc["error"]["message"].as_str().unwrap_or("(no message)")
+        ));
+    }
+    Ok((headers, body))
+}
+
+fn remote_status(socket: &Path) -> Result<serde_json::Value, String> {
+    let (_, body) = remote(socket, http::Method::GET, "/admin/status")?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+/// A page of export lines from `from`, and the sequence after it.
+fn remote_page(socket: &Path, from: u64) -> Result<(Vec<String>, u64), String> {
+    let (headers, body) = remote(
+        socket,
+        http::Method::GET,
+        &format!("/admin/audit/records?from={from}&limit=1000"),
+    )?;
+    let next = headers
+        .get("x-airgate-next")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(from);
+    let text = String::from_utf8_lossy(&body);
+    Ok((text.lines().map(str::to_owned).collect(), next))
 }
 
 /// `SEQ HASH` per line; blank lines and `#` comments skipped.
