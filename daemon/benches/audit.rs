@@ -90,6 +90,7 @@ fn main() {
                 previous_store: None,
             },
             None,
+            false,
             heartbeat.register("audit-writer", Duration::from_secs(60)),
         )
         .expect("open");

@@ -355,6 +355,18 @@ async fn dispatch(
                 .audit
                 .append(Event::Decision(Box::new(decided.record)))
                 .await;
+            let durable = match durable {
+                Err(e) if shared.config().audit.fail_open => {
+                    tracing::warn!(
+                        AIRGATE_EVENT = "audit_fail_open",
+                        AIRGATE_REQUEST_ID = id.as_str(),
+                        error = %e,
+                        "serving WITHOUT a durable decision record (audit.fail_open)"
+                    );
+                    Ok(0)
+                }
+                other => other,
+            };
             let admitted = match (decided.outcome, durable) {
                 (Ok(a), Err(e)) => {
                     shared.admission.release(a.ticket);

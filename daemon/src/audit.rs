@@ -228,6 +228,7 @@ impl Audit {
         marker: Option<&Path>,
         genesis: impl FnOnce(Option<String>) -> Event,
         checkpoints: Option<CheckpointSigner>,
+        journal_all: bool,
         worker: Worker,
     ) -> Result<(Self, Opened), AuditError> {
         let db = open_db(dir, cache_bytes)?;
@@ -299,7 +300,7 @@ impl Audit {
                     &dir,
                     rx,
                     (records, head),
-                    checkpoints,
+                    (checkpoints, journal_all),
                     &writer_state,
                     &writer_reader,
                     &worker,
@@ -410,7 +411,7 @@ fn write_loop(
     dir: &Path,
     rx: Receiver<Job>,
     (mut next, mut head): (u64, [u8; 32]),
-    signer: Option<CheckpointSigner>,
+    (signer, journal_all): (Option<CheckpointSigner>, bool),
     state: &Mutex<WriterState>,
     reader: &Mutex<Option<sled::Db>>,
     worker: &Worker,
@@ -489,6 +490,16 @@ fn write_loop(
         let written = jobs.len() as u64;
         match result {
             Ok(()) => {
+                if journal_all {
+                    for (i, job) in jobs.iter().enumerate() {
+                        tracing::info!(
+                            AIRGATE_EVENT = "audit_record",
+                            AIRGATE_SEQ = next + i as u64,
+                            AIRGATE_RECORD = %String::from_utf8_lossy(&job.content),
+                            "audit record"
+                        );
+                    }
+                }
                 for (i, job) in jobs.into_iter().enumerate() {
                     let _ = job.reply.send(Ok(next + i as u64));
                 }
@@ -642,6 +653,7 @@ mod tests {
                 every: 3,
                 interval: std::time::Duration::from_secs(3600),
             }),
+            false,
             heartbeat.register("audit-writer", std::time::Duration::from_secs(30)),
         )
         .expect("open");

@@ -50,6 +50,14 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
     /// ... or this long, whichever comes first (only once records arrive).
     pub checkpoint_interval: Duration,
+    /// A user-hashing secret shared by a fleet (32 bytes), so distinct-user
+    /// counts from several hosts merge; else one is made per host.
+    pub user_secret: Option<PathBuf>,
+    /// Every record to the journal too (journald rate-limits: off by default).
+    pub journal_all: bool,
+    /// Serve even when a decision record cannot be made durable. Off by
+    /// default; recorded in the log itself when on.
+    pub fail_open: bool,
 }
 
 /// Where the audit store's creation is remembered: systemd's second
@@ -509,12 +517,22 @@ fn parse_root(
                     duration_between(Duration::from_secs(1), Duration::from_secs(86400)),
                 )
                 .unwrap_or(Duration::from_secs(300));
+            let user_secret = s.optional(errors, "user_secret", absolute_path);
+            let flag = |v: &Value| {
+                v.as_bool()
+                    .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
+            };
+            let journal_all = s.optional(errors, "journal_all", flag).unwrap_or(false);
+            let fail_open = s.optional(errors, "fail_open", flag).unwrap_or(false);
             s.finish(errors);
             AuditConfig {
                 marker: marker.unwrap_or_else(|| Some(PathBuf::from(DEFAULT_MARKER))),
                 cache_bytes,
                 checkpoint_every,
                 checkpoint_interval,
+                user_secret,
+                journal_all,
+                fail_open,
             }
         }
         None => AuditConfig {
@@ -522,6 +540,9 @@ fn parse_root(
             cache_bytes: 64 << 20,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(300),
+            user_secret: None,
+            journal_all: false,
+            fail_open: false,
         },
     };
     root.finish(errors);

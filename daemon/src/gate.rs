@@ -40,6 +40,21 @@ pub struct UserHasher {
 }
 
 impl UserHasher {
+    /// Reads a secret an operator provides (32 bytes); never creates it.
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let secret = std::fs::read(path)?;
+        if secret.len() != 32 {
+            return Err(std::io::Error::other(format!(
+                "{} holds {} bytes; a user-hashing secret is 32",
+                path.display(),
+                secret.len()
+            )));
+        }
+        Ok(Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+        })
+    }
+
     /// Reads `path` (32 bytes), creating it with mode 0600 at first start.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
         let secret = match std::fs::read(path) {

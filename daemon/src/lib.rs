@@ -289,14 +289,18 @@ fn audit_command(command: AuditCommand) -> u8 {
                 Ok(d) => d,
                 Err(e) => return fail(exit::CONFIG, &e),
             };
-            let secret = dir.join("user-hmac.key");
+            // A fleet secret named in the configuration wins over the host's own.
+            let secret = Config::load(&config)
+                .ok()
+                .and_then(|c| c.audit.user_secret)
+                .unwrap_or_else(|| dir.join("user-hmac.key"));
             if !secret.exists() {
                 return fail(
                     exit::CONFIG,
                     &format!("{}: no such secret", secret.display()),
                 );
             }
-            match gate::UserHasher::load_or_create(&secret) {
+            match gate::UserHasher::load(&secret) {
                 Ok(h) => {
                     println!("{}", keys::hex(&h.key(&tenant, &user).0));
                     exit::OK

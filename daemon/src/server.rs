@@ -306,8 +306,14 @@ impl State {
             path: config.state_dir.join("policy"),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let secret = config.state_dir.join("user-hmac.key");
-        let users = UserHasher::load_or_create(&secret).map_err(io(secret))?;
+        let users = match &config.audit.user_secret {
+            // The fleet's secret: read, never created here.
+            Some(path) => UserHasher::load(path).map_err(io(path.clone()))?,
+            None => {
+                let secret = config.state_dir.join("user-hmac.key");
+                UserHasher::load_or_create(&secret).map_err(io(secret))?
+            }
+        };
         let host_pub = config.state_dir.join("host.pub");
         if !host_pub.exists() {
             crate::keys::generate(&config.state_dir, "host").map_err(|e| StateDirError::Io {
@@ -351,6 +357,7 @@ impl State {
                 every: config.audit.checkpoint_every,
                 interval: config.audit.checkpoint_interval,
             }),
+            config.audit.journal_all,
             heartbeat.register("audit-writer", Duration::from_secs(30)),
         )?;
         Ok(Self {
@@ -587,7 +594,14 @@ impl Daemon {
         shared.audit.record(Event::Startup {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
+            fail_open: shared.config().audit.fail_open,
         });
+        if shared.config().audit.fail_open {
+            tracing::warn!(
+                AIRGATE_EVENT = "audit_fail_open",
+                "audit.fail_open is on: requests are served even when their decision record cannot be made durable"
+            );
+        }
         let status = shared.status_line();
         tracing::info!(status = %status, "ready");
         shared.notifier.ready(&status);

@@ -67,6 +67,9 @@ pub enum Event {
     Startup {
         version: String,
         pid: u32,
+        /// Whether requests may be served without a durable record.
+        #[serde(default)]
+        fail_open: bool,
     },
     Shutdown {
         reason: String,

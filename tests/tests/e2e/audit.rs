@@ -499,3 +499,92 @@ fn a_running_daemon_exports_tails_and_snapshots_through_the_admin_socket() {
     let out = airgate(&["audit", "export", "--state", &path]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&second));
 }
+
+#[test]
+fn a_fleet_secret_makes_user_hashes_equal_across_hosts() {
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("fleet-user-hmac.key");
+    std::fs::write(&secret, [42u8; 32]).expect("secret");
+    let tenant = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+    let mut hashes = Vec::new();
+    for _host in 0..2 {
+        let sb = Sandbox::new();
+        sb.publish(&sb.sign("v1", &policy(1, tenant)));
+        let config = sb.config("", "").replace(
+            "[audit]\n",
+            &format!("[audit]\nuser_secret = \"{}\"\n", secret.display()),
+        );
+        let mut d = Daemon::start(&sb, &config, &[]);
+        d.wait_bundle(1);
+        post_json(
+            &d.socket,
+            "/v1/chat/completions",
+            r#"{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "user": "alice"}"#,
+        );
+        d.signal(Signal::SIGTERM);
+        assert!(d.wait_exit(Duration::from_secs(10)).success());
+        let decision = export(&sb, &[])
+            .into_iter()
+            .find(|r| r["event"]["kind"] == "decision")
+            .expect("decision");
+        let out = airgate(&[
+            "audit",
+            "hash-user",
+            "ops",
+            "alice",
+            "--config",
+            sb.config_path().to_str().expect("utf8"),
+        ]);
+        let searched = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(decision["event"]["end_user"], searched.as_str());
+        hashes.push(searched);
+        assert!(
+            !sb.path().join("state/user-hmac.key").exists(),
+            "no per-host secret made"
+        );
+    }
+    assert_eq!(
+        hashes[0], hashes[1],
+        "the same user hashes the same on every host of the fleet"
+    );
+}
+
+#[test]
+fn fail_open_serves_without_a_durable_record_and_says_so() {
+    let sb = Sandbox::new();
+    let tenant = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+    sb.publish(&sb.sign("v1", &policy(1, tenant)));
+    let config = sb
+        .config("", "")
+        .replace("[audit]\n", "[audit]\nfail_open = true\n");
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    assert!(d.stderr().contains("audit.fail_open is on"));
+    let limit = largest_file(&sb.path().join("state/audit"));
+    let out = Command::new("prlimit")
+        .arg(format!("--pid={}", d.pid()))
+        .arg(format!("--fsize={limit}:unlimited"))
+        .output()
+        .expect("prlimit");
+    assert!(out.status.success());
+    for i in 0..200 {
+        let r = post_json(
+            &d.socket,
+            "/v1/chat/completions",
+            &format!(
+                r#"{{"model": "gemma-3-270m", "messages": [{{"role": "user", "content": "{}"}}], "user": "u{i}"}}"#,
+                "x".repeat(2000)
+            ),
+        );
+        assert_eq!(
+            r.json()["error"]["code"],
+            "model_not_loaded",
+            "served although not durable"
+        );
+    }
+    let status = get(&d.socket, "/admin/status", &[]).json();
+    assert!(
+        status["audit"]["writer"]["failed_batches"].as_u64() >= Some(1),
+        "{status}"
+    );
+}
