@@ -183,6 +183,66 @@ pub fn verify_db(
     })
 }
 
+/// Finds the last checkpoint record (scanning back), checks its signature
+/// and that it names the hash the chain holds at its sequence, and
+/// verifies the chain from there; from genesis when there is none.
+pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Verified, AuditError> {
+    let unavailable = |e: sled::Error| AuditError::Unavailable(e.to_string());
+    for item in db.iter().rev() {
+        let (k, v) = item.map_err(unavailable)?;
+        let Ok(k) = <[u8; 8]>::try_from(k.as_ref()) else {
+            break;
+        };
+        let seq = u64::from_be_bytes(k);
+        let sealed = open(seq, &v).map_err(AuditError::Broken)?;
+        let Ok(Content {
+            event:
+                Event::Checkpoint {
+                    seq: at,
+                    head,
+                    signature,
+                    ..
+                },
+            ..
+        }) = sealed.parse()
+        else {
+            continue;
+        };
+        let bad = || AuditError::Broken(ChainError::BadCheckpoint { seq });
+        let at_record = db.get(key(at)).map_err(unavailable)?.ok_or_else(bad)?;
+        let at_sealed = open(at, &at_record).map_err(AuditError::Broken)?;
+        let signed = unhex(&signature).is_some_and(|sig| {
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, host_key)
+                .verify(
+                    &airgate_policy::audit::checkpoint_message(at, &at_sealed.hash),
+                    &sig,
+                )
+                .is_ok()
+        });
+        if !signed || head != hex(&at_sealed.hash) || at + 1 != seq {
+            return Err(bad());
+        }
+        let mut verifier = Verifier::resume(at + 1, at_sealed.hash);
+        for item in db.range(key(at + 1)..) {
+            let (k, v) = item.map_err(unavailable)?;
+            let s = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    AuditError::Broken(ChainError::Truncated {
+                        seq: verifier.next(),
+                    })
+                })?;
+            verifier.push(s, &v).map_err(AuditError::Broken)?;
+        }
+        return Ok(Verified {
+            records: verifier.next(),
+            head: verifier.head(),
+            checkpoints: 1,
+        });
+    }
+    verify_db(db, Vec::new(), Some(host_key))
+}
+
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -279,7 +339,13 @@ impl Audit {
             use ring::signature::KeyPair as _;
             c.key.public_key().as_ref().to_vec()
         });
-        let verified = verify_db(&db, Vec::new(), host_public.as_deref())?;
+        // From the last checkpoint whose signature holds (earlier records
+        // were verified at earlier starts and are vouched for by it); from
+        // genesis when there is none. `airgate audit verify` walks it all.
+        let verified = match host_public.as_deref() {
+            Some(key) => verify_from_last_checkpoint(&db, key)?,
+            None => verify_db(&db, Vec::new(), None)?,
+        };
         let (records, head) = (verified.records, verified.head);
         let state = Arc::new(Mutex::new(WriterState {
             records,
@@ -684,5 +750,39 @@ mod tests {
             verify_db(&db, Vec::new(), Some(&other)),
             Err(AuditError::Broken(ChainError::BadCheckpoint { .. }))
         ));
+        // At start only the tail after the last good checkpoint is walked.
+        let from = verify_from_last_checkpoint(&db, &good).expect("from checkpoint");
+        assert_eq!(from.records, v.records);
+        assert!(matches!(
+            verify_from_last_checkpoint(&db, &other),
+            Err(AuditError::Broken(ChainError::BadCheckpoint { .. }))
+        ));
+        // A record rewritten after the last checkpoint is found there.
+        let last = v.records - 1;
+        let mut bytes = db.get(key(last)).expect("get").expect("record").to_vec();
+        let n = bytes.len();
+        bytes[n - 2] ^= 1;
+        db.insert(key(last), bytes).expect("tamper");
+        assert!(matches!(
+            verify_from_last_checkpoint(&db, &good),
+            Err(AuditError::Broken(ChainError::Checksum { seq })) if seq == last
+        ));
+        drop(db);
+        // And the daemon's open refuses the store (serve exits 76 on this).
+        let reopened = Audit::open(
+            &store,
+            8 << 20,
+            None,
+            |_| unreachable!("not a new store"),
+            Some(CheckpointSigner {
+                key: pair(1),
+                key_sha256: String::new(),
+                every: 3,
+                interval: std::time::Duration::from_secs(3600),
+            }),
+            false,
+            heartbeat.register("audit-writer-2", std::time::Duration::from_secs(30)),
+        );
+        assert!(matches!(reopened, Err(AuditError::Broken(_))));
     }
 }
