@@ -137,7 +137,51 @@ pub fn verify_db(
     external: Vec<(u64, [u8; 32])>,
     host_key: Option<&[u8]>,
 ) -> Result<Verified, AuditError> {
-    let mut v = Verifier::new().with_checkpoints(external);
+    let mut v = Verifier::new().with_checkpoints(external.clone());
+    // A pruned store starts at a checkpoint record: its signature (by the
+    // host key) vouches for the hash of the pruned record before it.
+    if let Some((k, value)) = db
+        .first()
+        .map_err(|e| AuditError::Unavailable(e.to_string()))?
+        && let Ok(k) = <[u8; 8]>::try_from(k.as_ref())
+        && u64::from_be_bytes(k) > 0
+    {
+        let seq = u64::from_be_bytes(k);
+        let bad = || AuditError::Broken(ChainError::BadCheckpoint { seq });
+        let sealed = open(seq, &value).map_err(AuditError::Broken)?;
+        let Ok(Content {
+            event:
+                Event::Checkpoint {
+                    seq: at,
+                    head,
+                    signature,
+                    ..
+                },
+            ..
+        }) = sealed.parse()
+        else {
+            return Err(bad());
+        };
+        let key = host_key.ok_or_else(|| AuditError::Open {
+            path: PathBuf::from("host.pub"),
+            reason: format!(
+                "the store was pruned before record {seq}; the host key is needed to verify it"
+            ),
+        })?;
+        let signed = unhex(&signature).is_some_and(|sig| {
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+                .verify(
+                    &airgate_policy::audit::checkpoint_message(at, &sealed.prev),
+                    &sig,
+                )
+                .is_ok()
+        });
+        if !signed || at + 1 != seq || head != hex(&sealed.prev) {
+            return Err(bad());
+        }
+        let kept: Vec<(u64, [u8; 32])> = external.into_iter().filter(|c| c.0 >= seq).collect();
+        v = Verifier::resume(seq, sealed.prev).with_checkpoints(kept);
+    }
     let mut checkpoints = 0;
     for item in db.iter() {
         let (k, value) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
@@ -209,20 +253,20 @@ pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Ver
             continue;
         };
         let bad = || AuditError::Broken(ChainError::BadCheckpoint { seq });
-        let at_record = db.get(key(at)).map_err(unavailable)?.ok_or_else(bad)?;
-        let at_sealed = open(at, &at_record).map_err(AuditError::Broken)?;
+        // The checkpoint links to record `at` by its own `prev`: that is the
+        // hash it must name and sign (record `at` itself may be pruned).
         let signed = unhex(&signature).is_some_and(|sig| {
             ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, host_key)
                 .verify(
-                    &airgate_policy::audit::checkpoint_message(at, &at_sealed.hash),
+                    &airgate_policy::audit::checkpoint_message(at, &sealed.prev),
                     &sig,
                 )
                 .is_ok()
         });
-        if !signed || head != hex(&at_sealed.hash) || at + 1 != seq {
+        if !signed || head != hex(&sealed.prev) || at + 1 != seq {
             return Err(bad());
         }
-        let mut verifier = Verifier::resume(at + 1, at_sealed.hash);
+        let mut verifier = Verifier::resume(at + 1, sealed.prev);
         for item in db.range(key(at + 1)..) {
             let (k, v) = item.map_err(unavailable)?;
             let s = <[u8; 8]>::try_from(k.as_ref())
@@ -434,6 +478,48 @@ impl Audit {
             next = seq + 1;
         }
         Ok((lines, next))
+    }
+
+    /// Deletes the records before the last checkpoint sealed no later than
+    /// `cutoff` (Unix time), so verification continues from that
+    /// checkpoint. Returns (first kept sequence, records removed).
+    pub fn prune_before(&self, cutoff: i64) -> Result<Option<(u64, u64)>, AuditError> {
+        let db = self.reader()?;
+        let unavailable = |e: sled::Error| AuditError::Unavailable(e.to_string());
+        let mut anchor = None;
+        for item in db.iter() {
+            let (k, v) = item.map_err(unavailable)?;
+            let Ok(k) = <[u8; 8]>::try_from(k.as_ref()) else {
+                break;
+            };
+            let seq = u64::from_be_bytes(k);
+            let Ok(sealed) = open(seq, &v) else { break };
+            let Ok(content) = sealed.parse() else { break };
+            if content.time > cutoff {
+                break;
+            }
+            if matches!(content.event, Event::Checkpoint { .. }) {
+                anchor = Some(seq);
+            }
+        }
+        let Some(anchor) = anchor else {
+            return Ok(None);
+        };
+        let first = db
+            .first()
+            .map_err(unavailable)?
+            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        if first >= anchor {
+            return Ok(None);
+        }
+        let mut batch = sled::Batch::default();
+        for seq in first..anchor {
+            batch.remove(&key(seq));
+        }
+        db.apply_batch(batch).map_err(unavailable)?;
+        db.flush().map_err(unavailable)?;
+        Ok(Some((anchor, anchor - first)))
     }
 
     /// A consistent copy of every record written so far, as a stopped store
@@ -784,5 +870,64 @@ mod tests {
             heartbeat.register("audit-writer-2", std::time::Duration::from_secs(30)),
         );
         assert!(matches!(reopened, Err(AuditError::Broken(_))));
+    }
+
+    #[test]
+    fn retention_prunes_behind_a_checkpoint_and_the_chain_still_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let heartbeat = Heartbeat::new();
+        let (audit, _) = Audit::open(
+            &dir.path().join("audit"),
+            8 << 20,
+            None,
+            |_| Event::Genesis {
+                host_key_sha256: String::new(),
+                machine_id: "m".to_owned(),
+                state_dir: "s".to_owned(),
+                previous_store: None,
+            },
+            Some(CheckpointSigner {
+                key: pair(1),
+                key_sha256: String::new(),
+                every: 4,
+                interval: std::time::Duration::from_secs(3600),
+            }),
+            false,
+            heartbeat.register("audit-writer", std::time::Duration::from_secs(30)),
+        )
+        .expect("open");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        for i in 0..10 {
+            rt.block_on(audit.append(Event::Shutdown {
+                reason: format!("r{i}"),
+            }))
+            .expect("append");
+        }
+        assert_eq!(audit.prune_before(0).expect("nothing that old"), None);
+        let (first_kept, removed) = audit
+            .prune_before(now() + 10)
+            .expect("prune")
+            .expect("something pruned");
+        assert!(
+            first_kept > 0 && removed == first_kept,
+            "{first_kept} {removed}"
+        );
+        let db = audit.reader().expect("reader");
+        let good = pair(1).public_key().as_ref().to_vec();
+        let whole = verify_db(&db, Vec::new(), Some(&good)).expect("verifies after pruning");
+        assert_eq!(whole.records, audit.state().records);
+        assert!(
+            verify_db(&db, Vec::new(), None).is_err(),
+            "a pruned store needs the host key"
+        );
+        verify_from_last_checkpoint(&db, &good).expect("start-up check");
+        // Appending goes on after pruning.
+        rt.block_on(audit.append(Event::Shutdown {
+            reason: "after".to_owned(),
+        }))
+        .expect("append after prune");
+        verify_db(&db, Vec::new(), Some(&good)).expect("verifies");
     }
 }

@@ -58,6 +58,8 @@ pub struct AuditConfig {
     /// Serve even when a decision record cannot be made durable. Off by
     /// default; recorded in the log itself when on.
     pub fail_open: bool,
+    /// Records older than this many days are pruned behind a checkpoint.
+    pub retention_days: Option<u64>,
 }
 
 /// Where the audit store's creation is remembered: systemd's second
@@ -524,6 +526,8 @@ fn parse_root(
             };
             let journal_all = s.optional(errors, "journal_all", flag).unwrap_or(false);
             let fail_open = s.optional(errors, "fail_open", flag).unwrap_or(false);
+            let retention_days =
+                s.optional(errors, "retention_days", integer_between(1, 100 * 365));
             s.finish(errors);
             AuditConfig {
                 marker: marker.unwrap_or_else(|| Some(PathBuf::from(DEFAULT_MARKER))),
@@ -533,6 +537,7 @@ fn parse_root(
                 user_secret,
                 journal_all,
                 fail_open,
+                retention_days,
             }
         }
         None => AuditConfig {
@@ -543,6 +548,7 @@ fn parse_root(
             user_secret: None,
             journal_all: false,
             fail_open: false,
+            retention_days: None,
         },
     };
     root.finish(errors);

@@ -562,6 +562,7 @@ impl Daemon {
             shared.heartbeat.register("bundle-inbox", policy_budget),
             background.clone(),
         ));
+        let retention = tokio::spawn(run_retention(Arc::clone(&shared), background.clone()));
         let mirror = shared
             .config()
             .policy
@@ -666,6 +667,7 @@ impl Daemon {
         background.cancel();
         let _ = probe.await;
         let _ = poller.await;
+        let _ = retention.await;
         if let Some(m) = mirror {
             let _ = m.await;
         }
@@ -842,6 +844,40 @@ async fn accept_tls(
 
 /// Checks the state directory's free space and writability on a blocking
 /// thread. A hung file system hangs this worker, and the watchdog notices.
+/// Prunes audit records past `audit.retention_days`, at start and hourly.
+async fn run_retention(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        if let Some(days) = shared.config().audit.retention_days {
+            let cutoff = crate::bundle::system_time_now()
+                - i64::try_from(days.saturating_mul(86_400)).unwrap_or(i64::MAX);
+            let audit = shared.audit.clone();
+            let pruned = tokio::task::spawn_blocking(move || audit.prune_before(cutoff)).await;
+            match pruned {
+                Ok(Ok(Some((first_kept, removed)))) => {
+                    tracing::info!(
+                        AIRGATE_EVENT = "audit_pruned",
+                        first_kept,
+                        removed,
+                        "audit records past retention pruned"
+                    );
+                    shared.audit.record(Event::AuditPruned {
+                        first_kept,
+                        removed,
+                        retention_days: days,
+                    });
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "audit retention failed"),
+                Err(e) => tracing::warn!(error = %e, "audit retention task failed"),
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
 /// Polls the bundle mirror, feeding what it serves into the same
 /// verify-and-activate path as the inbox.
 async fn run_mirror(

@@ -121,6 +121,12 @@ pub enum Event {
     AuditRecovered {
         failed_batches: u64,
     },
+    /// Records before `first_kept` (a checkpoint) were deleted by retention.
+    AuditPruned {
+        first_kept: u64,
+        removed: u64,
+        retention_days: u64,
+    },
 }
 
 /// The JSON content of a record: its time and event.
