@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airgate::audit::Audit;
+use airgate::audit::{Audit, OpenOptions};
 use airgate::heartbeat::Heartbeat;
 use airgate_policy::audit::{DecisionRecord, Event};
 
@@ -81,8 +81,12 @@ fn main() {
         let heartbeat = Heartbeat::new();
         let (audit, _) = Audit::open(
             &dir.path().join("audit"),
-            64 << 20,
-            None,
+            OpenOptions {
+                cache_bytes: 64 << 20,
+                marker: None,
+                journal_all: false,
+                accept_broken: false,
+            },
             |_| Event::Genesis {
                 host_key_sha256: "00".repeat(32),
                 machine_id: "bench".to_owned(),
@@ -90,7 +94,6 @@ fn main() {
                 previous_store: None,
             },
             None,
-            false,
             heartbeat.register("audit-writer", Duration::from_secs(60)),
         )
         .expect("open");

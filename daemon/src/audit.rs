@@ -323,18 +323,36 @@ fn now() -> i64 {
     SystemClock.now().seconds()
 }
 
+/// How a store is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions<'a> {
+    /// sled's page cache, bytes.
+    pub cache_bytes: u64,
+    /// File recording that a store was created (outside the state directory).
+    pub marker: Option<&'a Path>,
+    /// Every record to the journal, not only checkpoints.
+    pub journal_all: bool,
+    /// Start on a chain that does not verify (`--accept-broken-audit`).
+    pub accept_broken: bool,
+}
+
 impl Audit {
     /// Opens (or creates, with its genesis record) the store and verifies
-    /// the whole chain; starts the writer thread. Blocking.
+    /// the chain from its last signed checkpoint; starts the writer thread.
+    /// Blocking.
     pub fn open(
         dir: &Path,
-        cache_bytes: u64,
-        marker: Option<&Path>,
+        options: OpenOptions<'_>,
         genesis: impl FnOnce(Option<String>) -> Event,
         checkpoints: Option<CheckpointSigner>,
-        journal_all: bool,
         worker: Worker,
     ) -> Result<(Self, Opened), AuditError> {
+        let OpenOptions {
+            cache_bytes,
+            marker,
+            journal_all,
+            accept_broken,
+        } = options;
         let db = open_db(dir, cache_bytes)?;
         let io = |e: &dyn std::fmt::Display| AuditError::Open {
             path: dir.to_owned(),
@@ -387,10 +405,40 @@ impl Audit {
         // were verified at earlier starts and are vouched for by it); from
         // genesis when there is none. `airgate audit verify` walks it all.
         let verified = match host_public.as_deref() {
-            Some(key) => verify_from_last_checkpoint(&db, key)?,
-            None => verify_db(&db, Vec::new(), None)?,
+            Some(key) => verify_from_last_checkpoint(&db, key),
+            None => verify_db(&db, Vec::new(), None),
         };
-        let (records, head) = (verified.records, verified.head);
+        let mut broken = None;
+        let (records, head) = match verified {
+            Ok(v) => (v.records, v.head),
+            Err(AuditError::Broken(e)) if accept_broken => {
+                // Append after what is there: the break stays for every
+                // later verification to find; the override is recorded.
+                tracing::error!(
+                    AIRGATE_EVENT = "audit_override",
+                    first_bad_seq = e.seq(),
+                    error = %e,
+                    "STARTING ON A BROKEN AUDIT CHAIN (--accept-broken-audit)"
+                );
+                let last = db
+                    .last()
+                    .map_err(|e| io(&e))?
+                    .and_then(|(k, v)| {
+                        let seq = u64::from_be_bytes(<[u8; 8]>::try_from(k.as_ref()).ok()?);
+                        // The last record may be the damaged one: link to the
+                        // hash it claims; the break is reported either way.
+                        let hash = match open(seq, &v) {
+                            Ok(sealed) => sealed.hash,
+                            Err(_) => <[u8; 32]>::try_from(v.get(44..76)?).ok()?,
+                        };
+                        Some((seq + 1, hash))
+                    })
+                    .ok_or_else(|| AuditError::Broken(e.clone()))?;
+                broken = Some(e);
+                last
+            }
+            Err(e) => return Err(e),
+        };
         let state = Arc::new(Mutex::new(WriterState {
             records,
             head: hex(&head),
@@ -417,8 +465,15 @@ impl Audit {
                 );
             })
             .map_err(|e| io(&e))?;
+        let audit = Self { tx, state, reader };
+        if let Some(e) = broken {
+            audit.record(Event::AuditOverride {
+                first_bad_seq: e.seq(),
+                error: e.to_string(),
+            });
+        }
         Ok((
-            Self { tx, state, reader },
+            audit,
             Opened {
                 records,
                 head: hex(&head),
@@ -474,7 +529,10 @@ impl Audit {
         let mut next = from;
         for item in read_all(&db, from).take(limit) {
             let (seq, content) = item.map_err(AuditError::Unavailable)?;
-            lines.push(export_line(seq, &content));
+            lines.push(match content {
+                Ok(c) => export_line(seq, &c),
+                Err(e) => damaged_line(seq, &e),
+            });
             next = seq + 1;
         }
         Ok((lines, next))
@@ -758,19 +816,28 @@ fn fail_batch(state: &Mutex<WriterState>, jobs: Vec<Job>, error: &str) {
 }
 
 /// Iterates a stopped store's records as (seq, content) for export.
+/// Every record from `from` on. The outer error is the store failing to
+/// read; the inner one a record that is damaged (its sequence is known, so
+/// an export can say which and go on; verification reports it as a break).
 pub fn read_all(
     db: &sled::Db,
     from: u64,
-) -> impl Iterator<Item = Result<(u64, Content), String>> + '_ {
+) -> impl Iterator<Item = Result<(u64, Result<Content, String>), String>> + '_ {
     db.range(key(from)..).map(|item| {
         let (k, v) = item.map_err(|e| e.to_string())?;
         let seq = <[u8; 8]>::try_from(k.as_ref())
             .map(u64::from_be_bytes)
-            .map_err(|_| "bad key".to_owned())?;
-        let sealed = open(seq, &v).map_err(|e| e.to_string())?;
-        let content = sealed.parse().map_err(|e| format!("record {seq}: {e}"))?;
+            .map_err(|_| "a key that is not a sequence number".to_owned())?;
+        let content = open(seq, &v)
+            .map_err(|e| e.to_string())
+            .and_then(|sealed| sealed.parse().map_err(|e| format!("record {seq}: {e}")));
         Ok((seq, content))
     })
+}
+
+/// The export line standing for a damaged record.
+pub fn damaged_line(seq: u64, error: &str) -> String {
+    serde_json::json!({"seq": seq, "damaged": error}).to_string()
 }
 
 #[cfg(test)]
@@ -791,8 +858,12 @@ mod tests {
         let heartbeat = Heartbeat::new();
         let (audit, opened) = Audit::open(
             &store,
-            8 << 20,
-            None,
+            OpenOptions {
+                cache_bytes: 8 << 20,
+                marker: None,
+                journal_all: false,
+                accept_broken: false,
+            },
             |_| Event::Genesis {
                 host_key_sha256: String::new(),
                 machine_id: "m".to_owned(),
@@ -805,7 +876,6 @@ mod tests {
                 every: 3,
                 interval: std::time::Duration::from_secs(3600),
             }),
-            false,
             heartbeat.register("audit-writer", std::time::Duration::from_secs(30)),
         )
         .expect("open");
@@ -857,8 +927,12 @@ mod tests {
         // And the daemon's open refuses the store (serve exits 76 on this).
         let reopened = Audit::open(
             &store,
-            8 << 20,
-            None,
+            OpenOptions {
+                cache_bytes: 8 << 20,
+                marker: None,
+                journal_all: false,
+                accept_broken: false,
+            },
             |_| unreachable!("not a new store"),
             Some(CheckpointSigner {
                 key: pair(1),
@@ -866,10 +940,35 @@ mod tests {
                 every: 3,
                 interval: std::time::Duration::from_secs(3600),
             }),
-            false,
             heartbeat.register("audit-writer-2", std::time::Duration::from_secs(30)),
         );
         assert!(matches!(reopened, Err(AuditError::Broken(_))));
+        // Unless the operator overrides, which is recorded.
+        let (audit, _) = Audit::open(
+            &store,
+            OpenOptions {
+                cache_bytes: 8 << 20,
+                marker: None,
+                journal_all: false,
+                accept_broken: true,
+            },
+            |_| unreachable!("not a new store"),
+            None,
+            heartbeat.register("audit-writer-3", std::time::Duration::from_secs(30)),
+        )
+        .expect("override");
+        rt.block_on(audit.append(Event::Shutdown {
+            reason: "after override".to_owned(),
+        }))
+        .expect("append");
+        // The export goes on past the damaged record and names it.
+        let (lines, _) = audit.page(0, 1000).expect("page");
+        assert!(lines.iter().any(|l| l.contains("audit_override")));
+        let damaged = damaged_line(
+            last,
+            &format!("record {last}: checksum mismatch (storage damage)"),
+        );
+        assert!(lines.contains(&damaged), "{lines:?}");
     }
 
     #[test]
@@ -878,8 +977,12 @@ mod tests {
         let heartbeat = Heartbeat::new();
         let (audit, _) = Audit::open(
             &dir.path().join("audit"),
-            8 << 20,
-            None,
+            OpenOptions {
+                cache_bytes: 8 << 20,
+                marker: None,
+                journal_all: false,
+                accept_broken: false,
+            },
             |_| Event::Genesis {
                 host_key_sha256: String::new(),
                 machine_id: "m".to_owned(),
@@ -892,7 +995,6 @@ mod tests {
                 every: 4,
                 interval: std::time::Duration::from_secs(3600),
             }),
-            false,
             heartbeat.register("audit-writer", std::time::Duration::from_secs(30)),
         )
         .expect("open");

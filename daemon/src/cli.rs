@@ -28,6 +28,11 @@ pub enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
         config: PathBuf,
+        /// Start even though the audit chain does not verify. The break stays
+        /// in the log (verify keeps reporting it) and the override is
+        /// recorded as an audit record. For recovery after an investigation.
+        #[arg(long)]
+        accept_broken_audit: bool,
     },
     /// Validate a configuration file and report every problem; exit 64 if any.
     CheckConfig {

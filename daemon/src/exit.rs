@@ -13,7 +13,9 @@ pub const DATA: u8 = 65;
 pub const UNAVAILABLE: u8 = 69;
 /// The state directory cannot be created or used.
 pub const CANT_CREATE: u8 = 73;
+/// Reading a store failed part-way (sysexits EX_IOERR).
+pub const IO: u8 = 74;
 /// A client command could not reach or was refused by the daemon.
 pub const NO_DAEMON: u8 = 75;
-/// Reserved for the audit issue: the audit chain does not verify. Not restarted.
+/// The audit chain does not verify, or an export met damaged records. Not restarted.
 pub const AUDIT_BROKEN: u8 = 76;

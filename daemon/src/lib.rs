@@ -39,7 +39,10 @@ use config::Config;
 /// Runs a parsed command line and returns the process exit code.
 pub fn run_cli(cli: Cli) -> u8 {
     match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve {
+            config,
+            accept_broken_audit,
+        } => serve(&config, accept_broken_audit),
         Command::CheckConfig { config } => check_config(&config),
         Command::Status {
             socket,
@@ -194,19 +197,38 @@ fn audit_command(command: AuditCommand) -> u8 {
                 Ok(db) => db,
                 Err(e) => return fail(exit::CANT_CREATE, &e),
             };
+            // A damaged record is exported as a `damaged` line and the
+            // export goes on; the exit status says some were (76).
+            let mut damaged = 0u64;
             for item in audit::read_all(&db, from) {
                 let (seq, content) = match item {
                     Ok(r) => r,
-                    Err(e) => return fail(exit::AUDIT_BROKEN, &e),
+                    Err(e) => return fail(exit::IO, &e),
                 };
-                if let Some(f) = filter.as_mut()
-                    && !f.keep(&content.event)
-                {
-                    continue;
-                }
-                if writeln!(out, "{}", audit::export_line(seq, &content)).is_err() {
+                let line = match content {
+                    Ok(content) => {
+                        if let Some(f) = filter.as_mut()
+                            && !f.keep(&content.event)
+                        {
+                            continue;
+                        }
+                        audit::export_line(seq, &content)
+                    }
+                    Err(e) => {
+                        damaged += 1;
+                        eprintln!("airgate: damaged audit record {seq}: {e}");
+                        audit::damaged_line(seq, &e)
+                    }
+                };
+                if writeln!(out, "{line}").is_err() {
                     return exit::OK; // the reader went away (e.g. `| head`)
                 }
+            }
+            if damaged > 0 {
+                eprintln!(
+                    "airgate: {damaged} damaged record(s); `airgate audit verify` reports the chain"
+                );
+                return exit::AUDIT_BROKEN;
             }
             exit::OK
         }
@@ -454,7 +476,7 @@ fn check_config(path: &Path) -> u8 {
 /// `airgate serve`: the start-up order is configuration (every error,
 /// exit 64) -> logging -> sockets from systemd -> runtime -> bind -> READY
 /// -> serve -> drain on SIGTERM/SIGINT, reload on SIGHUP.
-fn serve(path: &Path) -> u8 {
+fn serve(path: &Path, accept_broken_audit: bool) -> u8 {
     // The configuration decides where logs go, so it is read first; its
     // errors go to stderr, which systemd also sends to the journal.
     let config = match Config::load(path) {
@@ -504,7 +526,7 @@ fn serve(path: &Path) -> u8 {
         tracing::error!(error = %e, "cannot use the state directory");
         return exit::CANT_CREATE;
     }
-    let state = match server::State::open(&prepared.config) {
+    let state = match server::State::open(&prepared.config, accept_broken_audit) {
         Ok(s) => s,
         Err(server::StateError::Audit(e @ audit::AuditError::Broken(_))) => {
             tracing::error!(error = %e, "AUDIT CHAIN BROKEN: not starting; inspect with `airgate audit verify`");

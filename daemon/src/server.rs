@@ -22,7 +22,7 @@ use airgate_policy::admission::MemoryAdmission;
 
 use airgate_policy::audit::Event;
 
-use crate::audit::{Audit, AuditError};
+use crate::audit::{Audit, AuditError, OpenOptions};
 use crate::bundle::Policy;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, Conn, Refusal};
@@ -300,7 +300,7 @@ impl State {
     /// Opens the policy store (restoring and re-verifying the bundle in
     /// force), the user-hashing secret, the host key and the audit store
     /// (verifying its whole chain). Blocking (file I/O).
-    pub fn open(config: &Config) -> Result<Self, StateError> {
+    pub fn open(config: &Config, accept_broken_audit: bool) -> Result<Self, StateError> {
         let io = |path: PathBuf| move |source| StateDirError::Io { path, source };
         let policy = Policy::open(config).map_err(|e| StateDirError::Io {
             path: config.state_dir.join("policy"),
@@ -343,8 +343,12 @@ impl State {
         let state_dir = config.state_dir.display().to_string();
         let (audit, audit_opened) = Audit::open(
             &config.state_dir.join("audit"),
-            config.audit.cache_bytes,
-            config.audit.marker.as_deref(),
+            OpenOptions {
+                cache_bytes: config.audit.cache_bytes,
+                marker: config.audit.marker.as_deref(),
+                journal_all: config.audit.journal_all,
+                accept_broken: accept_broken_audit,
+            },
             |previous_store| Event::Genesis {
                 host_key_sha256: host_key.fingerprint(),
                 machine_id,
@@ -357,7 +361,6 @@ impl State {
                 every: config.audit.checkpoint_every,
                 interval: config.audit.checkpoint_interval,
             }),
-            config.audit.journal_all,
             heartbeat.register("audit-writer", Duration::from_secs(30)),
         )?;
         Ok(Self {

@@ -121,6 +121,12 @@ pub enum Event {
     AuditRecovered {
         failed_batches: u64,
     },
+    /// The daemon was started on a chain that does not verify, by an
+    /// operator's explicit override.
+    AuditOverride {
+        first_bad_seq: u64,
+        error: String,
+    },
     /// Records before `first_kept` (a checkpoint) were deleted by retention.
     AuditPruned {
         first_kept: u64,
