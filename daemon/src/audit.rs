@@ -136,16 +136,37 @@ pub fn verify_db(
     db: &sled::Db,
     external: Vec<(u64, [u8; 32])>,
     host_key: Option<&[u8]>,
+    from: u64,
 ) -> Result<Verified, AuditError> {
     let mut v = Verifier::new().with_checkpoints(external.clone());
-    // A pruned store starts at a checkpoint record: its signature (by the
-    // host key) vouches for the hash of the pruned record before it.
-    if let Some((k, value)) = db
+    let first = db
         .first()
-        .map_err(|e| AuditError::Unavailable(e.to_string()))?
+        .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    let first_seq = first
+        .as_ref()
+        .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    let mut start = 0;
+    if from > first_seq {
+        // From a record on: it is taken as it links (its `prev` is trusted,
+        // its own checksum and hash are checked like every later one's).
+        let value = db
+            .get(key(from))
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?
+            .ok_or_else(|| AuditError::Open {
+                path: PathBuf::from("audit"),
+                reason: format!("there is no record {from} to verify from"),
+            })?;
+        let sealed = open(from, &value).map_err(AuditError::Broken)?;
+        let kept: Vec<(u64, [u8; 32])> = external.into_iter().filter(|c| c.0 >= from).collect();
+        v = Verifier::resume(from, sealed.prev).with_checkpoints(kept);
+        start = from;
+    } else if let Some((k, value)) = first
         && let Ok(k) = <[u8; 8]>::try_from(k.as_ref())
         && u64::from_be_bytes(k) > 0
     {
+        // A pruned store starts at a checkpoint record: its signature (by
+        // the host key) vouches for the hash of the pruned record before it.
         let seq = u64::from_be_bytes(k);
         let bad = || AuditError::Broken(ChainError::BadCheckpoint { seq });
         let sealed = open(seq, &value).map_err(AuditError::Broken)?;
@@ -181,9 +202,10 @@ pub fn verify_db(
         }
         let kept: Vec<(u64, [u8; 32])> = external.into_iter().filter(|c| c.0 >= seq).collect();
         v = Verifier::resume(seq, sealed.prev).with_checkpoints(kept);
+        start = seq;
     }
     let mut checkpoints = 0;
-    for item in db.iter() {
+    for item in db.range(key(start)..) {
         let (k, value) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
         let seq = <[u8; 8]>::try_from(k.as_ref())
             .map(u64::from_be_bytes)
@@ -284,7 +306,7 @@ pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Ver
             checkpoints: 1,
         });
     }
-    verify_db(db, Vec::new(), Some(host_key))
+    verify_db(db, Vec::new(), Some(host_key), 0)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -406,7 +428,7 @@ impl Audit {
         // genesis when there is none. `airgate audit verify` walks it all.
         let verified = match host_public.as_deref() {
             Some(key) => verify_from_last_checkpoint(&db, key),
-            None => verify_db(&db, Vec::new(), None),
+            None => verify_db(&db, Vec::new(), None, 0),
         };
         let mut broken = None;
         let (records, head) = match verified {
@@ -899,12 +921,19 @@ mod tests {
             })
             .expect("reopen");
         let good = pair(1).public_key().as_ref().to_vec();
-        let v = verify_db(&db, Vec::new(), Some(&good)).expect("verifies");
+        let v = verify_db(&db, Vec::new(), Some(&good), 0).expect("verifies");
         assert!(v.checkpoints >= 3, "{v:?}");
         let other = pair(2).public_key().as_ref().to_vec();
         assert!(matches!(
-            verify_db(&db, Vec::new(), Some(&other)),
+            verify_db(&db, Vec::new(), Some(&other), 0),
             Err(AuditError::Broken(ChainError::BadCheckpoint { .. }))
+        ));
+        // From a record on: the same tail, counted to the same end.
+        let tail = verify_db(&db, Vec::new(), Some(&good), 5).expect("from 5");
+        assert_eq!((tail.records, tail.head), (v.records, v.head));
+        assert!(matches!(
+            verify_db(&db, Vec::new(), Some(&good), v.records + 5),
+            Err(AuditError::Open { .. })
         ));
         // At start only the tail after the last good checkpoint is walked.
         let from = verify_from_last_checkpoint(&db, &good).expect("from checkpoint");
@@ -921,6 +950,10 @@ mod tests {
         db.insert(key(last), bytes).expect("tamper");
         assert!(matches!(
             verify_from_last_checkpoint(&db, &good),
+            Err(AuditError::Broken(ChainError::Checksum { seq })) if seq == last
+        ));
+        assert!(matches!(
+            verify_db(&db, Vec::new(), Some(&good), 5),
             Err(AuditError::Broken(ChainError::Checksum { seq })) if seq == last
         ));
         drop(db);
@@ -1018,10 +1051,10 @@ mod tests {
         );
         let db = audit.reader().expect("reader");
         let good = pair(1).public_key().as_ref().to_vec();
-        let whole = verify_db(&db, Vec::new(), Some(&good)).expect("verifies after pruning");
+        let whole = verify_db(&db, Vec::new(), Some(&good), 0).expect("verifies after pruning");
         assert_eq!(whole.records, audit.state().records);
         assert!(
-            verify_db(&db, Vec::new(), None).is_err(),
+            verify_db(&db, Vec::new(), None, 0).is_err(),
             "a pruned store needs the host key"
         );
         verify_from_last_checkpoint(&db, &good).expect("start-up check");
@@ -1030,6 +1063,6 @@ mod tests {
             reason: "after".to_owned(),
         }))
         .expect("append after prune");
-        verify_db(&db, Vec::new(), Some(&good)).expect("verifies");
+        verify_db(&db, Vec::new(), Some(&good), 0).expect("verifies");
     }
 }

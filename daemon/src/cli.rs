@@ -156,6 +156,10 @@ pub enum AuditCommand {
         /// Checkpoints kept elsewhere: lines `SEQ HASH` (e.g. from the journal).
         #[arg(long)]
         checkpoints: Option<PathBuf>,
+        /// Verify from this record on (taking the hash it links to as given),
+        /// e.g. the last sequence an earlier verification reached.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
     },
     /// Records as JSON Lines: from the running daemon (admin socket), or
     /// read directly from a stopped store or snapshot with --state.
@@ -168,6 +172,10 @@ pub enum AuditCommand {
         /// First sequence number.
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// Only records written at or after this time: RFC 3339
+        /// (2026-11-23T00:00:00Z) or Unix seconds.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<i64>,
         /// Only decision and completion records of this tenant's requests.
         #[arg(long)]
         tenant: Option<String>,
@@ -277,4 +285,16 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--since`: RFC 3339 or Unix seconds.
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(seconds) = s.parse::<i64>() {
+        return Ok(seconds);
+    }
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(time::OffsetDateTime::unix_timestamp)
+        .map_err(|e| {
+            format!("{s:?} is neither RFC 3339 (2026-11-23T00:00:00Z) nor Unix seconds: {e}")
+        })
 }

@@ -117,6 +117,7 @@ fn audit_command(command: AuditCommand) -> u8 {
             state,
             config,
             checkpoints,
+            from,
         } => {
             let dir = match state_dir(state, &config) {
                 Ok(d) => d,
@@ -137,10 +138,16 @@ fn audit_command(command: AuditCommand) -> u8 {
                     dir.join("host.pub").display()
                 );
             }
-            match audit::verify_db(&db, checkpoints, host.as_ref().map(|k| k.raw.as_slice())) {
+            let key = host.as_ref().map(|k| k.raw.as_slice());
+            match audit::verify_db(&db, checkpoints, key, from) {
                 Ok(v) => {
+                    let scope = if from > 0 {
+                        format!(" (from record {from})")
+                    } else {
+                        String::new()
+                    };
                     println!(
-                        "audit chain OK: {} records, head {}, {} signed checkpoints verified",
+                        "audit chain OK{scope}: {} records, head {}, {} signed checkpoints verified",
                         v.records,
                         keys::hex(&v.head),
                         v.checkpoints
@@ -154,9 +161,11 @@ fn audit_command(command: AuditCommand) -> u8 {
             state,
             config,
             from,
+            since,
             tenant,
         } => {
             let mut filter = tenant.as_deref().map(audit::TenantFilter::new);
+            let since = since.unwrap_or(i64::MIN);
             let mut out = std::io::stdout().lock();
             // A running daemon holds the store: ask it, unless told to read a directory.
             if state.is_none()
@@ -173,9 +182,20 @@ fn audit_command(command: AuditCommand) -> u8 {
                         return exit::OK;
                     }
                     for line in lines {
-                        if let Some(f) = filter.as_mut() {
-                            let keep = serde_json::from_str::<serde_json::Value>(&line)
-                                .ok()
+                        let record = serde_json::from_str::<serde_json::Value>(&line).ok();
+                        // Damaged records (no time, no event) are always shown.
+                        let damaged = record.as_ref().is_some_and(|v| v.get("damaged").is_some());
+                        if record
+                            .as_ref()
+                            .and_then(|v| v["time"].as_i64())
+                            .is_some_and(|t| t < since)
+                        {
+                            continue;
+                        }
+                        if let Some(f) = filter.as_mut()
+                            && !damaged
+                        {
+                            let keep = record
                                 .and_then(|v| serde_json::from_value(v["event"].clone()).ok())
                                 .is_some_and(|e| f.keep(&e));
                             if !keep {
@@ -207,6 +227,9 @@ fn audit_command(command: AuditCommand) -> u8 {
                 };
                 let line = match content {
                     Ok(content) => {
+                        if content.time < since {
+                            continue;
+                        }
                         if let Some(f) = filter.as_mut()
                             && !f.keep(&content.event)
                         {

@@ -179,6 +179,27 @@ fn every_request_reaching_policy_leaves_one_durable_decision_record() {
     );
     let only_ops = export(&sb, &["--tenant", "ops"]);
     assert_eq!(only_ops.len(), 9, "6 decisions and 3 completions");
+    // --since: by time, RFC 3339 or Unix seconds; a bad value is a usage error.
+    let last_time = records.last().expect("records")["time"]
+        .as_i64()
+        .expect("time");
+    assert_eq!(
+        export(&sb, &["--since", "1970-01-01T00:00:00Z"]).len(),
+        records.len()
+    );
+    let recent = export(&sb, &["--since", &last_time.to_string()]);
+    assert!(!recent.is_empty() && recent.iter().all(|r| r["time"].as_i64() >= Some(last_time)));
+    assert!(export(&sb, &["--since", &(last_time + 3600).to_string()]).is_empty());
+    let out = airgate(&["audit", "export", "--state", s, "--since", "yesterday"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RFC 3339"));
+    // verify --from: the tail from a record on.
+    let out = airgate(&["audit", "verify", "--state", s, "--from", "3"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("audit chain OK (from record 3)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A wiped store is noticed: the marker outside the state directory remembers it.
     std::fs::remove_dir_all(state.join("audit")).expect("wipe");
