@@ -33,14 +33,28 @@ use crate::server::Shared;
 /// body has been sent (or dropped), so idle detection and draining see
 /// streaming responses too.
 pub struct ResponseBody {
-    inner: Full<Bytes>,
+    inner: Inner,
     _in_flight: Option<InFlight>,
+}
+
+enum Inner {
+    Full(Full<Bytes>),
+    /// Server-sent events: chunks as they come; dropping the receiver (the
+    /// client went away) tells the producer to stop.
+    Stream(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl ResponseBody {
     fn new(bytes: impl Into<Bytes>) -> Self {
         Self {
-            inner: Full::new(bytes.into()),
+            inner: Inner::Full(Full::new(bytes.into())),
+            _in_flight: None,
+        }
+    }
+
+    fn stream(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        Self {
+            inner: Inner::Stream(rx),
             _in_flight: None,
         }
     }
@@ -54,15 +68,24 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        match &mut self.get_mut().inner {
+            Inner::Full(f) => Pin::new(f).poll_frame(cx),
+            Inner::Stream(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Full(f) => f.is_end_stream(),
+            Inner::Stream(_) => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Full(f) => f.size_hint(),
+            Inner::Stream(_) => SizeHint::default(),
+        }
     }
 }
 
@@ -97,8 +120,18 @@ pub enum ApiError {
         rule: String,
         retry_after: Option<u64>,
     },
-    #[error("model {0:?} is allowed but not loaded on this host")]
-    ModelNotLoaded(String),
+    #[error("model {model:?} is allowed but not loaded on this host{}", why.as_ref().map(|w| format!(": {w}")).unwrap_or_default())]
+    ModelNotLoaded { model: String, why: Option<String> },
+    #[error("{0}")]
+    InvalidParam(#[from] crate::openai::ParamError),
+    #[error(
+        "the prompt is {tokens} tokens; this model's context holds {context} per request (prompt plus completion)"
+    )]
+    ContextExceeded { tokens: usize, context: u32 },
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("the model failed: {0}")]
+    Engine(String),
     #[error("not serving: the audit record could not be made durable ({0})")]
     AuditUnavailable(String),
 }
@@ -130,8 +163,18 @@ impl ApiError {
             Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::NotServing(_) => (StatusCode::SERVICE_UNAVAILABLE, "policy_unavailable"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            // OpenAI's code for a model that does not exist; the policy
+            // reason is in `reason` and in the audit record.
+            Self::Denied {
+                reason: Reason::ModelNotInManifest,
+                ..
+            } => (StatusCode::NOT_FOUND, "model_not_found"),
             Self::Denied { reason, .. } => (denial_status(*reason), reason.code()),
-            Self::ModelNotLoaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
+            Self::ModelNotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "model_not_loaded"),
+            Self::InvalidParam(_) => (StatusCode::BAD_REQUEST, "invalid_parameter"),
+            Self::ContextExceeded { .. } => (StatusCode::BAD_REQUEST, "context_length_exceeded"),
+            Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "engine_error"),
             Self::AuditUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
         }
     }
@@ -143,9 +186,16 @@ impl ApiError {
             _ if status.is_server_error() => "server_error",
             _ => "invalid_request_error",
         };
-        let mut error = json!({"message": self.to_string(), "type": kind, "code": code});
-        if let Self::Denied { rule, .. } = &self {
+        let param = match &self {
+            Self::InvalidParam(p) => Some(p.param),
+            Self::ContextExceeded { .. } => Some("messages"),
+            _ => None,
+        };
+        let mut error =
+            json!({"message": self.to_string(), "type": kind, "param": param, "code": code});
+        if let Self::Denied { rule, reason, .. } = &self {
             error["rule"] = json!(rule);
+            error["reason"] = json!(reason.code());
         }
         let mut response = json_response(status, &json!({ "error": error }));
         match self {
@@ -279,7 +329,7 @@ pub async fn handle(
 }
 
 async fn dispatch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &Conn,
     id: &RequestId,
     req: Request<Incoming>,
@@ -313,6 +363,7 @@ async fn dispatch(
                     "ready": reasons.is_empty(),
                     "reasons": reasons,
                     "warnings": warnings,
+                    "models": shared.models.states(),
                     "bundle": bundle,
                 }),
             ))
@@ -347,6 +398,10 @@ async fn dispatch(
             // request gets its own clear error whatever the policy state.
             let body = read_json_body(req, limit).await?;
             let ask = gate::ask_from_body(kind, &body).map_err(ApiError::BadRequest)?;
+            let generate = match kind {
+                Kind::Chat | Kind::Completion => Some(crate::openai::parse(kind, &body)?),
+                _ => None,
+            };
             let started = Instant::now();
             let decided = gate::admit(shared, conn, id.as_str(), route_of(&path), &headers, &ask)?;
             // Fail closed: nothing is answered, not even a denial, before the
@@ -397,18 +452,38 @@ async fn dispatch(
                 bundle_version = admitted.bundle.version(),
                 "request allowed by policy"
             );
-            // No engine serves this model yet: nothing was served, so the
-            // reservation is given back whole, and the completion says so.
-            shared.admission.release(admitted.ticket);
-            shared.audit.record(Event::Completion {
+            let served = Served {
+                shared: Arc::clone(shared),
                 request_id: id.as_str().to_owned(),
-                outcome: "error".to_owned(),
-                detail: "model not loaded".to_owned(),
+                ticket: Some(admitted.ticket),
+                started,
                 prompt_tokens: 0,
                 completion_tokens: 0,
-                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            });
-            Err(ApiError::ModelNotLoaded(admitted.allow.model))
+            };
+            match generate {
+                Some(g) => {
+                    generate_text(
+                        shared,
+                        id,
+                        served,
+                        Granted {
+                            bundle: admitted.bundle,
+                            allow: admitted.allow,
+                            max_tokens: admitted.max_tokens,
+                        },
+                        g,
+                    )
+                    .await
+                }
+                None => {
+                    // No engine serves embeddings yet: nothing was served.
+                    served.finish("error", "model not loaded");
+                    Err(ApiError::ModelNotLoaded {
+                        model: admitted.allow.model,
+                        why: None,
+                    })
+                }
+            }
         }
         ("/v1/models", &Method::GET) => Ok(json_response(StatusCode::OK, &models(shared, conn))),
         ("/admin/audit/records", &Method::GET) => {
@@ -472,6 +547,309 @@ async fn dispatch(
     }
 }
 
+/// A request past policy: the reservation it holds and what it has used.
+/// Whatever way it ends (answered, failed, the client gone and the future
+/// dropped), one completion record is written and the reservation is
+/// committed with the tokens actually processed, or released if none were.
+struct Served {
+    shared: Arc<Shared>,
+    request_id: String,
+    ticket: Option<airgate_policy::admission::Ticket>,
+    started: Instant,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl Served {
+    fn finish(mut self, outcome: &str, detail: &str) {
+        self.close(outcome, detail);
+    }
+
+    fn close(&mut self, outcome: &str, detail: &str) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let used = u64::from(self.prompt_tokens) + u64::from(self.completion_tokens);
+        if used == 0 {
+            self.shared.admission.release(ticket);
+        } else {
+            self.shared.admission.commit(ticket, used);
+        }
+        self.shared.audit.record(Event::Completion {
+            request_id: self.request_id.clone(),
+            outcome: outcome.to_owned(),
+            detail: detail.to_owned(),
+            prompt_tokens: u64::from(self.prompt_tokens),
+            completion_tokens: u64::from(self.completion_tokens),
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.close("cancelled", "the client went away");
+    }
+}
+
+/// What policy granted a request.
+struct Granted {
+    bundle: Arc<crate::bundle::Active>,
+    allow: airgate_policy::decision::Allow,
+    max_tokens: u32,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Chat and text completions on a loaded GGUF model.
+async fn generate_text(
+    shared: &Arc<Shared>,
+    id: &RequestId,
+    mut served: Served,
+    granted: Granted,
+    g: crate::openai::Generate,
+) -> Result<Response<ResponseBody>, ApiError> {
+    use crate::llm::{Job, Out};
+    let model = granted.allow.model.clone();
+    let Some(engine) = shared.models.get(&model) else {
+        let why = shared.models.state(&model).map(|s| match s {
+            crate::llm::ModelState::Refused { reason } => reason,
+            crate::llm::ModelState::Checking {
+                done_bytes,
+                total_bytes,
+            } => format!(
+                "checking its files ({} of {} MiB)",
+                done_bytes >> 20,
+                total_bytes >> 20
+            ),
+            crate::llm::ModelState::Loading => "loading".to_owned(),
+            crate::llm::ModelState::Ready { .. } => "just unloaded".to_owned(),
+        });
+        served.finish("error", "model not loaded");
+        return Err(ApiError::ModelNotLoaded { model, why });
+    };
+    let text = match g.kind {
+        Kind::Chat => engine.chat_prompt(&g.messages),
+        _ => Ok(g.prompt.clone()),
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            served.finish("error", &e);
+            return Err(ApiError::BadRequest(e));
+        }
+    };
+    let prompt = engine.tokenize(&text);
+    if prompt.len() >= engine.context as usize {
+        served.finish("error", "prompt longer than the context");
+        return Err(ApiError::ContextExceeded {
+            tokens: prompt.len(),
+            context: engine.context,
+        });
+    }
+    let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        tenant: granted.allow.tenant.to_string(),
+        prompt,
+        sampling: g.sampling.clone(),
+        max_tokens: granted.max_tokens,
+        stop: g.stop.clone(),
+        out: tx,
+    };
+    if let Err(e) = engine.submit(job) {
+        served.finish("error", &e.to_string());
+        return Err(ApiError::Overloaded(e.to_string()));
+    }
+    served.prompt_tokens = prompt_tokens;
+    let attribution: Vec<String> = granted
+        .allow
+        .obligations
+        .iter()
+        .filter_map(|o| match o {
+            airgate_policy::decision::Obligation::Attribution { text, .. } => Some(text.clone()),
+            _ => None,
+        })
+        .collect();
+    let airgate = json!({
+        "licences": granted.allow.licences,
+        "attribution": attribution,
+        "obligations": granted.allow.obligations,
+        "bundle_version": granted.bundle.version(),
+    });
+    let created = unix_now();
+    let chat = g.kind == Kind::Chat;
+    let request_id = id.as_str().to_owned();
+    let mut response = if g.stream {
+        let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let chunk = move |text: Option<&str>,
+                          finish: Option<crate::llm::FinishReason>,
+                          role: bool| {
+            let choice = if chat {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            } else {
+                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+            };
+            json!({
+                "id": request_id,
+                "object": if chat { "chat.completion.chunk" } else { "text_completion" },
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            })
+        };
+        let include_usage = g.include_usage;
+        tokio::spawn(async move {
+            let event = |mut v: serde_json::Value| {
+                if include_usage && v.get("usage").is_none() {
+                    v["usage"] = serde_json::Value::Null;
+                }
+                Bytes::from(format!("data: {v}\n\n"))
+            };
+            let mut first = chat;
+            loop {
+                let ev = tokio::select! {
+                    ev = rx.recv() => ev,
+                    () = body_tx.closed() => {
+                        served.finish("cancelled", "the client disconnected mid-stream");
+                        return;
+                    }
+                };
+                match ev {
+                    Some(Out::Started) => {}
+                    Some(Out::Text(t, generated)) => {
+                        served.completion_tokens = generated;
+                        let sent = body_tx.send(event(chunk(Some(&t), None, first))).await;
+                        first = false;
+                        if sent.is_err() {
+                            served.finish("cancelled", "the client disconnected mid-stream");
+                            return;
+                        }
+                    }
+                    Some(Out::Done(f)) => {
+                        served.completion_tokens = f.completion_tokens;
+                        let mut last = chunk(None, Some(f.reason), first);
+                        if chat && first {
+                            last["choices"][0]["delta"]["content"] = json!("");
+                        }
+                        let _ = body_tx.send(event(last)).await;
+                        if include_usage {
+                            let mut u = chunk(None, None, false);
+                            u["choices"] = json!([]);
+                            u["usage"] = usage(f.prompt_tokens, f.completion_tokens);
+                            let _ = body_tx.send(event(u)).await;
+                        }
+                        let _ = body_tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                        served.finish("completed", finish_name(f.reason));
+                        return;
+                    }
+                    Some(Out::Failed(e)) => {
+                        let err = json!({"error": {"message": format!("the model failed: {e}"), "type": "server_error", "param": null, "code": "engine_error"}});
+                        let _ = body_tx.send(Bytes::from(format!("data: {err}\n\n"))).await;
+                        served.finish("error", &e);
+                        return;
+                    }
+                    None => {
+                        served.finish("error", "the engine stopped");
+                        return;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(ResponseBody::stream(body_rx));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    } else {
+        let mut text = String::new();
+        let finish = loop {
+            match rx.recv().await {
+                Some(Out::Started) => {}
+                Some(Out::Text(t, generated)) => {
+                    served.completion_tokens = generated;
+                    text.push_str(&t);
+                }
+                Some(Out::Done(f)) => break f,
+                Some(Out::Failed(e)) => {
+                    served.finish("error", &e);
+                    return Err(ApiError::Engine(e));
+                }
+                None => {
+                    served.finish("error", "the engine stopped");
+                    return Err(ApiError::Engine("the engine stopped".to_owned()));
+                }
+            }
+        };
+        served.completion_tokens = finish.completion_tokens;
+        served.finish("completed", finish_name(finish.reason));
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.reason, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish.reason, "logprobs": null})
+        };
+        json_response(
+            StatusCode::OK,
+            &json!({
+                "id": id.as_str(),
+                "object": if chat { "chat.completion" } else { "text_completion" },
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage(finish.prompt_tokens, finish.completion_tokens),
+                "airgate": airgate,
+            }),
+        )
+    };
+    if !attribution.is_empty() {
+        // Header values are visible ASCII: anything else is replaced.
+        let text: String = attribution
+            .join(" | ")
+            .chars()
+            .map(|c| {
+                if c.is_ascii() && !c.is_ascii_control() {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            response.headers_mut().insert("airgate-attribution", v);
+        }
+    }
+    Ok(response)
+}
+
+fn usage(prompt: u32, completion: u32) -> serde_json::Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+fn finish_name(reason: crate::llm::FinishReason) -> &'static str {
+    match reason {
+        crate::llm::FinishReason::Stop => "stop",
+        crate::llm::FinishReason::Length => "length",
+    }
+}
+
 fn whoami(shared: &Shared, conn: &Conn, id: &RequestId) -> serde_json::Value {
     let active = shared.policy.active();
     let (tenant, tenant_error) = match &active {
@@ -518,6 +896,7 @@ fn models(shared: &Shared, conn: &Conn) -> serde_json::Value {
                             "licence": m.licence,
                             "kinds": m.kinds,
                             "format": m.format,
+                            "status": shared.models.state(&m.id),
                         })
                     })
                     .collect(),

@@ -36,6 +36,38 @@ pub struct Config {
     pub trust: TrustConfig,
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
+    pub llm: LlmConfig,
+}
+
+/// `[llm]`: how GGUF language models are served (llama.cpp).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LlmConfig {
+    /// Sequences decoded together per model (continuous batching).
+    pub slots: u32,
+    /// Context window of each slot, tokens (prompt plus completion).
+    pub context: u32,
+    /// Decoding threads per model; 0: one per CPU core.
+    pub threads: u32,
+    /// Most tokens decoded in one step (prompt chunks plus one per generating slot).
+    pub batch: u32,
+    /// Requests waiting for a slot, per model; more get 503.
+    pub queue: u32,
+    /// Memory all models together may take (weights plus KV cache), bytes.
+    /// `None`: 80% of the host's memory.
+    pub memory_budget: Option<u64>,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            slots: 4,
+            context: 2048,
+            threads: 0,
+            batch: 512,
+            queue: 64,
+            memory_budget: None,
+        }
+    }
 }
 
 /// `[audit]`: the tamper-evident log in `STATE/audit`.
@@ -551,6 +583,30 @@ fn parse_root(
             retention_days: None,
         },
     };
+    let llm = match root.section(errors, "llm", false) {
+        Some(mut s) => {
+            let d = LlmConfig::default();
+            let n = |s: &mut Section<'_>, errors: &mut Vec<FieldError>, key, min, max, default| {
+                s.optional(errors, key, integer_between(min, max))
+                    .map_or(default, |v| u32::try_from(v).unwrap_or(u32::MAX))
+            };
+            let l = LlmConfig {
+                slots: n(&mut s, errors, "slots", 1, 64, d.slots),
+                context: n(&mut s, errors, "context", 64, 1 << 20, d.context),
+                threads: n(&mut s, errors, "threads", 0, 1024, d.threads),
+                batch: n(&mut s, errors, "batch", 16, 1 << 16, d.batch),
+                queue: n(&mut s, errors, "queue", 0, 1 << 16, d.queue),
+                memory_budget: s.optional(
+                    errors,
+                    "memory_budget",
+                    integer_between(1 << 20, u64::MAX),
+                ),
+            };
+            s.finish(errors);
+            l
+        }
+        None => LlmConfig::default(),
+    };
     root.finish(errors);
     let state_dir = state_dir?;
     let models_dir = models_dir.unwrap_or_else(|| state_dir.join("models"));
@@ -572,6 +628,7 @@ fn parse_root(
         trust,
         policy,
         audit,
+        llm,
     })
 }
 

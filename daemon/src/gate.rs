@@ -125,6 +125,8 @@ pub struct Admitted {
     pub bundle: Arc<Active>,
     pub allow: Allow,
     pub ticket: Ticket,
+    /// The bound on generated tokens the decision was made with.
+    pub max_tokens: u32,
 }
 
 /// Parses the fields every OpenAI-style request shares.
@@ -349,6 +351,7 @@ pub fn admit(
                     bundle,
                     allow,
                     ticket,
+                    max_tokens,
                 }),
             })
         }

@@ -43,6 +43,8 @@ pub struct Shared {
     pub users: UserHasher,
     pub audit: Audit,
     audit_opened: crate::audit::Opened,
+    /// The GGUF models loaded for the bundle in force.
+    pub models: crate::llm::Models,
     /// Wakes the bundle poller (SIGHUP re-reads the inbox).
     rescan: tokio::sync::Notify,
     /// The last poll of the bundle mirror, for status.
@@ -114,7 +116,21 @@ impl Shared {
                 "the audit store was missing and has been recreated (marker: {previous})"
             ));
         }
-        reasons.push("no models loaded".to_owned());
+        let models = self.models.states();
+        if self.models.ready_count() == 0 {
+            reasons.push("no models loaded".to_owned());
+        }
+        for (id, state) in &models {
+            match state {
+                crate::llm::ModelState::Refused { reason } => {
+                    warnings.push(format!("model {id} not loaded: {reason}"));
+                }
+                crate::llm::ModelState::Checking { .. } | crate::llm::ModelState::Loading => {
+                    warnings.push(format!("model {id} is loading"));
+                }
+                crate::llm::ModelState::Ready { .. } => {}
+            }
+        }
         let probe = self
             .state_probe
             .lock()
@@ -186,6 +202,8 @@ impl Shared {
             "ready": reasons.is_empty(),
             "not_ready_reasons": reasons,
             "warnings": warnings,
+            "models": self.models.states(),
+            "engines": self.models.engines(),
             "listeners": *self.listeners.lock().unwrap_or_else(PoisonError::into_inner),
             "connections": {"active": active, "max": config.limits.max_connections},
             "bundle": self.policy.status(&config),
@@ -405,6 +423,7 @@ impl Daemon {
                 heartbeat,
                 audit,
                 audit_opened,
+                models: crate::llm::Models::new(),
                 notifier: Notifier::default(),
                 log,
                 failpoints,
@@ -965,6 +984,7 @@ async fn run_mirror(
 /// woken by a reload), and re-weighs expiry and the clock; STATUS= follows
 /// every change.
 async fn run_bundle_poller(shared: Arc<Shared>, worker: Worker, stop: CancellationToken) {
+    let mut retry_models = false;
     loop {
         let config = shared.config();
         let s = Arc::clone(&shared);
@@ -982,12 +1002,22 @@ async fn run_bundle_poller(shared: Arc<Shared>, worker: Worker, stop: Cancellati
         for event in shared.policy.take_events() {
             shared.audit.record(event);
         }
+        // Models follow the bundle in force; a reload (SIGHUP) retries refused ones.
+        if let Some(active) = shared.policy.active() {
+            shared.models.reconcile(
+                &active.verified.bundle,
+                &config.llm,
+                &config.models_dir,
+                &shared.heartbeat,
+                std::mem::take(&mut retry_models),
+            );
+        }
         if changed {
             shared.notifier.status(&shared.status_line());
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = shared.rescan.notified() => {}
+            () = shared.rescan.notified() => retry_models = true,
             () = tokio::time::sleep(config.policy.poll_interval) => {}
         }
     }

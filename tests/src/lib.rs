@@ -640,3 +640,39 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// The directory holding the test models, fetched (once, then cached) by
+/// `scripts/fetch-models`: the Gemma GGUF and the MiniLM ONNX file.
+pub fn models_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-models");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/fetch-models");
+        assert!(out.status.success(), "scripts/fetch-models failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(text.lines().last().expect("the models directory").trim())
+    })
+    .clone()
+}
+
+/// Waits until /readyz says `model` is ready; returns /readyz.
+pub fn wait_model(daemon: &Daemon, model: &str) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let r = get(&daemon.socket, "/readyz", &[]).json();
+        let state = &r["models"][model]["state"];
+        if state == "ready" {
+            return r;
+        }
+        assert!(
+            state != "refused" && start.elapsed() < Duration::from_secs(60),
+            "model {model} not ready: {r}\nstderr:\n{}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

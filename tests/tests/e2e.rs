@@ -8,6 +8,8 @@ mod api;
 mod audit;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/llm.rs"]
+mod llm;
 #[path = "e2e/policy.rs"]
 mod policy;
 #[path = "e2e/tls.rs"]

@@ -1,0 +1,201 @@
+//! `cargo bench -p airgate --bench llm -- MODEL.gguf [SOCKET]`
+//!
+//! The in-process baseline: llama-cpp-2 with one sequence and no server,
+//! greedy, 128 tokens, the same threads as the daemon; the speed limit of
+//! the stack. With SOCKET (a running airgate serving `gemma-3-270m` to this
+//! uid), the same generation end to end over the Unix socket, streamed:
+//! decode tokens/s, time to first token, and with 1, 2, 4 and 8 concurrent
+//! clients the aggregate tokens/s and p50/p99 time to first token.
+//! scripts/bench-llm runs it all (and llama-server beside it).
+
+use std::io::{Read, Write};
+use std::num::NonZeroU32;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+
+const PROMPT: &str = "Write a short story about a lighthouse keeper.";
+const N_PREDICT: usize = 128;
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let Some(model_path) = args.first() else {
+        eprintln!("usage: cargo bench -p airgate --bench llm -- MODEL.gguf [SOCKET]");
+        std::process::exit(2);
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    baseline(model_path, threads);
+    if let Some(socket) = args.get(1) {
+        end_to_end(socket);
+    }
+}
+
+fn baseline(path: &str, threads: usize) {
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    let backend = LlamaBackend::init().expect("backend");
+    let model = LlamaModel::load_from_file(&backend, path, &LlamaModelParams::default())
+        .expect("load model");
+    let template = model.chat_template(None).expect("chat template");
+    let prompt = model
+        .apply_chat_template(
+            &template,
+            &[LlamaChatMessage::new("user".into(), PROMPT.into()).expect("message")],
+            true,
+        )
+        .expect("template");
+    let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    let threads = i32::try_from(threads).unwrap_or(1);
+    let mut ctx = model
+        .new_context(
+            &backend,
+            LlamaContextParams::default()
+                .with_n_ctx(NonZeroU32::new(2048))
+                .with_n_batch(512)
+                .with_n_threads(threads)
+                .with_n_threads_batch(threads),
+        )
+        .expect("context");
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let _ = ctx.clear_kv_cache_seq(None, None, None);
+        let mut batch = LlamaBatch::new(512, 1);
+        let start = Instant::now();
+        for (i, t) in tokens.iter().enumerate() {
+            batch
+                .add(
+                    *t,
+                    i32::try_from(i).expect("pos"),
+                    &[0],
+                    i + 1 == tokens.len(),
+                )
+                .expect("add");
+        }
+        ctx.decode(&mut batch).expect("prefill");
+        let mut sampler = LlamaSampler::greedy();
+        let mut pos = i32::try_from(tokens.len()).expect("pos");
+        let mut idx = batch.n_tokens() - 1;
+        let mut first = None;
+        let mut n = 0;
+        while n < N_PREDICT {
+            let t = sampler.sample(&ctx, idx);
+            first.get_or_insert_with(|| start.elapsed());
+            n += 1;
+            batch.clear();
+            batch.add(t, pos, &[0], true).expect("add");
+            pos += 1;
+            idx = 0;
+            ctx.decode(&mut batch).expect("decode");
+        }
+        let total = start.elapsed();
+        let first = first.unwrap_or_default();
+        let decode = (total - first).as_secs_f64();
+        runs.push(((N_PREDICT - 1) as f64 / decode, first));
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (tps, ttft) = runs[runs.len() / 2];
+    println!(
+        "baseline (llama-cpp-2 in process, 1 sequence, {threads} threads): prompt {} tokens, decode {tps:.1} tok/s, first token {:.1} ms",
+        tokens.len(),
+        ttft.as_secs_f64() * 1000.0
+    );
+}
+
+/// One streamed chat completion: (time to first token, tokens, total time).
+fn stream_once(socket: &str) -> (Duration, u64, Duration) {
+    let body = format!(
+        r#"{{"model":"gemma-3-270m","messages":[{{"role":"user","content":"{PROMPT}"}}],"max_tokens":{N_PREDICT},"temperature":0,"stream":true,"stream_options":{{"include_usage":true}},"user":"bench"}}"#
+    );
+    let start = Instant::now();
+    let mut s = UnixStream::connect(socket).expect("connect");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut first = None;
+    loop {
+        let n = s.read(&mut chunk).expect("read");
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if first.is_none() && buf.windows(9).any(|w| w == b"\"content\"") {
+            let text = String::from_utf8_lossy(&buf);
+            // The role-only first chunk carries no text: wait for real content.
+            if text.matches("\"content\":\"").any(|_| true)
+                && text
+                    .split("\"content\":\"")
+                    .skip(1)
+                    .any(|rest| !rest.starts_with('"'))
+            {
+                first = Some(start.elapsed());
+            }
+        }
+    }
+    let total = start.elapsed();
+    let text = String::from_utf8_lossy(&buf);
+    let tokens = text
+        .split("\"completion_tokens\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (first.unwrap_or(total), tokens, total)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn end_to_end(socket: &str) {
+    let _ = stream_once(socket); // warm up
+    for clients in [1usize, 2, 4, 8] {
+        let rounds = 2;
+        let start = Instant::now();
+        let mut ttfts = Vec::new();
+        let mut tokens = 0;
+        let mut decode_rates = Vec::new();
+        for _ in 0..rounds {
+            let handles: Vec<_> = (0..clients)
+                .map(|_| {
+                    let s = socket.to_owned();
+                    std::thread::spawn(move || stream_once(&s))
+                })
+                .collect();
+            for h in handles {
+                let (ttft, n, total) = h.join().expect("client");
+                ttfts.push(ttft);
+                tokens += n;
+                if n > 1 {
+                    decode_rates.push((n - 1) as f64 / (total - ttft).as_secs_f64());
+                }
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        ttfts.sort();
+        decode_rates.sort_by(f64::total_cmp);
+        println!(
+            "airgate unix, {clients} client(s): aggregate {:.1} tok/s, per-stream decode {:.1} tok/s, first token p50 {:.0} ms p99 {:.0} ms",
+            tokens as f64 / elapsed,
+            decode_rates
+                .get(decode_rates.len() / 2)
+                .copied()
+                .unwrap_or(0.0),
+            percentile(&ttfts, 0.5).as_secs_f64() * 1000.0,
+            percentile(&ttfts, 0.99).as_secs_f64() * 1000.0,
+        );
+    }
+}

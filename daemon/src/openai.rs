@@ -1,0 +1,323 @@
+//! The OpenAI request shapes airgate accepts for generation, parsed and
+//! checked before policy: a bad parameter is the client's to fix and never
+//! reaches the decision (or the model).
+
+use serde_json::Value;
+
+use airgate_policy::bundle::Kind;
+
+use crate::llm::Sampling;
+
+/// Most stop sequences a request may give (OpenAI's limit).
+const MAX_STOP: usize = 4;
+
+/// A parameter the request got wrong, named as OpenAI's `param`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ParamError {
+    pub message: String,
+    pub param: &'static str,
+}
+
+fn bad(param: &'static str, message: impl Into<String>) -> ParamError {
+    ParamError {
+        message: message.into(),
+        param,
+    }
+}
+
+/// What to generate, and how.
+#[derive(Debug)]
+pub struct Generate {
+    pub kind: Kind,
+    /// (role, content) for chat; the prompt template comes from the model.
+    pub messages: Vec<(String, String)>,
+    /// The raw prompt for completions.
+    pub prompt: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+}
+
+fn number(body: &Value, key: &'static str, min: f64, max: f64) -> Result<Option<f64>, ParamError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| (min..=max).contains(x))
+            .map(Some)
+            .ok_or_else(|| bad(key, format!("{key} must be a number from {min} to {max}"))),
+    }
+}
+
+fn flag(body: &Value, key: &'static str) -> Result<bool, ParamError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad(key, format!("{key} must be true or false"))),
+    }
+}
+
+fn content_text(v: &Value, param: &'static str) -> Result<String, ParamError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text") | None, Some(Value::String(t))) => out.push_str(t),
+                    (Some(other), _) => {
+                        return Err(bad(
+                            param,
+                            format!("content parts of type {other:?} are not supported; only text"),
+                        ));
+                    }
+                    _ => {
+                        return Err(bad(
+                            param,
+                            "a content part must be {\"type\": \"text\", \"text\": ...}",
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(bad(
+            param,
+            "content must be a string or an array of text parts",
+        )),
+    }
+}
+
+/// Parses a chat or completion request body.
+pub fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
+    if !body.is_object() {
+        return Err(bad("body", "the request body must be a JSON object"));
+    }
+    match body.get("n") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(1) => {}
+        Some(_) => {
+            return Err(bad(
+                "n",
+                "only n = 1 is supported: send one request per choice",
+            ));
+        }
+    }
+    for unsupported in ["logprobs", "echo"] {
+        if flag(body, unsupported).unwrap_or(true) {
+            return Err(bad(unsupported, format!("{unsupported} is not supported")));
+        }
+    }
+    if body
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty())
+    {
+        return Err(bad("tools", "tool calling is not supported"));
+    }
+    if body
+        .get("best_of")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 1)
+    {
+        return Err(bad("best_of", "only best_of = 1 is supported"));
+    }
+    let stream = flag(body, "stream")?;
+    let include_usage = match body.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("stream_options", "include_usage must be true or false")),
+        },
+        Some(_) => return Err(bad("stream_options", "stream_options must be an object")),
+    };
+    let temperature = number(body, "temperature", 0.0, 2.0)?.unwrap_or(1.0);
+    let top_p = number(body, "top_p", 0.0, 1.0)?.unwrap_or(1.0);
+    if top_p <= 0.0 {
+        return Err(bad("top_p", "top_p must be greater than 0"));
+    }
+    let top_k = match body.get("top_k") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .and_then(|k| i32::try_from(k).ok())
+            .ok_or_else(|| bad("top_k", "top_k must be a non-negative integer"))?,
+    };
+    let seed = match body.get("seed") {
+        None | Some(Value::Null) => {
+            let mut b = [0u8; 4];
+            getrandom::fill(&mut b).map_err(|e| bad("seed", e.to_string()))?;
+            u32::from_le_bytes(b)
+        }
+        // Any integer; llama.cpp's samplers take 32 bits.
+        Some(v) => v
+            .as_i64()
+            .map(|s| s as u32)
+            .or_else(|| v.as_u64().map(|s| s as u32))
+            .ok_or_else(|| bad("seed", "seed must be an integer"))?,
+    };
+    let presence_penalty = number(body, "presence_penalty", -2.0, 2.0)?.unwrap_or(0.0);
+    let frequency_penalty = number(body, "frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0);
+    let stop = match body.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("stop", "stop must be a string or a list of strings"))?,
+        Some(_) => return Err(bad("stop", "stop must be a string or a list of strings")),
+    };
+    if stop.len() > MAX_STOP || stop.iter().any(String::is_empty) {
+        return Err(bad(
+            "stop",
+            format!("stop takes at most {MAX_STOP} non-empty strings"),
+        ));
+    }
+    let json_object = match body.get("response_format") {
+        None | Some(Value::Null) => false,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => false,
+            Some("json_object") => true,
+            Some("json_schema") => {
+                return Err(bad(
+                    "response_format",
+                    "json_schema is not supported by this build; use {\"type\": \"json_object\"}",
+                ));
+            }
+            _ => {
+                return Err(bad(
+                    "response_format",
+                    "response_format.type must be \"text\" or \"json_object\"",
+                ));
+            }
+        },
+    };
+    let (messages, prompt) = match kind {
+        Kind::Chat => {
+            let list = body
+                .get("messages")
+                .and_then(Value::as_array)
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| bad("messages", "messages (a non-empty array) is required"))?;
+            let mut messages = Vec::with_capacity(list.len());
+            for m in list {
+                let role = match m.get("role").and_then(Value::as_str) {
+                    Some(r @ ("system" | "user" | "assistant")) => r.to_owned(),
+                    Some("developer") => "system".to_owned(),
+                    Some(other) => {
+                        return Err(bad(
+                            "messages",
+                            format!(
+                                "role {other:?} is not supported (system, developer, user, assistant)"
+                            ),
+                        ));
+                    }
+                    None => return Err(bad("messages", "every message needs a role")),
+                };
+                let content = content_text(m.get("content").unwrap_or(&Value::Null), "messages")?;
+                if content.contains('\0') {
+                    return Err(bad("messages", "content must not contain NUL characters"));
+                }
+                messages.push((role, content));
+            }
+            (messages, String::new())
+        }
+        _ => {
+            let prompt = match body.get("prompt") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                    items[0].as_str().unwrap_or_default().to_owned()
+                }
+                Some(Value::Array(_)) => {
+                    return Err(bad(
+                        "prompt",
+                        "prompt must be a string (or a list of one string); token arrays and batches are not supported",
+                    ));
+                }
+                _ => return Err(bad("prompt", "prompt (a string) is required")),
+            };
+            (Vec::new(), prompt)
+        }
+    };
+    #[allow(clippy::cast_possible_truncation, reason = "ranges checked above")]
+    let sampling = Sampling {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k,
+        seed,
+        presence_penalty: presence_penalty as f32,
+        frequency_penalty: frequency_penalty as f32,
+        json_object,
+    };
+    Ok(Generate {
+        kind,
+        messages,
+        prompt,
+        stream,
+        include_usage,
+        sampling,
+        stop,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn parameters_are_checked_and_named() {
+        let ok = parse(
+            Kind::Chat,
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                    "temperature": 0, "seed": 7, "stop": ["\n", "END"], "stream": true,
+                    "stream_options": {"include_usage": true}}),
+        )
+        .expect("valid");
+        assert_eq!(ok.messages, vec![("user".to_owned(), "hi".to_owned())]);
+        assert_eq!(ok.stop, vec!["\n", "END"]);
+        assert!(ok.stream && ok.include_usage);
+        assert_eq!(ok.sampling.seed, 7);
+        assert!(ok.sampling.temperature.abs() < f32::EPSILON);
+
+        let cases = [
+            (json!({"n": 2}), "n"),
+            (json!({"temperature": 3}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"stop": [1]}), "stop"),
+            (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+            (
+                json!({"response_format": {"type": "json_schema"}}),
+                "response_format",
+            ),
+            (json!({"logprobs": true}), "logprobs"),
+            (
+                json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "messages",
+            ),
+            (json!({"messages": []}), "messages"),
+            (json!({"seed": "x"}), "seed"),
+            (json!({"stream": "yes"}), "stream"),
+        ];
+        for (patch, param) in cases {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+            for (k, v) in patch.as_object().expect("object") {
+                body[k] = v.clone();
+            }
+            let e = parse(Kind::Chat, &body).expect_err(param);
+            assert_eq!(e.param, param, "{body}: {e}");
+        }
+        let e =
+            parse(Kind::Completion, &json!({"model": "m", "prompt": [1, 2]})).expect_err("tokens");
+        assert_eq!(e.param, "prompt");
+        let c = parse(Kind::Completion, &json!({"model": "m", "prompt": ["once"]}))
+            .expect("one string");
+        assert_eq!(c.prompt, "once");
+    }
+}
