@@ -26,6 +26,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use serde::Serialize;
 use sha2::Digest as _;
 use tokio::sync::mpsc::UnboundedSender;
@@ -70,6 +71,9 @@ pub struct Sampling {
     pub frequency_penalty: f32,
     /// Constrain the output to one JSON object.
     pub json_object: bool,
+    /// Never end at an end-of-generation token: generate max_tokens
+    /// (llama-server's `ignore_eos`, for benchmarks and tests).
+    pub ignore_eos: bool,
 }
 
 impl Default for Sampling {
@@ -82,6 +86,7 @@ impl Default for Sampling {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             json_object: false,
+            ignore_eos: false,
         }
     }
 }
@@ -1021,6 +1026,15 @@ fn make_sampler(model: &LlamaModel, s: &Sampling) -> Result<LlamaSampler, String
             LlamaSampler::grammar(model, JSON_OBJECT_GRAMMAR, "root")
                 .map_err(|e| format!("the JSON grammar could not be built: {e}"))?,
         );
+    }
+    if s.ignore_eos {
+        let vocab = model.vocab();
+        let eog: Vec<LlamaLogitBias> = vocab
+            .tokens()
+            .filter(|t| vocab.is_eog(*t))
+            .map(|t| LlamaLogitBias::new(t, f32::NEG_INFINITY))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(model.n_vocab(), &eog));
     }
     if s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
         chain.push(LlamaSampler::penalties(

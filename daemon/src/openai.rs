@@ -126,6 +126,7 @@ pub fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
         return Err(bad("best_of", "only best_of = 1 is supported"));
     }
     let stream = flag(body, "stream")?;
+    let ignore_eos = flag(body, "ignore_eos")?;
     let include_usage = match body.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(Value::Object(o)) => match o.get("include_usage") {
@@ -253,6 +254,7 @@ pub fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
         presence_penalty: presence_penalty as f32,
         frequency_penalty: frequency_penalty as f32,
         json_object,
+        ignore_eos,
     };
     Ok(Generate {
         kind,

@@ -286,30 +286,41 @@ fn slots_are_shared_streams_interleave_and_a_disconnect_frees_the_slot() {
         first(&eb) < last(&ea) && first(&ea) < last(&eb),
         "not interleaved"
     );
-    assert_eq!(content_of(&ea), content_of(&eb), "same greedy answer");
+    // (Not necessarily the same text: batched decoding changes the float
+    // sums, so greedy answers of concurrent streams may differ.)
+    assert!(!content_of(&ea).is_empty() && !content_of(&eb).is_empty());
 
-    // One tenant floods (4 long streams on 2 slots); the other's request gets
-    // the first slot that frees, ahead of the flood's queued requests.
+    // One tenant floods (4 long streams on 2 slots: 2 generate, 2 wait); the
+    // other's request gets the first slot that frees, ahead of the flood's
+    // waiting ones. ignore_eos: the flood cannot end early and free slots.
+    let status = |d: &Daemon| get(&d.socket, "/admin/status", &[]).json();
+    let mut long = streaming(48);
+    long["ignore_eos"] = json!(true);
     let flood: Vec<_> = (0..4)
         .map(|_| {
-            let c = stream_as(None, &d.socket, &streaming(40));
-            std::thread::sleep(Duration::from_millis(100));
+            let c = stream_as(None, &d.socket, &long);
+            std::thread::sleep(Duration::from_millis(50));
             c
         })
         .collect();
+    let start = Instant::now();
+    while status(&d)["engines"][GEMMA]["load"] != 4 {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", status(&d));
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let quiet = stream_as(Some(4321), &d.socket, &streaming(4));
     let (qs, qe) = timed_events(quiet);
     assert_eq!(qs, 200, "{qe:?}");
     let flood: Vec<(u16, Vec<(u128, String)>)> = flood.into_iter().map(timed_events).collect();
-    let queued_starts: Vec<u128> = flood[2..].iter().map(|(_, e)| first(e)).collect();
+    let mut starts: Vec<u128> = flood.iter().map(|(_, e)| first(e)).collect();
+    starts.sort_unstable();
     assert!(
-        queued_starts.iter().all(|t| first(&qe) < *t),
-        "the quiet tenant waited behind the flood: quiet {} vs {queued_starts:?}",
+        starts[2..].iter().all(|t| first(&qe) < *t),
+        "the quiet tenant waited behind the flood: quiet {} vs flood {starts:?}",
         first(&qe)
     );
 
     // A client that goes away mid-stream frees its slot at once.
-    let status = |d: &Daemon| get(&d.socket, "/admin/status", &[]).json();
     let mut c = stream_as(None, &d.socket, &streaming(200));
     let start = Instant::now();
     while status(&d)["engines"][GEMMA]["load"] != 1 {

@@ -197,10 +197,8 @@ fn decisions_carry_stable_reason_codes_over_http() {
             .contains("ignore previous")
     );
     let r = chat(&d, "no-such-model", "hi");
-    assert_eq!(
-        (r.status, error_code(&r)),
-        (404, "model_not_in_manifest".into())
-    );
+    assert_eq!((r.status, error_code(&r)), (404, "model_not_found".into()));
+    assert_eq!(r.json()["error"]["reason"], "model_not_in_manifest");
     let r = post_json(
         &d.socket,
         "/v1/embeddings",
