@@ -405,3 +405,65 @@ fn a_wrong_digest_or_an_oversized_model_is_refused_and_reported() {
         "{r}"
     );
 }
+
+#[test]
+fn the_official_openai_python_client_works_over_mtls() {
+    let python = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/setup-python"
+        ))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("scripts/setup-python");
+    assert!(python.status.success(), "scripts/setup-python failed");
+    let python = String::from_utf8_lossy(&python.stdout)
+        .lines()
+        .last()
+        .expect("interpreter")
+        .trim()
+        .to_owned();
+
+    let sb = Sandbox::new();
+    let site = crate::tls::Site::new(&sb);
+    let config = site.config(&sb).replace(
+        "state_dir = ",
+        &format!("models_dir = \"{}\"\nstate_dir = ", models_dir().display()),
+    ) + "\n[llm]\nslots = 2\ncontext = 512\n";
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    wait_model(&d, GEMMA);
+    let addr = crate::tls::tls_addr(&d);
+    let dir = sb.path().join("pki");
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/openai_client.py"
+        ))
+        .arg(format!("https://localhost:{}/v1", addr.port()))
+        .arg(dir.join("ca/ca.pem"))
+        .arg(dir.join("claims.pem"))
+        .arg(dir.join("claims.key"))
+        .arg(GEMMA)
+        .output()
+        .expect("run the openai client");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.stderr()
+    );
+    let seen: Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).expect("the client's JSON line");
+    let text = seen["text"].as_str().expect("text");
+    assert!(!text.is_empty(), "{seen}");
+    assert_eq!(seen["streamed"], text, "{seen}");
+    assert_eq!(seen["stream_usage"], seen["usage"], "{seen}");
+    assert_eq!(seen["models"], json!([GEMMA]));
+    assert_eq!(seen["missing_status"], 404);
+    assert!(
+        seen["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0 && n <= 12)
+    );
+}

@@ -118,7 +118,7 @@ impl Site {
 }
 
 /// The TLS listener's bound address, from /admin/status on the Unix socket.
-fn tls_addr(d: &Daemon) -> SocketAddr {
+pub(crate) fn tls_addr(d: &Daemon) -> SocketAddr {
     let status = get(&d.socket, "/admin/status", &[]).json();
     let tls = status["listeners"]
         .as_array()
