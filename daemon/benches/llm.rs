@@ -1,12 +1,15 @@
-//! `cargo bench -p airgate --bench llm -- MODEL.gguf [SOCKET]`
+//! `cargo bench -p airgate --bench llm -- MODEL.gguf [TARGET ...]`
 //!
 //! The in-process baseline: llama-cpp-2 with one sequence and no server,
 //! greedy, 128 tokens, the same threads as the daemon; the speed limit of
-//! the stack. With SOCKET (a running airgate serving `gemma-3-270m` to this
-//! uid), the same generation end to end over the Unix socket, streamed:
-//! decode tokens/s, time to first token, and with 1, 2, 4 and 8 concurrent
-//! clients the aggregate tokens/s and p50/p99 time to first token.
-//! scripts/bench-llm runs it all (and llama-server beside it).
+//! the stack. Then, for each TARGET, the same generation through an
+//! OpenAI-compatible server, streamed: decode tokens/s, time to first
+//! token, and with 1, 2, 4 and 8 concurrent clients the aggregate tokens/s
+//! and p50/p99 time to first token. Targets:
+//!   `unix:PATH`                     airgate's Unix socket
+//!   `tls:PORT:CA:CERT:KEY`          airgate's mTLS listener on localhost
+//!   `tcp:PORT`                      plain HTTP on 127.0.0.1 (llama-server)
+//! scripts/bench-llm runs it all, llama-server included.
 
 use std::io::{Read, Write};
 use std::num::NonZeroU32;
@@ -34,8 +37,54 @@ fn main() {
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     baseline(model_path, threads);
-    if let Some(socket) = args.get(1) {
-        end_to_end(socket);
+    for target in &args[1..] {
+        end_to_end(target);
+    }
+}
+
+/// A byte stream to a server under test.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+fn connect(target: &str) -> Box<dyn Conn> {
+    let parts: Vec<&str> = target.split(':').collect();
+    match parts.as_slice() {
+        ["unix", path] => Box::new(UnixStream::connect(path).expect("connect unix")),
+        ["tcp", port] => Box::new(
+            std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().expect("port")))
+                .expect("connect tcp"),
+        ),
+        ["tls", port, ca, cert, key] => {
+            use rustls::pki_types::pem::PemObject as _;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).expect("ca") {
+                roots.add(c.expect("ca cert")).expect("add ca");
+            }
+            let chain: Vec<_> = CertificateDer::pem_file_iter(cert)
+                .expect("cert")
+                .map(|c| c.expect("cert"))
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(key).expect("key");
+            let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client auth");
+            let tcp =
+                std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().expect("port")))
+                    .expect("connect tls");
+            let conn = rustls::ClientConnection::new(
+                std::sync::Arc::new(config),
+                ServerName::try_from("localhost").expect("name"),
+            )
+            .expect("tls");
+            Box::new(rustls::StreamOwned::new(conn, tcp))
+        }
+        _ => panic!("unknown target {target}: unix:PATH, tcp:PORT or tls:PORT:CA:CERT:KEY"),
     }
 }
 
@@ -110,12 +159,12 @@ fn baseline(path: &str, threads: usize) {
 }
 
 /// One streamed chat completion: (time to first token, tokens, total time).
-fn stream_once(socket: &str) -> (Duration, u64, Duration) {
+fn stream_once(target: &str) -> (Duration, u64, Duration) {
     let body = format!(
-        r#"{{"model":"gemma-3-270m","messages":[{{"role":"user","content":"{PROMPT}"}}],"max_tokens":{N_PREDICT},"temperature":0,"stream":true,"stream_options":{{"include_usage":true}},"user":"bench"}}"#
+        r#"{{"model":"gemma-3-270m","messages":[{{"role":"user","content":"{PROMPT}"}}],"max_tokens":{N_PREDICT},"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}},"user":"bench"}}"#
     );
     let start = Instant::now();
-    let mut s = UnixStream::connect(socket).expect("connect");
+    let mut s = connect(target);
     write!(
         s,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -126,7 +175,12 @@ fn stream_once(socket: &str) -> (Duration, u64, Duration) {
     let mut chunk = [0u8; 8192];
     let mut first = None;
     loop {
-        let n = s.read(&mut chunk).expect("read");
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify: the body is complete.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => panic!("read: {e}"),
+        };
         if n == 0 {
             break;
         }
@@ -160,8 +214,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn end_to_end(socket: &str) {
-    let _ = stream_once(socket); // warm up
+fn end_to_end(target: &str) {
+    let label = target.split(':').next().unwrap_or(target);
+    let _ = stream_once(target); // warm up
     for clients in [1usize, 2, 4, 8] {
         let rounds = 2;
         let start = Instant::now();
@@ -171,7 +226,7 @@ fn end_to_end(socket: &str) {
         for _ in 0..rounds {
             let handles: Vec<_> = (0..clients)
                 .map(|_| {
-                    let s = socket.to_owned();
+                    let s = target.to_owned();
                     std::thread::spawn(move || stream_once(&s))
                 })
                 .collect();
@@ -188,7 +243,7 @@ fn end_to_end(socket: &str) {
         ttfts.sort();
         decode_rates.sort_by(f64::total_cmp);
         println!(
-            "airgate unix, {clients} client(s): aggregate {:.1} tok/s, per-stream decode {:.1} tok/s, first token p50 {:.0} ms p99 {:.0} ms",
+            "{label}, {clients} client(s): aggregate {:.1} tok/s, per-stream decode {:.1} tok/s, first token p50 {:.0} ms p99 {:.0} ms",
             tokens as f64 / elapsed,
             decode_rates
                 .get(decode_rates.len() / 2)
