@@ -108,7 +108,8 @@ pub fn complete_response(raw: &[u8]) -> Option<Response> {
 /// as long as a response arrived.
 pub fn raw_request(socket: &Path, request: &[u8]) -> std::io::Result<Response> {
     let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    // Generous: a generation on a loaded 2-core machine can take seconds.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let write_error = stream.write_all(request).err();
     let raw = read_until_close(&mut stream)?;
     if raw.is_empty()

@@ -185,6 +185,15 @@ fn gemma_answers_through_the_openai_api() {
     assert_eq!(stopped["choices"][0]["finish_reason"], "stop", "{stopped}");
     assert_eq!(stopped["choices"][0]["message"]["content"], &text[..cut]);
 
+    // json_object: a grammar keeps the output to JSON.
+    let mut body = ask("Describe a cat as JSON.", 16);
+    body["response_format"] = json!({"type": "json_object"});
+    let j = chat(&d, &body).json();
+    let out = j["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(out.trim_start().starts_with('{'), "{j}");
+
     // Text completions.
     let c = post_json(
         &d.socket,
@@ -256,6 +265,34 @@ fn the_other_tenant_is_refused_the_model() {
     let r = chat(&d, &ask("hi", 4));
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"]["code"], "model_not_allowed");
+
+    // Models follow the manifest, not a restart: gemma is loaded (it is in
+    // the manifest), then a bundle without it unloads it.
+    wait_model(&d, GEMMA);
+    let start = Instant::now();
+    let gemma_block = policy(2, "")
+        .split("[[models]]")
+        .find(|b| b.contains("format = \"gguf\""))
+        .expect("gemma's manifest entry")
+        .to_owned();
+    let v2 = policy(
+        2,
+        &tenant("other", "{ uids = [0] }", "\"paraphrase-minilm-l3\""),
+    )
+    .replace(&format!("[[models]]{gemma_block}"), "");
+    assert!(!v2.contains("gguf"));
+    sb.publish(&sb.sign("v2", &v2));
+    d.wait_bundle(2);
+    loop {
+        let r = get(&d.socket, "/readyz", &[]).json();
+        if r["models"].get(GEMMA).is_none() {
+            assert!(r["reasons"].to_string().contains("no models loaded"), "{r}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.stderr().contains("model unloaded"));
 }
 
 #[test]
