@@ -455,6 +455,8 @@ async fn dispatch(
             let served = Served {
                 shared: Arc::clone(shared),
                 request_id: id.as_str().to_owned(),
+                model: None,
+                first_text: false,
                 ticket: Some(admitted.ticket),
                 started,
                 prompt_tokens: 0,
@@ -554,6 +556,9 @@ async fn dispatch(
 struct Served {
     shared: Arc<Shared>,
     request_id: String,
+    /// Set once the request reaches a model (for the token metrics).
+    model: Option<String>,
+    first_text: bool,
     ticket: Option<airgate_policy::admission::Ticket>,
     started: Instant,
     prompt_tokens: u32,
@@ -561,14 +566,51 @@ struct Served {
 }
 
 impl Served {
-    fn finish(mut self, outcome: &str, detail: &str) {
+    fn finish(mut self, outcome: &'static str, detail: &str) {
         self.close(outcome, detail);
     }
 
-    fn close(&mut self, outcome: &str, detail: &str) {
+    /// Text came back from the model: the first time, that is the time to first token.
+    fn text(&mut self, generated: u32) {
+        self.completion_tokens = generated;
+        if !self.first_text {
+            self.first_text = true;
+            if let Some(model) = &self.model {
+                self.shared
+                    .metrics
+                    .time_to_first_token
+                    .get_or_create(&crate::metrics::ModelLabels {
+                        model: model.clone(),
+                    })
+                    .observe(self.started.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    fn close(&mut self, outcome: &'static str, detail: &str) {
         let Some(ticket) = self.ticket.take() else {
             return;
         };
+        if let Some(model) = &self.model {
+            let m = &self.shared.metrics;
+            for (kind, n) in [
+                ("prompt", self.prompt_tokens),
+                ("completion", self.completion_tokens),
+            ] {
+                m.tokens
+                    .get_or_create(&crate::metrics::TokenLabels {
+                        model: model.clone(),
+                        kind,
+                    })
+                    .inc_by(u64::from(n));
+            }
+            m.generations
+                .get_or_create(&crate::metrics::GenerationLabels {
+                    model: model.clone(),
+                    outcome,
+                })
+                .inc();
+        }
         let used = u64::from(self.prompt_tokens) + u64::from(self.completion_tokens);
         if used == 0 {
             self.shared.admission.release(ticket);
@@ -632,18 +674,27 @@ async fn generate_text(
         served.finish("error", "model not loaded");
         return Err(ApiError::ModelNotLoaded { model, why });
     };
-    let text = match g.kind {
-        Kind::Chat => engine.chat_prompt(&g.messages),
-        _ => Ok(g.prompt.clone()),
+    // Templating and tokenizing a large prompt is CPU work: off the runtime.
+    let prepared = {
+        let engine = Arc::clone(&engine);
+        let (kind, messages, prompt) = (g.kind, g.messages.clone(), g.prompt.clone());
+        tokio::task::spawn_blocking(move || {
+            let text = match kind {
+                Kind::Chat => engine.chat_prompt(&messages)?,
+                _ => prompt,
+            };
+            Ok::<_, String>(engine.tokenize(&text))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("tokenizing failed: {e}")))
     };
-    let text = match text {
-        Ok(t) => t,
+    let prompt = match prepared {
+        Ok(p) => p,
         Err(e) => {
             served.finish("error", &e);
             return Err(ApiError::BadRequest(e));
         }
     };
-    let prompt = engine.tokenize(&text);
     if prompt.len() >= engine.context as usize {
         served.finish("error", "prompt longer than the context");
         return Err(ApiError::ContextExceeded {
@@ -666,6 +717,7 @@ async fn generate_text(
         return Err(ApiError::Overloaded(e.to_string()));
     }
     served.prompt_tokens = prompt_tokens;
+    served.model = Some(model.clone());
     let attribution: Vec<String> = granted
         .allow
         .obligations
@@ -729,7 +781,7 @@ async fn generate_text(
                 match ev {
                     Some(Out::Started) => {}
                     Some(Out::Text(t, generated)) => {
-                        served.completion_tokens = generated;
+                        served.text(generated);
                         let sent = body_tx.send(event(chunk(Some(&t), None, first))).await;
                         first = false;
                         if sent.is_err() {
@@ -781,7 +833,7 @@ async fn generate_text(
             match rx.recv().await {
                 Some(Out::Started) => {}
                 Some(Out::Text(t, generated)) => {
-                    served.completion_tokens = generated;
+                    served.text(generated);
                     text.push_str(&t);
                 }
                 Some(Out::Done(f)) => break f,

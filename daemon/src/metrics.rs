@@ -90,6 +90,28 @@ pub struct Metrics {
     pub clock_behind_floor: Gauge,
     pub mirror_polls: Family<ResultLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub generations: Family<GenerationLabels, Counter>,
+    pub time_to_first_token: HistogramFamily<ModelLabels>,
+}
+
+/// Model ids come from the bundle's manifest (a request naming another
+/// model is denied before it is counted), so they are bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenerationLabels {
+    pub model: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,6 +156,9 @@ impl Metrics {
             clock_behind_floor: Gauge::default(),
             mirror_polls: Family::default(),
             decisions: Family::default(),
+            tokens: Family::default(),
+            generations: Family::default(),
+            time_to_first_token: Family::new_with_constructor(latency_histogram),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
@@ -242,6 +267,21 @@ impl Metrics {
             "policy_decisions",
             "Policy decisions, by decision and reason code",
             m.decisions.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens processed by the models, by model and kind (prompt, completion)",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "generations",
+            "Generations that reached a model, by model and outcome (completed, cancelled, error)",
+            m.generations.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From the request's arrival to its first generated text, by model",
+            m.time_to_first_token.clone(),
         );
         Self {
             registry: Arc::new(registry),

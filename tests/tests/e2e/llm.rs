@@ -235,6 +235,20 @@ fn gemma_answers_through_the_openai_api() {
     assert_eq!(models["data"][0]["id"], GEMMA);
     assert_eq!(models["data"][0]["status"]["state"], "ready");
 
+    // Metrics: tokens by model and kind, generations by outcome, time to first token.
+    let metrics = get(&d.socket, "/metrics", &[]).text();
+    for needle in [
+        "airgate_tokens_total{model=\"gemma-3-270m\",kind=\"completion\"}",
+        "airgate_generations_total{model=\"gemma-3-270m\",outcome=\"completed\"}",
+        "airgate_time_to_first_token_seconds_count{model=\"gemma-3-270m\"}",
+    ] {
+        let line = metrics.lines().find(|l| l.starts_with(needle));
+        assert!(
+            line.is_some_and(|l| !l.ends_with(" 0")),
+            "{needle} missing or zero in:\n{metrics}"
+        );
+    }
+
     // Every generation left a completion record with the real counts.
     let records = get(&d.socket, "/admin/audit/records?limit=10000", &[]).text();
     let completions: Vec<Value> = records
