@@ -20,7 +20,7 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 
 const PROMPT: &str = "Write a short story about a lighthouse keeper.";
@@ -93,7 +93,11 @@ fn baseline(path: &str, threads: usize) {
     let backend = LlamaBackend::init().expect("backend");
     let model = LlamaModel::load_from_file(&backend, path, &LlamaModelParams::default())
         .expect("load model");
-    let template = model.chat_template(None).expect("chat template");
+    // The test GGUF carries no template: llama.cpp's built-in `gemma`, as the daemon does.
+    let template = model
+        .chat_template(None)
+        .or_else(|_| LlamaChatTemplate::new("gemma").map_err(|_| ()))
+        .expect("chat template");
     let prompt = model
         .apply_chat_template(
             &template,

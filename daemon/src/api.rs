@@ -799,7 +799,7 @@ async fn generate_text(
                         if include_usage {
                             let mut u = chunk(None, None, false);
                             u["choices"] = json!([]);
-                            u["usage"] = usage(f.prompt_tokens, f.completion_tokens);
+                            u["usage"] = usage(&f);
                             let _ = body_tx.send(event(u)).await;
                         }
                         let _ = body_tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
@@ -862,7 +862,7 @@ async fn generate_text(
                 "created": created,
                 "model": model,
                 "choices": [choice],
-                "usage": usage(finish.prompt_tokens, finish.completion_tokens),
+                "usage": usage(&finish),
                 "airgate": airgate,
             }),
         )
@@ -887,11 +887,12 @@ async fn generate_text(
     Ok(response)
 }
 
-fn usage(prompt: u32, completion: u32) -> serde_json::Value {
+fn usage(f: &crate::llm::Finish) -> serde_json::Value {
     json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
     })
 }
 

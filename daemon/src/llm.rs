@@ -126,6 +126,8 @@ pub struct Finish {
     pub reason: FinishReason,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose KV came from the slot's cache (not decoded again).
+    pub cached_tokens: u32,
 }
 
 /// Why a job was not taken.
@@ -691,8 +693,12 @@ struct Active {
     seq: i32,
     job: Job,
     sampler: LlamaSampler,
-    /// Prompt tokens decoded so far.
+    /// Prompt tokens decoded so far (or kept from the slot's cache).
     fed: usize,
+    /// Every token whose KV is in the cache, in order.
+    history: Vec<LlamaToken>,
+    /// Prompt tokens kept from the slot's cache.
+    cached: u32,
     /// Position of the next token in the sequence.
     pos: i32,
     /// The last sampled token, to decode in the next step.
@@ -739,6 +745,8 @@ impl EngineRun {
         let vocab = self.model.vocab();
         let mut batch = LlamaBatch::new(self.config.batch as usize, 1);
         let mut free: Vec<i32> = (0..i32::try_from(slots).unwrap_or(1)).rev().collect();
+        // What each slot's KV cache holds once its sequence is done.
+        let mut cache: Vec<SlotCache> = (0..slots).map(|_| SlotCache::default()).collect();
         let mut active: Vec<Active> = Vec::new();
         let mut waiting: BTreeMap<String, VecDeque<(Instant, Job)>> = BTreeMap::new();
         let mut closed = false;
@@ -787,7 +795,7 @@ impl EngineRun {
                 });
             }
             // Free slots: to the tenant holding the fewest, then the oldest waiting.
-            while let Some(&seq) = free.last() {
+            while !free.is_empty() {
                 let pick = waiting
                     .iter()
                     .filter_map(|(tenant, q)| q.front().map(|(t, _)| (tenant, *t)))
@@ -800,7 +808,24 @@ impl EngineRun {
                 let Some((_, job)) = waiting.get_mut(&tenant).and_then(VecDeque::pop_front) else {
                     break;
                 };
-                free.pop();
+                // The free slot whose cached tokens share the longest prefix
+                // with this prompt, among those last used by the same tenant
+                // (a prefix hit across tenants would be a timing side channel).
+                let (at, reuse) = free
+                    .iter()
+                    .enumerate()
+                    .map(|(i, seq)| {
+                        let c = &cache[*seq as usize];
+                        let lcp = if c.tenant.as_deref() == Some(job.tenant.as_str()) {
+                            common_prefix(&c.tokens, &job.prompt)
+                        } else {
+                            0
+                        };
+                        (i, lcp)
+                    })
+                    .max_by_key(|(_, lcp)| *lcp)
+                    .unwrap_or((free.len() - 1, 0));
+                let seq = free.swap_remove(at);
                 let sampler = match make_sampler(&self.model, &job.sampling) {
                     Ok(s) => s,
                     Err(e) => {
@@ -810,13 +835,29 @@ impl EngineRun {
                         continue;
                     }
                 };
+                // Keep the shared prefix (at least the last prompt token is
+                // decoded again, for its logits); a sliding-window cache that
+                // already dropped early positions cannot be cut: start over.
+                let mut keep = reuse.min(job.prompt.len().saturating_sub(1));
+                if keep > 0 && ctx.kv_cache_seq_pos_min(seq) > 0 {
+                    keep = 0;
+                }
+                let cut = u32::try_from(keep).ok();
+                if keep == 0 || ctx.kv_cache_seq_rm(seq, cut, None).is_err() {
+                    keep = 0;
+                    let _ = ctx.clear_kv_cache_seq(Some(seq.unsigned_abs()), None, None);
+                }
+                cache[seq as usize] = SlotCache::default();
                 let _ = job.out.send(Out::Started);
+                let history = job.prompt[..keep].to_vec();
                 active.push(Active {
                     seq,
                     job,
                     sampler,
-                    fed: 0,
-                    pos: 0,
+                    fed: keep,
+                    cached: u32::try_from(keep).unwrap_or(0),
+                    pos: i32::try_from(keep).unwrap_or(0),
+                    history,
                     next: None,
                     logits: None,
                     generated: 0,
@@ -840,6 +881,7 @@ impl EngineRun {
                 {
                     a.logits = Some(batch.n_tokens() - 1);
                     a.pos += 1;
+                    a.history.push(t);
                 }
             }
             for a in &mut active {
@@ -858,6 +900,7 @@ impl EngineRun {
                     }
                     a.pos += 1;
                     a.fed = i + 1;
+                    a.history.push(a.job.prompt[i]);
                     if last {
                         a.logits = Some(batch.n_tokens() - 1);
                     }
@@ -872,6 +915,7 @@ impl EngineRun {
                 for a in active.drain(..) {
                     let _ = a.job.out.send(Out::Failed(format!("decoding failed: {e}")));
                     let _ = ctx.clear_kv_cache_seq(Some(a.seq.unsigned_abs()), None, None);
+                    cache[a.seq as usize] = SlotCache::default();
                     free.push(a.seq);
                     self.in_system.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -930,15 +974,32 @@ impl EngineRun {
                         reason,
                         prompt_tokens: u32::try_from(a.job.prompt.len()).unwrap_or(u32::MAX),
                         completion_tokens: a.generated,
+                        cached_tokens: a.cached,
                     }));
                 }
-                let _ = ctx.clear_kv_cache_seq(Some(a.seq.unsigned_abs()), None, None);
+                // The KV cache stays: the next prompt of this tenant that
+                // shares its start skips decoding that part again.
+                cache[a.seq as usize] = SlotCache {
+                    tenant: Some(a.job.tenant.clone()),
+                    tokens: std::mem::take(&mut a.history),
+                };
                 free.push(a.seq);
                 self.in_system.fetch_sub(1, Ordering::AcqRel);
             }
         }
         tracing::info!(model = %self.id, "engine stopped");
     }
+}
+
+/// What a free slot's KV cache holds, and for whom.
+#[derive(Default)]
+struct SlotCache {
+    tenant: Option<String>,
+    tokens: Vec<LlamaToken>,
+}
+
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Why a sequence left its slot.

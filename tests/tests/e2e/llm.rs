@@ -138,7 +138,17 @@ fn gemma_answers_through_the_openai_api() {
     assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + completion));
     let again = chat(&d, &ask("Name three colours.", 12)).json();
     assert_eq!(again["choices"][0]["message"]["content"], text.as_str());
-    assert_eq!(again["usage"], *usage);
+    assert_eq!(
+        again["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
+    // The same tenant's repeated prompt reuses the slot's KV cache (all but
+    // the last prompt token), as OpenAI reports it.
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(prompt - 1),
+        "{again}"
+    );
 
     // max_tokens: finish_reason length, exactly that many tokens.
     let short = chat(&d, &ask("Write a long story about the sea.", 3)).json();
@@ -170,7 +180,11 @@ fn gemma_answers_through_the_openai_api() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let last = chunks.last().expect("usage chunk");
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"], *usage);
+    assert_eq!(last["usage"]["prompt_tokens"], usage["prompt_tokens"]);
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
 
     // A stop sequence cuts the text before it.
     let word = text
@@ -359,9 +373,22 @@ fn slots_are_shared_streams_interleave_and_a_disconnect_frees_the_slot() {
         assert!(start.elapsed() < Duration::from_secs(10), "{}", status(&d));
         std::thread::sleep(Duration::from_millis(10));
     }
-    let quiet = stream_as(Some(4321), &d.socket, &streaming(4));
+    let mut q = streaming(4);
+    q["stream_options"] = json!({"include_usage": true});
+    let quiet = stream_as(Some(4321), &d.socket, &q);
     let (qs, qe) = timed_events(quiet);
     assert_eq!(qs, 200, "{qe:?}");
+    // The same prompt sat in the slot the flood left, but another tenant's
+    // cache is never reused (a prefix hit would be a timing side channel).
+    let quiet_usage = qe
+        .iter()
+        .filter_map(|(_, e)| serde_json::from_str::<Value>(e).ok())
+        .find(|v| v["usage"].is_object())
+        .expect("usage chunk");
+    assert_eq!(
+        quiet_usage["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{quiet_usage}"
+    );
     let flood: Vec<(u16, Vec<(u128, String)>)> = flood.into_iter().map(timed_events).collect();
     let mut starts: Vec<u128> = flood.iter().map(|(_, e)| first(e)).collect();
     starts.sort_unstable();
@@ -509,7 +536,9 @@ fn the_official_openai_python_client_works_over_mtls() {
     let text = seen["text"].as_str().expect("text");
     assert!(!text.is_empty(), "{seen}");
     assert_eq!(seen["streamed"], text, "{seen}");
-    assert_eq!(seen["stream_usage"], seen["usage"], "{seen}");
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(seen["stream_usage"][k], seen["usage"][k], "{seen}");
+    }
     assert_eq!(seen["models"], json!([GEMMA]));
     assert_eq!(seen["missing_status"], 404);
     assert!(
