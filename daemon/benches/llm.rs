@@ -37,8 +37,8 @@ fn main() {
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     baseline(model_path, threads);
-    for target in &args[1..] {
-        end_to_end(target);
+    if args.len() > 1 {
+        end_to_end(&args[1..]);
     }
 }
 
@@ -218,43 +218,70 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn end_to_end(target: &str) {
-    let label = target.split(':').next().unwrap_or(target);
-    let _ = stream_once(target); // warm up
+/// One measurement: `clients` concurrent streams against `target`.
+struct Sample {
+    aggregate: f64,
+    decode: f64,
+    ttfts: Vec<Duration>,
+}
+
+fn measure(target: &str, clients: usize) -> Sample {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let s = target.to_owned();
+            std::thread::spawn(move || stream_once(&s))
+        })
+        .collect();
+    let mut ttfts = Vec::new();
+    let mut tokens = 0;
+    let mut rates = Vec::new();
+    for h in handles {
+        let (ttft, n, total) = h.join().expect("client");
+        ttfts.push(ttft);
+        tokens += n;
+        if n > 1 {
+            rates.push((n - 1) as f64 / (total - ttft).as_secs_f64());
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    Sample {
+        aggregate: tokens as f64 / start.elapsed().as_secs_f64(),
+        decode: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+        ttfts,
+    }
+}
+
+/// Every target at every concurrency, interleaved (round by round, target
+/// by target), so drift on a shared machine hits all of them alike; the
+/// median round is reported.
+fn end_to_end(targets: &[String]) {
+    const ROUNDS: usize = 3;
+    for t in targets {
+        let _ = stream_once(t); // warm up
+    }
     for clients in [1usize, 2, 4, 8] {
-        let rounds = 2;
-        let start = Instant::now();
-        let mut ttfts = Vec::new();
-        let mut tokens = 0;
-        let mut decode_rates = Vec::new();
-        for _ in 0..rounds {
-            let handles: Vec<_> = (0..clients)
-                .map(|_| {
-                    let s = target.to_owned();
-                    std::thread::spawn(move || stream_once(&s))
-                })
-                .collect();
-            for h in handles {
-                let (ttft, n, total) = h.join().expect("client");
-                ttfts.push(ttft);
-                tokens += n;
-                if n > 1 {
-                    decode_rates.push((n - 1) as f64 / (total - ttft).as_secs_f64());
-                }
+        let mut samples: Vec<Vec<Sample>> = targets.iter().map(|_| Vec::new()).collect();
+        for _ in 0..ROUNDS {
+            for (i, t) in targets.iter().enumerate() {
+                samples[i].push(measure(t, clients));
             }
         }
-        let elapsed = start.elapsed().as_secs_f64();
-        ttfts.sort();
-        decode_rates.sort_by(f64::total_cmp);
-        println!(
-            "{label}, {clients} client(s): aggregate {:.1} tok/s, per-stream decode {:.1} tok/s, first token p50 {:.0} ms p99 {:.0} ms",
-            tokens as f64 / elapsed,
-            decode_rates
-                .get(decode_rates.len() / 2)
-                .copied()
-                .unwrap_or(0.0),
-            percentile(&ttfts, 0.5).as_secs_f64() * 1000.0,
-            percentile(&ttfts, 0.99).as_secs_f64() * 1000.0,
-        );
+        for (t, mut s) in targets.iter().zip(samples) {
+            let label = t.split(':').next().unwrap_or(t);
+            s.sort_by(|a, b| a.aggregate.total_cmp(&b.aggregate));
+            let mid = &s[s.len() / 2];
+            let mut ttfts: Vec<Duration> = s.iter().flat_map(|x| x.ttfts.iter().copied()).collect();
+            ttfts.sort();
+            println!(
+                "{label}, {clients} client(s): aggregate {:.1} tok/s (median of {ROUNDS}; min {:.1}, max {:.1}), per-stream decode {:.1} tok/s, first token p50 {:.0} ms p99 {:.0} ms",
+                mid.aggregate,
+                s[0].aggregate,
+                s[s.len() - 1].aggregate,
+                mid.decode,
+                percentile(&ttfts, 0.5).as_secs_f64() * 1000.0,
+                percentile(&ttfts, 0.99).as_secs_f64() * 1000.0,
+            );
+        }
     }
 }

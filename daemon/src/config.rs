@@ -55,6 +55,9 @@ pub struct LlmConfig {
     /// Memory all models together may take (weights plus KV cache), bytes.
     /// `None`: 80% of the host's memory.
     pub memory_budget: Option<u64>,
+    /// Keep a finished sequence's KV cache in its slot, so the same
+    /// tenant's next prompt sharing its start skips decoding that part.
+    pub prompt_cache: bool,
 }
 
 impl Default for LlmConfig {
@@ -66,6 +69,7 @@ impl Default for LlmConfig {
             batch: 512,
             queue: 64,
             memory_budget: None,
+            prompt_cache: true,
         }
     }
 }
@@ -601,6 +605,13 @@ fn parse_root(
                     "memory_budget",
                     integer_between(1 << 20, u64::MAX),
                 ),
+                prompt_cache: s
+                    .optional(errors, "prompt_cache", |v: &Value| {
+                        v.as_bool().ok_or_else(|| {
+                            format!("expected true or false, found {}", v.type_str())
+                        })
+                    })
+                    .unwrap_or(d.prompt_cache),
             };
             s.finish(errors);
             l

@@ -816,7 +816,9 @@ impl EngineRun {
                     .enumerate()
                     .map(|(i, seq)| {
                         let c = &cache[*seq as usize];
-                        let lcp = if c.tenant.as_deref() == Some(job.tenant.as_str()) {
+                        let lcp = if self.config.prompt_cache
+                            && c.tenant.as_deref() == Some(job.tenant.as_str())
+                        {
                             common_prefix(&c.tokens, &job.prompt)
                         } else {
                             0
