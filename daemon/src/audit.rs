@@ -732,9 +732,9 @@ fn write_loop(
                         );
                     }
                 }
-                for (i, job) in jobs.into_iter().enumerate() {
-                    let _ = job.reply.send(Ok(next + i as u64));
-                }
+                // The state first, then the waiters: whoever is answered
+                // after this batch sees the store healthy again.
+                let first = next;
                 next = seq;
                 head = prev;
                 let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -745,6 +745,9 @@ fn write_loop(
                     tracing::warn!(previous_error = %was, "audit store writes again; service resumes");
                 }
                 drop(s);
+                for (i, job) in jobs.into_iter().enumerate() {
+                    let _ = job.reply.send(Ok(first + i as u64));
+                }
                 since_checkpoint += written;
                 if let Some(signer) = &signer
                     && (since_checkpoint >= signer.every
