@@ -641,12 +641,6 @@ struct Granted {
     max_tokens: u32,
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Chat and text completions on a loaded GGUF model.
 async fn generate_text(
     shared: &Arc<Shared>,
@@ -733,7 +727,7 @@ async fn generate_text(
         "obligations": granted.allow.obligations,
         "bundle_version": granted.bundle.version(),
     });
-    let created = unix_now();
+    let created = crate::server::unix_now();
     let chat = g.kind == Kind::Chat;
     let request_id = id.as_str().to_owned();
     let mut response = if g.stream {

@@ -876,18 +876,22 @@ mod tests {
         ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("key")
     }
 
-    #[test]
-    fn checkpoints_are_signed_by_the_host_key_and_checked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = dir.path().join("audit");
-        let heartbeat = Heartbeat::new();
-        let (audit, opened) = Audit::open(
-            &store,
+    /// A store in `path` with a small cache: a new one gets a genesis record;
+    /// checkpoints every `every` records when given (host key: `pair(1)`).
+    fn open_test(
+        path: &Path,
+        every: Option<u64>,
+        accept_broken: bool,
+        heartbeat: &Heartbeat,
+        worker: &str,
+    ) -> Result<(Audit, Opened), AuditError> {
+        Audit::open(
+            path,
             OpenOptions {
                 cache_bytes: 8 << 20,
                 marker: None,
                 journal_all: false,
-                accept_broken: false,
+                accept_broken,
             },
             |_| Event::Genesis {
                 host_key_sha256: String::new(),
@@ -895,15 +899,23 @@ mod tests {
                 state_dir: "s".to_owned(),
                 previous_store: None,
             },
-            Some(CheckpointSigner {
+            every.map(|every| CheckpointSigner {
                 key: pair(1),
                 key_sha256: String::new(),
-                every: 3,
+                every,
                 interval: std::time::Duration::from_secs(3600),
             }),
-            heartbeat.register("audit-writer", std::time::Duration::from_secs(30)),
+            heartbeat.register(worker, std::time::Duration::from_secs(30)),
         )
-        .expect("open");
+    }
+
+    #[test]
+    fn checkpoints_are_signed_by_the_host_key_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("audit");
+        let heartbeat = Heartbeat::new();
+        let (audit, opened) =
+            open_test(&store, Some(3), false, &heartbeat, "audit-writer").expect("open");
         assert!(opened.created);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -961,38 +973,12 @@ mod tests {
         ));
         drop(db);
         // And the daemon's open refuses the store (serve exits 76 on this).
-        let reopened = Audit::open(
-            &store,
-            OpenOptions {
-                cache_bytes: 8 << 20,
-                marker: None,
-                journal_all: false,
-                accept_broken: false,
-            },
-            |_| unreachable!("not a new store"),
-            Some(CheckpointSigner {
-                key: pair(1),
-                key_sha256: String::new(),
-                every: 3,
-                interval: std::time::Duration::from_secs(3600),
-            }),
-            heartbeat.register("audit-writer-2", std::time::Duration::from_secs(30)),
-        );
+        let reopened = open_test(&store, Some(3), false, &heartbeat, "audit-writer-2");
         assert!(matches!(reopened, Err(AuditError::Broken(_))));
         // Unless the operator overrides, which is recorded.
-        let (audit, _) = Audit::open(
-            &store,
-            OpenOptions {
-                cache_bytes: 8 << 20,
-                marker: None,
-                journal_all: false,
-                accept_broken: true,
-            },
-            |_| unreachable!("not a new store"),
-            None,
-            heartbeat.register("audit-writer-3", std::time::Duration::from_secs(30)),
-        )
-        .expect("override");
+        let (audit, opened) =
+            open_test(&store, None, true, &heartbeat, "audit-writer-3").expect("override");
+        assert!(!opened.created, "the broken store is kept, not replaced");
         rt.block_on(audit.append(Event::Shutdown {
             reason: "after override".to_owned(),
         }))
@@ -1011,27 +997,12 @@ mod tests {
     fn retention_prunes_behind_a_checkpoint_and_the_chain_still_verifies() {
         let dir = tempfile::tempdir().expect("tempdir");
         let heartbeat = Heartbeat::new();
-        let (audit, _) = Audit::open(
+        let (audit, _) = open_test(
             &dir.path().join("audit"),
-            OpenOptions {
-                cache_bytes: 8 << 20,
-                marker: None,
-                journal_all: false,
-                accept_broken: false,
-            },
-            |_| Event::Genesis {
-                host_key_sha256: String::new(),
-                machine_id: "m".to_owned(),
-                state_dir: "s".to_owned(),
-                previous_store: None,
-            },
-            Some(CheckpointSigner {
-                key: pair(1),
-                key_sha256: String::new(),
-                every: 4,
-                interval: std::time::Duration::from_secs(3600),
-            }),
-            heartbeat.register("audit-writer", std::time::Duration::from_secs(30)),
+            Some(4),
+            false,
+            &heartbeat,
+            "audit-writer",
         )
         .expect("open");
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -556,12 +556,8 @@ fn parse_root(
                 )
                 .unwrap_or(Duration::from_secs(300));
             let user_secret = s.optional(errors, "user_secret", absolute_path);
-            let flag = |v: &Value| {
-                v.as_bool()
-                    .ok_or_else(|| format!("expected true or false, found {}", v.type_str()))
-            };
-            let journal_all = s.optional(errors, "journal_all", flag).unwrap_or(false);
-            let fail_open = s.optional(errors, "fail_open", flag).unwrap_or(false);
+            let journal_all = s.optional(errors, "journal_all", boolean).unwrap_or(false);
+            let fail_open = s.optional(errors, "fail_open", boolean).unwrap_or(false);
             let retention_days =
                 s.optional(errors, "retention_days", integer_between(1, 100 * 365));
             s.finish(errors);
@@ -606,11 +602,7 @@ fn parse_root(
                     integer_between(1 << 20, u64::MAX),
                 ),
                 prompt_cache: s
-                    .optional(errors, "prompt_cache", |v: &Value| {
-                        v.as_bool().ok_or_else(|| {
-                            format!("expected true or false, found {}", v.type_str())
-                        })
-                    })
+                    .optional(errors, "prompt_cache", boolean)
                     .unwrap_or(d.prompt_cache),
             };
             s.finish(errors);
@@ -917,6 +909,12 @@ fn array_of<T>(
     } else {
         Err(problems.join("; "))
     }
+}
+
+fn boolean(value: &Value) -> Result<bool, String> {
+    value
+        .as_bool()
+        .ok_or_else(|| format!("expected true or false, found {}", value.type_str()))
 }
 
 fn string(value: &Value) -> Result<&str, String> {

@@ -108,6 +108,18 @@ fn state_dir(state: Option<PathBuf>, config: &Path) -> Result<PathBuf, String> {
     }
 }
 
+/// The running daemon's socket: given, or the configuration's.
+fn daemon_socket(socket: Option<PathBuf>, config: &Path) -> Result<PathBuf, String> {
+    socket.map_or_else(
+        || {
+            Config::load(config)
+                .map(|c| c.unix.path)
+                .map_err(|e| e.to_string())
+        },
+        Ok,
+    )
+}
+
 fn audit_command(command: AuditCommand) -> u8 {
     use std::io::Write as _;
     let fail = |code: u8, e: &dyn std::fmt::Display| {
@@ -262,14 +274,7 @@ fn audit_command(command: AuditCommand) -> u8 {
             config,
             socket,
         } => {
-            let socket = match socket.map_or_else(
-                || {
-                    Config::load(&config)
-                        .map(|c| c.unix.path)
-                        .map_err(|e| e.to_string())
-                },
-                Ok,
-            ) {
+            let socket = match daemon_socket(socket, &config) {
                 Ok(s) => s,
                 Err(e) => return fail(exit::CONFIG, &e),
             };
@@ -301,14 +306,7 @@ fn audit_command(command: AuditCommand) -> u8 {
             }
         }
         AuditCommand::Snapshot { config, socket } => {
-            let socket = match socket.map_or_else(
-                || {
-                    Config::load(&config)
-                        .map(|c| c.unix.path)
-                        .map_err(|e| e.to_string())
-                },
-                Ok,
-            ) {
+            let socket = match daemon_socket(socket, &config) {
                 Ok(s) => s,
                 Err(e) => return fail(exit::CONFIG, &e),
             };

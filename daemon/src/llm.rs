@@ -389,6 +389,7 @@ impl Models {
             let loader = Loader {
                 id: id.clone(),
                 files,
+                total_bytes: total,
                 config: config.clone(),
                 states: Arc::clone(&self.states),
                 committed: Arc::clone(&self.committed),
@@ -415,6 +416,8 @@ impl Models {
 struct Loader {
     id: String,
     files: Files,
+    /// The files' sizes when the load began, for progress.
+    total_bytes: u64,
     config: LlmConfig,
     states: Arc<Mutex<BTreeMap<String, ModelState>>>,
     committed: Arc<Mutex<u64>>,
@@ -444,14 +447,9 @@ impl Loader {
     }
 
     fn load(&self) -> Result<(), String> {
-        let total: u64 = self
-            .files
-            .iter()
-            .map(|(p, _)| std::fs::metadata(p).map_or(0, |m| m.len()))
-            .sum();
         let mut done = 0u64;
         for (path, expected) in &self.files {
-            let digest = self.hash(path, &mut done, total)?;
+            let digest = self.hash(path, &mut done, self.total_bytes)?;
             if &digest != expected {
                 return Err(format!(
                     "{}: sha256 is {}, the bundle's manifest says {}; not loaded",
@@ -467,6 +465,8 @@ impl Loader {
             .map(|(p, _)| p.clone())
             .ok_or("the manifest lists no file")?;
         let kv = kv_cache_bytes(&weights, &self.config)?;
+        // The bytes actually hashed are the files' sizes.
+        let total = done;
         let need = total + kv;
         let budget = self.config.memory_budget.unwrap_or_else(default_budget);
         {
@@ -748,7 +748,7 @@ impl EngineRun {
         // What each slot's KV cache holds once its sequence is done.
         let mut cache: Vec<SlotCache> = (0..slots).map(|_| SlotCache::default()).collect();
         let mut active: Vec<Active> = Vec::new();
-        let mut waiting: BTreeMap<String, VecDeque<(Instant, Job)>> = BTreeMap::new();
+        let mut waiting = Waiting::new();
         let mut closed = false;
         let ctx_limit = i32::try_from(self.config.context).unwrap_or(i32::MAX);
         loop {
@@ -759,10 +759,7 @@ impl EngineRun {
                 }
                 self.worker.idle();
                 match self.jobs.recv_timeout(Duration::from_secs(1)) {
-                    Ok(job) => waiting
-                        .entry(job.tenant.clone())
-                        .or_default()
-                        .push_back((Instant::now(), job)),
+                    Ok(job) => enqueue(&mut waiting, job),
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         closed = true;
@@ -772,10 +769,7 @@ impl EngineRun {
             }
             loop {
                 match self.jobs.try_recv() {
-                    Ok(job) => waiting
-                        .entry(job.tenant.clone())
-                        .or_default()
-                        .push_back((Instant::now(), job)),
+                    Ok(job) => enqueue(&mut waiting, job),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         closed = true;
@@ -991,6 +985,16 @@ impl EngineRun {
         }
         tracing::info!(model = %self.id, "engine stopped");
     }
+}
+
+/// Jobs waiting for a slot, per tenant, with when they arrived.
+type Waiting = BTreeMap<String, VecDeque<(Instant, Job)>>;
+
+fn enqueue(waiting: &mut Waiting, job: Job) {
+    waiting
+        .entry(job.tenant.clone())
+        .or_default()
+        .push_back((Instant::now(), job));
 }
 
 /// What a free slot's KV cache holds, and for whom.
