@@ -725,7 +725,7 @@ impl Policy {
                 })),
             ));
         }
-        let digest = hex(&Sha256::digest(trim(token)));
+        let digest = hex(&Sha256::digest(token.trim_ascii()));
         let fail = |version, e| (digest.clone(), version, e);
         let Some(audience) = config.policy.audience.as_deref() else {
             return Err(fail(None, UpdateError::NoAudience));
@@ -911,18 +911,6 @@ fn recover_from_archive(dir: &Path, anchors: &TrustAnchors, audience: Option<&st
         active_digest: best.as_ref().map(|b| b.digest.clone()),
         time_floor: floor,
     }
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end]
 }
 
 /// Write to a temporary file, fsync it, rename it over `path`, fsync the

@@ -217,7 +217,7 @@ pub fn verify_signed(
             limit: MAX_TOKEN_BYTES,
         });
     }
-    let token = trim_ascii(token);
+    let token = token.trim_ascii();
     let parts: Vec<&[u8]> = token.split(|b| *b == b'.').collect();
     let [header, payload, signature] = parts.as_slice() else {
         return Err(BundleError::Malformed);
@@ -326,7 +326,7 @@ pub fn decode_unverified(token: &[u8]) -> Result<(String, WireBundle), BundleErr
             limit: MAX_TOKEN_BYTES,
         });
     }
-    let token = trim_ascii(token);
+    let token = token.trim_ascii();
     let parts: Vec<&[u8]> = token.split(|b| *b == b'.').collect();
     let [header, payload, _] = parts.as_slice() else {
         return Err(BundleError::Malformed);
@@ -347,18 +347,6 @@ pub fn decode_unverified(token: &[u8]) -> Result<(String, WireBundle), BundleErr
     let wire =
         serde_json::from_slice(&claims).map_err(|e| BundleError::BadClaims(e.to_string()))?;
     Ok((kid, wire))
-}
-
-fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end]
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
