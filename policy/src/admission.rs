@@ -19,6 +19,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
+use crate::bundle::Limits;
 use crate::decision::{Reason, Reservation, UsageView, UserKey};
 use crate::identity::TenantId;
 use crate::time::UnixTime;
@@ -47,7 +48,18 @@ pub struct Refusal {
 
 /// The atomic step between `decide` and serving. See the module docs.
 pub trait Admission: UsageView + Send + Sync {
+    /// Takes the reservation, or says why not. A truncating reservation may
+    /// be granted fewer tokens than asked: the ticket's reservation says how many.
     fn reserve(&self, reservation: Reservation, now: UnixTime) -> Result<Ticket, Refusal>;
+    /// Seconds until a request refused by `decide` for a transient reason
+    /// could pass, from the same windows `reserve` uses.
+    fn retry_after(
+        &self,
+        tenant: &TenantId,
+        reason: Reason,
+        limits: &Limits,
+        now: UnixTime,
+    ) -> Option<u64>;
     /// The request was served: count `tokens` (prompt + generated) instead of the estimate.
     fn commit(&self, ticket: Ticket, tokens: u64);
     /// Nothing was served: give back everything the ticket took.
@@ -64,6 +76,31 @@ fn month(t: UnixTime) -> i64 {
 
 fn day(t: UnixTime) -> i64 {
     t.seconds().div_euclid(86_400)
+}
+
+/// Seconds until the next UTC midnight, when the daily budget starts again.
+fn until_tomorrow(now: UnixTime) -> u64 {
+    u64::try_from((day(now) + 1) * 86_400 - now.seconds()).unwrap_or(1)
+}
+
+/// Seconds until a sliding window holding `recent` (oldest first) admits
+/// one more request under `rpm`.
+fn until_window_frees(recent: &VecDeque<i64>, rpm: u32, now: UnixTime) -> u64 {
+    // The request that must age out is the rpm-th most recent.
+    let index = recent.len().saturating_sub(rpm.max(1) as usize);
+    let start = recent.get(index).copied().unwrap_or(now.seconds());
+    u64::try_from((start + MINUTE - now.seconds()).max(1)).unwrap_or(1)
+}
+
+/// Usage to start from, as the persistent store derived it from the audit
+/// log: the current month's users, today's tokens, the last minute's requests.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub tenant_users: Vec<(TenantId, UserKey)>,
+    pub licence_users: Vec<(String, UserKey)>,
+    pub tokens_today: Vec<(TenantId, u64)>,
+    /// Start times (Unix seconds) of recently admitted requests.
+    pub recent: Vec<(TenantId, i64)>,
 }
 
 #[derive(Default)]
@@ -141,6 +178,33 @@ impl MemoryAdmission {
         Self::default()
     }
 
+    /// Replaces every counter with `state`, as of `now`. Nothing may be in flight.
+    pub fn restore(&self, state: Restored, now: UnixTime) {
+        let mut c = self.lock();
+        *c = Counters::default();
+        c.now = now;
+        for (tenant, user) in state.tenant_users {
+            c.roll(&tenant, now);
+            c.tenant(&tenant).users.1.insert(user);
+        }
+        for (licence, user) in state.licence_users {
+            c.licence(&licence, now).insert(user);
+        }
+        for (tenant, tokens) in state.tokens_today {
+            c.roll(&tenant, now);
+            let t = c.tenant(&tenant);
+            t.tokens.1 = t.tokens.1.saturating_add(tokens);
+        }
+        let mut recent = state.recent;
+        recent.sort_by_key(|(_, at)| *at);
+        for (tenant, at) in recent {
+            c.roll(&tenant, now);
+            if at > now.seconds() - MINUTE {
+                c.tenant(&tenant).recent.push_back(at);
+            }
+        }
+    }
+
     /// Sets the instant views answer for (the daemon calls this before `decide`).
     pub fn observe(&self, now: UnixTime) {
         let mut c = self.lock();
@@ -214,7 +278,7 @@ impl UsageView for MemoryAdmission {
 }
 
 impl Admission for MemoryAdmission {
-    fn reserve(&self, r: Reservation, now: UnixTime) -> Result<Ticket, Refusal> {
+    fn reserve(&self, mut r: Reservation, now: UnixTime) -> Result<Ticket, Refusal> {
         let mut c = self.lock();
         if now > c.now {
             c.now = now;
@@ -232,23 +296,25 @@ impl Admission for MemoryAdmission {
             if let Some(rpm) = r.requests_per_minute
                 && t.recent.len() >= rpm as usize
             {
-                let oldest = t.recent.front().copied().unwrap_or(now.seconds());
-                let wait = (oldest + MINUTE - now.seconds()).max(1);
                 return refuse(
                     Reason::RateLimited,
                     format!("limits.requests_per_minute = {rpm}"),
-                    u64::try_from(wait).ok(),
+                    Some(until_window_frees(&t.recent, rpm, now)),
                 );
             }
             if let Some(budget) = r.tokens_per_day
                 && t.tokens.1.saturating_add(r.tokens) > budget
             {
-                let tomorrow = (day(now) + 1) * 86_400;
-                return refuse(
-                    Reason::TokenBudgetExhausted,
-                    format!("limits.tokens_per_day = {budget}"),
-                    u64::try_from(tomorrow - now.seconds()).ok(),
-                );
+                let left = budget.saturating_sub(t.tokens.1);
+                if r.truncate && left > r.prompt_tokens {
+                    r.tokens = left;
+                } else {
+                    return refuse(
+                        Reason::TokenBudgetExhausted,
+                        format!("limits.tokens_per_day = {budget}"),
+                        Some(until_tomorrow(now)),
+                    );
+                }
             }
             if let Some(max) = r.concurrent_requests
                 && t.concurrent >= max
@@ -307,6 +373,27 @@ impl Admission for MemoryAdmission {
             new_tenant_user,
             new_licence_users,
         })
+    }
+
+    fn retry_after(
+        &self,
+        tenant: &TenantId,
+        reason: Reason,
+        limits: &Limits,
+        now: UnixTime,
+    ) -> Option<u64> {
+        match reason {
+            Reason::RateLimited => {
+                let mut c = self.lock();
+                c.roll(tenant, now);
+                let rpm = limits.requests_per_minute?;
+                Some(until_window_frees(&c.tenant(tenant).recent, rpm, now))
+            }
+            Reason::TokenBudgetExhausted => Some(until_tomorrow(now)),
+            // A slot frees when any running request ends: try again soon.
+            Reason::ConcurrencyLimit => Some(1),
+            _ => None,
+        }
     }
 
     fn commit(&self, ticket: Ticket, tokens: u64) {

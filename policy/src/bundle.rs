@@ -155,6 +155,21 @@ pub struct Limits {
     pub concurrent_requests: Option<u32>,
     #[serde(default)]
     pub max_tokens_per_request: Option<u32>,
+    /// What happens when a request's prompt and max_tokens would overrun
+    /// what is left of `tokens_per_day`.
+    #[serde(default)]
+    pub over_budget: OverBudget,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverBudget {
+    /// Refused before generation (429 until the budget's day ends).
+    #[default]
+    Refuse,
+    /// Served with max_tokens lowered to what is left; refused only when
+    /// not even the prompt fits.
+    Truncate,
 }
 
 /// Where a request's end user is named.
@@ -170,12 +185,38 @@ pub enum UserIdentity {
     Assertion { keys: BTreeMap<String, String> },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserCap {
+    /// With `scope = "host"` this host's cap; with `"fleet_share"` the
+    /// fleet-wide cap, of which this host takes `host_share`.
     pub max_users_per_month: u64,
     pub scope: CapScope,
     pub over_cap: OverCap,
+    /// This host's fraction of a fleet-wide cap, in (0, 1]; only with
+    /// `scope = "fleet_share"`, and required there.
+    #[serde(default)]
+    pub host_share: Option<f64>,
+}
+
+impl UserCap {
+    /// The distinct users this host may admit per month.
+    pub fn host_cap(&self) -> u64 {
+        match (self.scope, self.host_share) {
+            (CapScope::FleetShare, Some(share)) => {
+                // Rounded down: the hosts' shares never add up past the fleet's cap.
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    clippy::cast_precision_loss,
+                    reason = "share is validated in (0, 1]; the product is a non-negative count below 2^53 in practice"
+                )]
+                let cap = (self.max_users_per_month as f64 * share).floor() as u64;
+                cap
+            }
+            _ => self.max_users_per_month,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -183,7 +224,7 @@ pub struct UserCap {
 pub enum CapScope {
     /// The cap binds this host alone.
     Host,
-    /// This host's share of a fleet-wide cap (the number is already the share).
+    /// This host's share (`host_share`) of a fleet-wide cap.
     FleetShare,
 }
 
@@ -574,6 +615,32 @@ impl WireBundle {
                             ),
                         ));
                     }
+                }
+            }
+            if let Some(cap) = &t.user_cap {
+                match (cap.scope, cap.host_share) {
+                    (CapScope::FleetShare, None) => {
+                        return Err(invalid(
+                            "tenant",
+                            &t.id,
+                            "user_cap.scope = \"fleet_share\" needs host_share (this host's fraction of the fleet's cap)",
+                        ));
+                    }
+                    (CapScope::FleetShare, Some(s)) if !(s > 0.0 && s <= 1.0) => {
+                        return Err(invalid(
+                            "tenant",
+                            &t.id,
+                            format!("user_cap.host_share = {s} is not in (0, 1]"),
+                        ));
+                    }
+                    (CapScope::Host, Some(_)) => {
+                        return Err(invalid(
+                            "tenant",
+                            &t.id,
+                            "user_cap.host_share is only meaningful with scope = \"fleet_share\"",
+                        ));
+                    }
+                    _ => {}
                 }
             }
             rules.push((id.clone(), principals.into_iter().map(|(_, p)| p).collect()));

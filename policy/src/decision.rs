@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use crate::bundle::{Bundle, Kind, OverCap, ReviewAction, UserIdentity};
+use crate::bundle::{Bundle, Kind, OverBudget, OverCap, ReviewAction, UserIdentity};
 use crate::identity::{Identity, TenantId, TenantLookupError};
 use crate::time::UnixTime;
 
@@ -145,13 +145,22 @@ pub enum Obligation {
 pub struct Reservation {
     pub tenant: TenantId,
     pub user: Option<UserKey>,
-    /// Tokens to hold against the daily budget until the actual count is known.
+    /// Tokens to hold against the daily budget until the actual count is
+    /// known: the prompt's estimate plus max_tokens. A taken ticket's
+    /// reservation holds what was granted (less, when truncated).
     pub tokens: u64,
+    /// The prompt's share of `tokens`.
+    pub prompt_tokens: u64,
+    /// Grant what is left of the budget when `tokens` would overrun it, as
+    /// long as the prompt and one generated token fit.
+    pub truncate: bool,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_day: Option<u64>,
     pub concurrent_requests: Option<u32>,
     /// The tenant's user cap, when new users are refused past it.
     pub tenant_user_cap: Option<u64>,
+    /// The tenant's user cap whatever its over-cap rule (for warnings).
+    pub tenant_user_limit: Option<u64>,
     /// Licence thresholds that bind this request: (licence, threshold).
     pub licence_user_thresholds: Vec<(String, u64)>,
 }
@@ -337,9 +346,15 @@ pub fn decide(
             t,
         );
     }
-    let tokens = u64::from(facts.prompt_tokens) + u64::from(facts.max_tokens);
+    let prompt_tokens = u64::from(facts.prompt_tokens);
+    let tokens = prompt_tokens + u64::from(facts.max_tokens);
+    // Truncating still needs room for the prompt and one generated token.
+    let needed = match limits.over_budget {
+        OverBudget::Refuse => tokens,
+        OverBudget::Truncate => prompt_tokens + 1,
+    };
     if let Some(budget) = limits.tokens_per_day
-        && usage.tokens_today(tenant_id).saturating_add(tokens) > budget
+        && usage.tokens_today(tenant_id).saturating_add(needed) > budget
     {
         return deny(
             Reason::TokenBudgetExhausted,
@@ -358,6 +373,7 @@ pub fn decide(
     }
 
     let mut tenant_user_cap = None;
+    let tenant_user_limit = tenant.user_cap.as_ref().map(crate::bundle::UserCap::host_cap);
     let mut licence_user_thresholds = Vec::new();
     if let Some(user) = &facts.end_user {
         let new_for_tenant = !usage.tenant_user_seen(tenant_id, user);
@@ -365,20 +381,17 @@ pub fn decide(
             obligations.push(Obligation::NewTenantUser);
         }
         if let Some(cap) = &tenant.user_cap {
-            if new_for_tenant && usage.tenant_users(tenant_id) >= cap.max_users_per_month {
+            let host_cap = cap.host_cap();
+            if new_for_tenant && usage.tenant_users(tenant_id) >= host_cap {
                 match cap.over_cap {
                     OverCap::RefuseNewUsers => {
-                        return deny(
-                            Reason::TenantUserCap,
-                            format!("user_cap.max_users_per_month = {}", cap.max_users_per_month),
-                            t,
-                        );
+                        return deny(Reason::TenantUserCap, cap_rule(cap), t);
                     }
                     OverCap::AllowAndFlag => obligations.push(Obligation::TenantCapExceeded),
                 }
             }
             if cap.over_cap == OverCap::RefuseNewUsers {
-                tenant_user_cap = Some(cap.max_users_per_month);
+                tenant_user_cap = Some(host_cap);
             }
         }
         for id in &model.licence_chain {
@@ -405,13 +418,28 @@ pub fn decide(
             tenant: tenant_id.clone(),
             user: facts.end_user,
             tokens,
+            prompt_tokens,
+            truncate: limits.over_budget == OverBudget::Truncate,
             requests_per_minute: limits.requests_per_minute,
             tokens_per_day: limits.tokens_per_day,
             concurrent_requests: limits.concurrent_requests,
             tenant_user_cap,
+            tenant_user_limit,
             licence_user_thresholds,
         },
     })
+}
+
+/// The rule a tenant cap denial names: the cap, and the fleet's when it is a share.
+pub fn cap_rule(cap: &crate::bundle::UserCap) -> String {
+    match cap.host_share {
+        Some(share) => format!(
+            "user_cap: this host's share {share} of the fleet's max_users_per_month = {} is {}",
+            cap.max_users_per_month,
+            cap.host_cap()
+        ),
+        None => format!("user_cap.max_users_per_month = {}", cap.max_users_per_month),
+    }
 }
 
 #[cfg(test)]

@@ -21,10 +21,13 @@ fn reservation(t: &str, u: Option<u32>) -> Reservation {
         tenant: tenant(t),
         user: u.map(user),
         tokens: 100,
+        prompt_tokens: 20,
+        truncate: false,
         requests_per_minute: None,
         tokens_per_day: None,
         concurrent_requests: None,
         tenant_user_cap: None,
+        tenant_user_limit: None,
         licence_user_thresholds: Vec::new(),
     }
 }
@@ -188,4 +191,93 @@ fn users_are_counted_per_calendar_month() {
     admission.observe(dec);
     assert_eq!(admission.tenant_users(&tenant("claims")), 0);
     assert!(admission.reserve(other, dec).is_ok());
+}
+
+#[test]
+fn a_truncating_budget_grants_what_is_left_and_refuses_when_the_prompt_does_not_fit() {
+    let admission = MemoryAdmission::new();
+    let mut r = reservation("claims", None);
+    r.tokens_per_day = Some(250);
+    r.truncate = true;
+    let first = admission.reserve(r.clone(), NOW).expect("100 of 250");
+    let second = admission.reserve(r.clone(), NOW).expect("200 of 250");
+    // 50 are left: the prompt (20) fits, so 50 are granted instead of 100.
+    let third = admission.reserve(r.clone(), NOW).expect("truncated");
+    assert_eq!(third.reservation.tokens, 50);
+    assert_eq!(admission.tokens_today(&tenant("claims")), 250);
+    let refused = admission.reserve(r.clone(), NOW).expect_err("nothing left");
+    assert_eq!(refused.reason, Reason::TokenBudgetExhausted);
+    // The actual counts replace the grants.
+    for t in [first, second, third] {
+        admission.commit(t, 30);
+    }
+    assert_eq!(admission.tokens_today(&tenant("claims")), 90);
+    r.truncate = false;
+    let refused = admission.reserve(r.clone(), NOW);
+    assert!(refused.is_ok(), "90 + 100 fits in 250");
+}
+
+#[test]
+fn retry_after_for_a_decide_denial_comes_from_the_same_window() {
+    let admission = MemoryAdmission::new();
+    let mut r = reservation("claims", None);
+    r.requests_per_minute = Some(3);
+    for at in [0, 10, 25] {
+        let t = admission.reserve(r.clone(), NOW.plus(at)).expect("in window");
+        admission.commit(t, 1);
+    }
+    let limits = Limits {
+        requests_per_minute: Some(3),
+        ..Default::default()
+    };
+    // At +40 the window holds 0, 10, 25: the request at 0 ages out at 60.
+    let claims = tenant("claims");
+    assert_eq!(
+        admission.retry_after(&claims, Reason::RateLimited, &limits, NOW.plus(40)),
+        Some(20)
+    );
+    // With a limit of 2, the one at 10 must age out too.
+    let two = Limits {
+        requests_per_minute: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(
+        admission.retry_after(&claims, Reason::RateLimited, &two, NOW.plus(40)),
+        Some(30)
+    );
+    assert_eq!(
+        admission.retry_after(&claims, Reason::ConcurrencyLimit, &limits, NOW),
+        Some(1)
+    );
+    assert_eq!(
+        admission.retry_after(&claims, Reason::TenantUserCap, &limits, NOW),
+        None
+    );
+}
+
+#[test]
+fn restore_starts_from_the_counts_it_is_given() {
+    let admission = MemoryAdmission::new();
+    let claims = tenant("claims");
+    admission.restore(
+        Restored {
+            tenant_users: (0..3).map(|u| (claims.clone(), user(u))).collect(),
+            licence_users: vec![("L".to_owned(), user(0))],
+            tokens_today: vec![(claims.clone(), 700)],
+            recent: vec![(claims.clone(), NOW.seconds() - 90), (claims.clone(), NOW.seconds() - 5)],
+        },
+        NOW,
+    );
+    assert_eq!(admission.tenant_users(&claims), 3);
+    assert!(admission.tenant_user_seen(&claims, &user(2)));
+    assert_eq!(admission.licence_users("L"), 1);
+    assert_eq!(admission.tokens_today(&claims), 700);
+    // Only the request of the last minute is in the window.
+    assert_eq!(admission.requests_last_minute(&claims), 1);
+    let mut r = reservation("claims", Some(9));
+    r.tenant_user_cap = Some(3);
+    assert_eq!(
+        admission.reserve(r, NOW).expect_err("cap").reason,
+        Reason::TenantUserCap
+    );
 }

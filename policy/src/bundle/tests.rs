@@ -249,6 +249,24 @@ fn cross_checks_refuse_naming_the_problem() {
             }),
             "is not a valid header name",
         ),
+        (
+            "fleet share without a share",
+            edit(|v| v["tenants"][0]["user_cap"]["scope"] = json!("fleet_share")),
+            "needs host_share",
+        ),
+        (
+            "fleet share out of range",
+            edit(|v| {
+                v["tenants"][0]["user_cap"]["scope"] = json!("fleet_share");
+                v["tenants"][0]["user_cap"]["host_share"] = json!(1.5);
+            }),
+            "is not in (0, 1]",
+        ),
+        (
+            "host share on a host cap",
+            edit(|v| v["tenants"][0]["user_cap"]["host_share"] = json!(0.5)),
+            "only meaningful with scope",
+        ),
     ];
     for (name, bundle, want) in cases {
         let err = validate(bundle)

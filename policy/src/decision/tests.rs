@@ -342,3 +342,70 @@ fn reason_codes_are_stable_and_unique() {
     }
     assert!(Reason::RateLimited.is_transient() && !Reason::ContentRule.is_transient());
 }
+
+#[test]
+fn a_fleet_share_cap_uses_this_hosts_share() {
+    // 200 fleet-wide, this host's share a quarter: 50 here.
+    let share = |v: &mut Value| {
+        v["tenants"][0]["user_cap"] = json!({
+            "max_users_per_month": 200, "scope": "fleet_share",
+            "host_share": 0.25, "over_cap": "refuse_new_users"});
+    };
+    let under = Case {
+        bundle: bundle(share),
+        usage: Usage {
+            tenant_users: 49,
+            ..Usage::default()
+        },
+        ..Case::new("49 of 50")
+    };
+    let Decision::Allow(a) = under.run() else {
+        panic!("under the share");
+    };
+    assert_eq!(a.reservation.tenant_user_cap, Some(50));
+    assert_eq!(a.reservation.tenant_user_limit, Some(50));
+    let full = Case {
+        bundle: bundle(share),
+        usage: Usage {
+            tenant_users: 50,
+            ..Usage::default()
+        },
+        ..Case::new("50 of 50")
+    };
+    let Decision::Deny(d) = full.run() else {
+        panic!("over the share");
+    };
+    assert_eq!(d.reason, Reason::TenantUserCap);
+    assert!(d.rule.contains("share 0.25") && d.rule.contains("200"), "{}", d.rule);
+}
+
+#[test]
+fn a_truncating_budget_allows_while_the_prompt_fits() {
+    let truncate = |v: &mut Value| {
+        v["tenants"][0]["limits"]["tokens_per_day"] = json!(1000);
+        v["tenants"][0]["limits"]["over_budget"] = json!("truncate");
+    };
+    // 900 used: 12 + 256 does not fit, 12 + 1 does.
+    let case = Case {
+        bundle: bundle(truncate),
+        usage: Usage {
+            tokens: 900,
+            ..Usage::default()
+        },
+        ..Case::new("truncate")
+    };
+    let Decision::Allow(a) = case.run() else {
+        panic!("truncating denied");
+    };
+    assert!(a.reservation.truncate);
+    assert_eq!(a.reservation.prompt_tokens, 12);
+    let refuse = Case {
+        bundle: bundle(|v| v["tenants"][0]["limits"]["tokens_per_day"] = json!(1000)),
+        usage: Usage {
+            tokens: 900,
+            ..Usage::default()
+        },
+        ..Case::new("refuse")
+    };
+    assert!(matches!(refuse.run(), Decision::Deny(d) if d.reason == Reason::TokenBudgetExhausted));
+}
