@@ -261,6 +261,8 @@ fn route_of(path: &str) -> &'static str {
         "/admin/status" => "/admin/status",
         "/admin/audit/records" => "/admin/audit/records",
         "/admin/audit/snapshot" => "/admin/audit/snapshot",
+        "/admin/usage" => "/admin/usage",
+        "/admin/usage/rebuild" => "/admin/usage/rebuild",
         "/v1/whoami" => "/v1/whoami",
         "/v1/models" => "/v1/models",
         "/v1/chat/completions" => "/v1/chat/completions",
@@ -540,10 +542,45 @@ async fn dispatch(
                 &json!({"path": dest.display().to_string(), "records": records}),
             ))
         }
+        ("/admin/usage", &Method::GET) => {
+            require_operator(shared, conn)?;
+            let month = match req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("month="))
+            {
+                None | Some("") => None,
+                Some(m) => Some(crate::usage::parse_month(m).map_err(ApiError::BadRequest)?),
+            };
+            let usage = Arc::clone(&shared.admission);
+            let bundle = shared.policy.active();
+            let now = shared.policy.now();
+            let report = tokio::task::spawn_blocking(move || {
+                usage.report(month, bundle.as_ref().map(|b| &b.verified.bundle), now)
+            })
+            .await
+            .map_err(|e| ApiError::AuditUnavailable(e.to_string()))?
+            .map_err(ApiError::AuditUnavailable)?;
+            Ok(json_response(StatusCode::OK, &report))
+        }
+        ("/admin/usage/rebuild", &Method::POST) => {
+            require_operator(shared, conn)?;
+            let usage = Arc::clone(&shared.admission);
+            let now = shared.policy.now();
+            let report = tokio::task::spawn_blocking(move || usage.rebuild(now))
+                .await
+                .map_err(|e| ApiError::AuditUnavailable(e.to_string()))?
+                .map_err(ApiError::AuditUnavailable)?;
+            Ok(json_response(StatusCode::OK, &report))
+        }
         (
-            "/healthz" | "/readyz" | "/v1/whoami" | "/v1/models" | "/metrics" | "/admin/status",
+            "/healthz" | "/readyz" | "/v1/whoami" | "/v1/models" | "/metrics" | "/admin/status"
+            | "/admin/usage",
             _,
         ) => Err(allow("GET")),
+        ("/admin/usage/rebuild" | "/admin/audit/snapshot", _) => Err(allow("POST")),
         ("/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", _) => Err(allow("POST")),
         _ => Err(ApiError::NotFound { method, path }),
     }

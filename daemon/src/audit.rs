@@ -536,7 +536,7 @@ impl Audit {
         }
     }
 
-    fn reader(&self) -> Result<sled::Db, AuditError> {
+    pub(crate) fn reader(&self) -> Result<sled::Db, AuditError> {
         self.reader
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -162,13 +162,20 @@ pub fn system_time_now() -> i64 {
 /// The host's clock.
 pub struct SystemClock;
 
+/// Seconds added to the host's clock: zero except under the `clock-offset`
+/// failpoint, which tests use to cross a month without waiting for one.
+static CLOCK_OFFSET: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+pub fn set_clock_offset(seconds: i64) {
+    CLOCK_OFFSET.store(seconds, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Clock for SystemClock {
     fn now(&self) -> UnixTime {
-        UnixTime(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-        )
+        let real = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        UnixTime(real.saturating_add(CLOCK_OFFSET.load(std::sync::atomic::Ordering::Relaxed)))
     }
 }
 

@@ -52,6 +52,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Distinct users, requests and tokens per tenant and licence against
+    /// their limits, from the running daemon (operators only).
+    Usage {
+        #[command(subcommand)]
+        command: Option<UsageCommand>,
+        /// The month to show (YYYY-MM, UTC); the current one by default.
+        #[arg(long)]
+        month: Option<String>,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG", global = true)]
+        config: PathBuf,
+        /// The daemon's Unix socket; defaults to the one in the configuration.
+        #[arg(long, short, global = true)]
+        socket: Option<PathBuf>,
+    },
     /// Work with model files.
     Model {
         #[command(subcommand)]
@@ -207,6 +224,13 @@ pub enum AuditCommand {
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Recompute the counters from the audit log (the record of truth) and
+    /// report what differed; recorded in the audit log.
+    Rebuild,
 }
 
 #[derive(Debug, Subcommand)]

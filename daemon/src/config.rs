@@ -37,6 +37,26 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
     pub llm: LlmConfig,
+    pub usage: UsageConfig,
+}
+
+/// `[usage]`: the admission counters derived from the audit log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageConfig {
+    /// Fractions of a user cap or licence threshold at which a warning is
+    /// recorded (once per period each).
+    pub warn_at: Vec<f64>,
+    /// Months of per-period counts kept (the current one included).
+    pub retention_months: u32,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            warn_at: vec![0.8, 0.95],
+            retention_months: 25,
+        }
+    }
 }
 
 /// `[llm]`: how GGUF language models are served (llama.cpp).
@@ -610,6 +630,30 @@ fn parse_root(
         }
         None => LlmConfig::default(),
     };
+    let usage = match root.section(errors, "usage", false) {
+        Some(mut s) => {
+            let d = UsageConfig::default();
+            let warn_at = s
+                .optional(errors, "warn_at", |v| {
+                    array_of(v, |f| match f {
+                        Value::Float(x) if *x > 0.0 && *x < 1.0 => Ok(*x),
+                        other => Err(format!(
+                            "expected a fraction between 0 and 1 (exclusive), found {other}"
+                        )),
+                    })
+                })
+                .unwrap_or(d.warn_at);
+            let retention_months = s
+                .optional(errors, "retention_months", integer_between(2, 1200))
+                .map_or(d.retention_months, |v| u32::try_from(v).unwrap_or(u32::MAX));
+            s.finish(errors);
+            UsageConfig {
+                warn_at,
+                retention_months,
+            }
+        }
+        None => UsageConfig::default(),
+    };
     root.finish(errors);
     let state_dir = state_dir?;
     let models_dir = models_dir.unwrap_or_else(|| state_dir.join("models"));
@@ -632,6 +676,7 @@ fn parse_root(
         policy,
         audit,
         llm,
+        usage,
     })
 }
 

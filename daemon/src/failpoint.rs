@@ -16,6 +16,8 @@ pub const ENV: &str = "AIRGATE_FAILPOINTS";
 pub struct Failpoints {
     /// The state probe's blocking call never returns once the daemon has run this long.
     pub state_probe_hang_after: Option<Duration>,
+    /// Seconds added to the daemon's clock (decisions, audit record times).
+    pub clock_offset: Option<i64>,
 }
 
 impl Failpoints {
@@ -33,6 +35,11 @@ impl Failpoints {
             match name {
                 "state-probe-hang-after" => {
                     fp.state_probe_hang_after = Some(parse_duration(value)?);
+                }
+                "clock-offset" => {
+                    fp.clock_offset = Some(value.parse().map_err(|_| {
+                        format!("{ENV}: clock-offset wants signed seconds, found {value:?}")
+                    })?);
                 }
                 other => return Err(format!("{ENV}: unknown failpoint {other:?}")),
             }

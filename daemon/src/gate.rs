@@ -329,12 +329,15 @@ pub fn admit(
             count(shared, "deny", deny.reason.code());
             record.reason = deny.reason.code().to_owned();
             record.rule.clone_from(&deny.rule);
+            // A transient denial says when to come back, from the same windows.
+            let retry_after = tenant.and_then(|t| {
+                shared
+                    .admission
+                    .retry_after(&t.id, deny.reason, &t.limits, now)
+            });
             return Ok(Decided {
                 record,
-                outcome: Err(Refused::Denied {
-                    deny,
-                    retry_after: None,
-                }),
+                outcome: Err(Refused::Denied { deny, retry_after }),
             });
         }
         Decision::Allow(allow) => allow,
@@ -345,6 +348,18 @@ pub fn admit(
             count(shared, "allow", "allowed");
             record.decision = "allow".to_owned();
             record.reason = "allowed".to_owned();
+            // A truncating budget may have granted less than asked.
+            let granted = ticket
+                .reservation
+                .tokens
+                .saturating_sub(ticket.reservation.prompt_tokens);
+            let asked = max_tokens;
+            let max_tokens = u32::try_from(granted).map_or(asked, |g| asked.min(g));
+            if max_tokens < asked {
+                record.rule = format!(
+                    "max_tokens lowered to {max_tokens}: what is left of limits.tokens_per_day"
+                );
+            }
             Ok(Decided {
                 record,
                 outcome: Ok(Admitted {

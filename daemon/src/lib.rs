@@ -31,11 +31,12 @@ pub mod server;
 mod sys;
 pub mod systemd;
 pub mod tls;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cli::{AuditCommand, BundleCommand, Cli, Command, ModelCommand, PkiCommand};
+use cli::{AuditCommand, BundleCommand, Cli, Command, ModelCommand, PkiCommand, UsageCommand};
 use config::Config;
 
 /// Runs a parsed command line and returns the process exit code.
@@ -58,7 +59,111 @@ pub fn run_cli(cli: Cli) -> u8 {
         Command::Keygen { dir, name } => report(authority::keygen(&dir, &name)),
         Command::Bundle { command } => report(bundle_command(command)),
         Command::Audit { command } => audit_command(command),
+        Command::Usage {
+            command,
+            month,
+            json,
+            config,
+            socket,
+        } => usage_command(command, month.as_deref(), json, socket, &config),
     }
+}
+
+fn usage_command(
+    command: Option<UsageCommand>,
+    month: Option<&str>,
+    json: bool,
+    socket: Option<PathBuf>,
+    config: &Path,
+) -> u8 {
+    let fail = |code: u8, e: &dyn std::fmt::Display| {
+        eprintln!("airgate usage: {e}");
+        code
+    };
+    let socket = match daemon_socket(socket, config) {
+        Ok(s) => s,
+        Err(e) => return fail(exit::CONFIG, &e),
+    };
+    if let Some(m) = month
+        && let Err(e) = usage::parse_month(m)
+    {
+        return fail(exit::CONFIG, &e);
+    }
+    let (method, path) = match command {
+        Some(UsageCommand::Rebuild) => (http::Method::POST, "/admin/usage/rebuild".to_owned()),
+        None => (
+            http::Method::GET,
+            month.map_or_else(
+                || "/admin/usage".to_owned(),
+                |m| format!("/admin/usage?month={m}"),
+            ),
+        ),
+    };
+    let doc: serde_json::Value = match remote(&socket, method, &path) {
+        Ok((_, body)) => serde_json::from_slice(&body).unwrap_or_default(),
+        Err(e) => return fail(exit::NO_DAEMON, &e),
+    };
+    if json || command.is_some() {
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return exit::OK;
+    }
+    print!("{}", usage_table(&doc));
+    exit::OK
+}
+
+/// The usage report as an operator reads it.
+fn usage_table(doc: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let n = |v: &serde_json::Value| v.as_u64().map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let _ = writeln!(
+        out,
+        "month {} (bundle version {}, counted through audit record {})",
+        doc["month"].as_str().unwrap_or("?"),
+        n(&doc["bundle_version"]),
+        n(&doc["folded_through_seq"])
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:>9} {:>9} {:>10} {:>9} {:>12}",
+        "TENANT", "USERS", "CAP", "REQUESTS", "DENIALS", "TOKENS"
+    );
+    for t in doc["tenants"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>9} {:>9} {:>10} {:>9} {:>12}",
+            t["tenant"].as_str().unwrap_or("?"),
+            n(&t["users"]),
+            n(&t["user_cap"]["host_cap"]),
+            n(&t["requests"]),
+            n(&t["denials"]),
+            n(&t["tokens"])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<40} {:>9} {:>10}",
+        "LICENCE", "USERS", "THRESHOLD"
+    );
+    for l in doc["licences"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<40} {:>9} {:>10}",
+            l["licence"].as_str().unwrap_or("?"),
+            n(&l["users"]),
+            n(&l["threshold"])
+        );
+    }
+    for w in doc["warnings"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "warning given: {} {} reached {}% of its limit",
+            w["scope"].as_str().unwrap_or("?"),
+            w["id"].as_str().unwrap_or("?"),
+            w["fraction"].as_f64().map_or(0.0, |f| f * 100.0)
+        );
+    }
+    out
 }
 
 fn bundle_command(command: BundleCommand) -> Result<String, authority::AuthorityError> {
@@ -533,6 +638,9 @@ fn serve(path: &Path, accept_broken_audit: bool) -> u8 {
     };
     if failpoints.any() {
         tracing::warn!(failpoints = ?failpoints, "FAULT INJECTION ACTIVE ({}): for tests only", failpoint::ENV);
+    }
+    if let Some(offset) = failpoints.clock_offset {
+        bundle::set_clock_offset(offset);
     }
     if let Err(e) = sys::ignore_file_size_signal() {
         tracing::warn!(error = %e, "cannot ignore SIGXFSZ");

@@ -18,8 +18,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use airgate_policy::admission::MemoryAdmission;
-
 use airgate_policy::audit::Event;
 
 use crate::audit::{Audit, AuditError, OpenOptions};
@@ -39,7 +37,9 @@ use crate::tls::{TlsError, TlsState};
 pub struct Shared {
     config: ArcSwap<Config>,
     pub policy: Policy,
-    pub admission: Arc<MemoryAdmission>,
+    /// Admission counters, derived from the audit log (see `usage`).
+    pub admission: Arc<crate::usage::Usage>,
+    usage_opened: crate::usage::Opened,
     pub users: UserHasher,
     pub audit: Audit,
     audit_opened: crate::audit::Opened,
@@ -209,7 +209,7 @@ impl Shared {
             "bundle": self.policy.status(&config),
             "audit": {"opened": self.audit_opened, "writer": self.audit.state()},
             "bundle_mirror": *self.mirror_status.lock().unwrap_or_else(PoisonError::into_inner),
-            "models": [],
+            "usage": {"opened": self.usage_opened},
             "workers": self.heartbeat.check(),
             "watchdog": {
                 "enabled": self.watchdog.is_some(),
@@ -303,6 +303,8 @@ pub struct State {
     pub users: UserHasher,
     pub audit: Audit,
     pub audit_opened: crate::audit::Opened,
+    pub usage: Arc<crate::usage::Usage>,
+    pub usage_opened: crate::usage::Opened,
     pub heartbeat: Heartbeat,
 }
 
@@ -381,11 +383,20 @@ impl State {
             }),
             heartbeat.register("audit-writer", Duration::from_secs(30)),
         )?;
+        // The counters are brought in step with the log before serving.
+        let (usage, usage_opened) = crate::usage::Usage::open(
+            audit.clone(),
+            &config.usage,
+            policy.now(),
+            heartbeat.register("usage-fold", Duration::from_secs(120)),
+        )?;
         Ok(Self {
             policy,
             users,
             audit,
             audit_opened,
+            usage,
+            usage_opened,
             heartbeat,
         })
     }
@@ -404,6 +415,8 @@ impl Daemon {
             users,
             audit,
             audit_opened,
+            usage,
+            usage_opened,
             heartbeat,
         } = state;
         let metrics = Metrics::new();
@@ -414,7 +427,8 @@ impl Daemon {
             shared: Arc::new(Shared {
                 config: ArcSwap::from_pointee(config),
                 policy,
-                admission: Arc::new(MemoryAdmission::new()),
+                admission: usage,
+                usage_opened,
                 users,
                 rescan: tokio::sync::Notify::new(),
                 mirror_status: Mutex::new(None),
@@ -610,6 +624,20 @@ impl Daemon {
             abort.clone(),
         ));
 
+        let u = &shared.usage_opened;
+        tracing::info!(
+            folded = u.caught_up.folded,
+            through_seq = u.caught_up.next,
+            unfinished = u.unfinished,
+            tenant_users = u.tenant_users,
+            "usage counters in step with the audit log"
+        );
+        if u.unfinished > 0 {
+            tracing::warn!(
+                unfinished = u.unfinished,
+                "requests were cut off by the last stop without a completion record: their users stay counted, their tokens are not charged"
+            );
+        }
         shared.audit.record(Event::AuditOpened {
             records: shared.audit_opened.records,
             head: shared.audit_opened.head.clone(),

@@ -127,6 +127,24 @@ pub enum Event {
         first_bad_seq: u64,
         error: String,
     },
+    /// A distinct-user count reached `fraction` of its limit; once per
+    /// scope, limit and fraction in a calendar month (`period`, YYYY-MM).
+    UsageWarning {
+        /// `tenant` (its user cap) or `licence` (its user threshold).
+        scope: String,
+        id: String,
+        period: String,
+        users: u64,
+        limit: u64,
+        fraction: f64,
+    },
+    /// The usage counters were recomputed from the audit log.
+    UsageRebuilt {
+        from_seq: u64,
+        through_seq: u64,
+        /// Counts that differed from what the store held, in words.
+        differences: Vec<String>,
+    },
     /// Records before `first_kept` (a checkpoint) were deleted by retention.
     AuditPruned {
         first_kept: u64,

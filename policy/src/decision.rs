@@ -373,7 +373,10 @@ pub fn decide(
     }
 
     let mut tenant_user_cap = None;
-    let tenant_user_limit = tenant.user_cap.as_ref().map(crate::bundle::UserCap::host_cap);
+    let tenant_user_limit = tenant
+        .user_cap
+        .as_ref()
+        .map(crate::bundle::UserCap::host_cap);
     let mut licence_user_thresholds = Vec::new();
     if let Some(user) = &facts.end_user {
         let new_for_tenant = !usage.tenant_user_seen(tenant_id, user);

@@ -223,7 +223,9 @@ fn retry_after_for_a_decide_denial_comes_from_the_same_window() {
     let mut r = reservation("claims", None);
     r.requests_per_minute = Some(3);
     for at in [0, 10, 25] {
-        let t = admission.reserve(r.clone(), NOW.plus(at)).expect("in window");
+        let t = admission
+            .reserve(r.clone(), NOW.plus(at))
+            .expect("in window");
         admission.commit(t, 1);
     }
     let limits = Limits {
@@ -264,7 +266,10 @@ fn restore_starts_from_the_counts_it_is_given() {
             tenant_users: (0..3).map(|u| (claims.clone(), user(u))).collect(),
             licence_users: vec![("L".to_owned(), user(0))],
             tokens_today: vec![(claims.clone(), 700)],
-            recent: vec![(claims.clone(), NOW.seconds() - 90), (claims.clone(), NOW.seconds() - 5)],
+            recent: vec![
+                (claims.clone(), NOW.seconds() - 90),
+                (claims.clone(), NOW.seconds() - 5),
+            ],
         },
         NOW,
     );

@@ -376,7 +376,11 @@ fn a_fleet_share_cap_uses_this_hosts_share() {
         panic!("over the share");
     };
     assert_eq!(d.reason, Reason::TenantUserCap);
-    assert!(d.rule.contains("share 0.25") && d.rule.contains("200"), "{}", d.rule);
+    assert!(
+        d.rule.contains("share 0.25") && d.rule.contains("200"),
+        "{}",
+        d.rule
+    );
 }
 
 #[test]
