@@ -454,6 +454,10 @@ async fn dispatch(
                 bundle_version = admitted.bundle.version(),
                 "request allowed by policy"
             );
+            // A truncating budget grants a total: the prompt as the model
+            // counts it and the generation must fit in it.
+            let r = &admitted.ticket.reservation;
+            let budget = (r.truncate && r.tokens_per_day.is_some()).then_some(r.tokens);
             let served = Served {
                 shared: Arc::clone(shared),
                 request_id: id.as_str().to_owned(),
@@ -474,6 +478,7 @@ async fn dispatch(
                             bundle: admitted.bundle,
                             allow: admitted.allow,
                             max_tokens: admitted.max_tokens,
+                            budget,
                         },
                         g,
                     )
@@ -676,6 +681,12 @@ struct Granted {
     bundle: Arc<crate::bundle::Active>,
     allow: airgate_policy::decision::Allow,
     max_tokens: u32,
+    /// Tokens (prompt and generation) a truncating budget granted.
+    budget: Option<u64>,
+}
+
+fn seconds_to_midnight(now: airgate_policy::time::UnixTime) -> u64 {
+    u64::try_from(86_400 - now.seconds().rem_euclid(86_400)).unwrap_or(1)
 }
 
 /// Chat and text completions on a loaded GGUF model.
@@ -734,12 +745,30 @@ async fn generate_text(
         });
     }
     let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+    let mut max_tokens = granted.max_tokens;
+    if let Some(budget) = granted.budget {
+        let left = budget.saturating_sub(u64::from(prompt_tokens));
+        if left == 0 {
+            served.finish(
+                "error",
+                "the prompt alone exceeds what is left of the token budget",
+            );
+            return Err(ApiError::Denied {
+                reason: Reason::TokenBudgetExhausted,
+                rule: format!(
+                    "limits.tokens_per_day: {budget} tokens left, the prompt is {prompt_tokens}"
+                ),
+                retry_after: Some(seconds_to_midnight(shared.policy.now())),
+            });
+        }
+        max_tokens = max_tokens.min(u32::try_from(left).unwrap_or(u32::MAX));
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
         tenant: granted.allow.tenant.to_string(),
         prompt,
         sampling: g.sampling.clone(),
-        max_tokens: granted.max_tokens,
+        max_tokens,
         stop: g.stop.clone(),
         out: tx,
     };

@@ -16,3 +16,5 @@ mod policy;
 mod tls;
 #[path = "e2e/units.rs"]
 mod units;
+#[path = "e2e/usage.rs"]
+mod usage;

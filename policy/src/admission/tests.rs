@@ -213,7 +213,7 @@ fn a_truncating_budget_grants_what_is_left_and_refuses_when_the_prompt_does_not_
     }
     assert_eq!(admission.tokens_today(&tenant("claims")), 90);
     r.truncate = false;
-    let refused = admission.reserve(r.clone(), NOW);
+    let refused = admission.reserve(r, NOW);
     assert!(refused.is_ok(), "90 + 100 fits in 250");
 }
 

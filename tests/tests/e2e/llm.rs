@@ -9,19 +9,19 @@ use std::time::{Duration, Instant};
 use airgate_tests::{Daemon, Sandbox, get, models_dir, policy, post_json, wait_model};
 use serde_json::{Value, json};
 
-const GEMMA: &str = "gemma-3-270m";
+pub(crate) const GEMMA: &str = "gemma-3-270m";
 
-fn client_bin() -> std::path::PathBuf {
+pub(crate) fn client_bin() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_airgate-test-client"))
 }
 
-fn tenant(id: &str, identities: &str, models: &str) -> String {
+pub(crate) fn tenant(id: &str, identities: &str, models: &str) -> String {
     format!(
         "[[tenants]]\nid = \"{id}\"\nidentities = {identities}\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [{models}]\nuser_identity = {{ kind = \"openai_user\" }}\n"
     )
 }
 
-fn llm_config(sb: &Sandbox, llm: &str) -> String {
+pub(crate) fn llm_config(sb: &Sandbox, llm: &str) -> String {
     // Group 4321 may connect: the second tenant's client runs as uid/gid 4321.
     sb.config("mode = \"0660\"\ngroup = 4321", &format!("[llm]\n{llm}\n"))
         .replace(
@@ -30,11 +30,11 @@ fn llm_config(sb: &Sandbox, llm: &str) -> String {
         )
 }
 
-fn chat(d: &Daemon, body: &Value) -> airgate_tests::Response {
+pub(crate) fn chat(d: &Daemon, body: &Value) -> airgate_tests::Response {
     post_json(&d.socket, "/v1/chat/completions", &body.to_string())
 }
 
-fn ask(content: &str, max_tokens: u32) -> Value {
+pub(crate) fn ask(content: &str, max_tokens: u32) -> Value {
     json!({
         "model": GEMMA,
         "messages": [{"role": "user", "content": content}],
@@ -52,7 +52,11 @@ fn events(text: &str) -> Vec<String> {
 
 /// A streamed request through the test client (optionally as another uid):
 /// (arrival ms, payload) per event.
-fn stream_as(uid: Option<u32>, socket: &std::path::Path, body: &Value) -> std::process::Child {
+pub(crate) fn stream_as(
+    uid: Option<u32>,
+    socket: &std::path::Path,
+    body: &Value,
+) -> std::process::Child {
     let mut cmd = match uid {
         Some(uid) => {
             let mut c = Command::new("setpriv");
@@ -72,7 +76,7 @@ fn stream_as(uid: Option<u32>, socket: &std::path::Path, body: &Value) -> std::p
         .expect("test client")
 }
 
-fn timed_events(child: std::process::Child) -> (u16, Vec<(u128, String)>) {
+pub(crate) fn timed_events(child: std::process::Child) -> (u16, Vec<(u128, String)>) {
     let out = child.wait_with_output().expect("client output");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut lines = text.lines();
