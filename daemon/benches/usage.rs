@@ -121,6 +121,7 @@ fn write_log(dir: &std::path::Path, now: i64) {
                 prompt_tokens: 20,
                 completion_tokens: 30,
                 duration_ms: 100,
+                served: None,
             },
         );
     }

@@ -179,6 +179,19 @@ impl ApiError {
         }
     }
 
+    /// The Open Inference Protocol's error shape: `{"error": "..."}`, with
+    /// the same status and headers as the OpenAI-shaped answer.
+    fn into_kserve_response(self) -> Response<ResponseBody> {
+        let (_, code) = self.status_and_code();
+        let message = format!("{self} ({code})");
+        // Status and headers (Retry-After, Allow) as the OpenAI-shaped answer has them.
+        let mut response = self.into_response(Version::HTTP_11);
+        let mut body = serde_json::to_vec(&json!({ "error": message })).unwrap_or_default();
+        body.push(b'\n');
+        *response.body_mut() = ResponseBody::new(body);
+        response
+    }
+
     fn into_response(self, version: Version) -> Response<ResponseBody> {
         let (status, code) = self.status_and_code();
         let kind = match &self {
@@ -268,6 +281,15 @@ fn route_of(path: &str) -> &'static str {
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",
         "/v1/embeddings" => "/v1/embeddings",
+        "/v2" => "/v2",
+        "/v2/health/live" => "/v2/health/live",
+        "/v2/health/ready" => "/v2/health/ready",
+        p if p.starts_with("/v2/models/") => match kserve_route(p) {
+            Some((_, KserveRoute::Metadata)) => "/v2/models/{name}",
+            Some((_, KserveRoute::Ready)) => "/v2/models/{name}/ready",
+            Some((_, KserveRoute::Infer)) => "/v2/models/{name}/infer",
+            None => "unmatched",
+        },
         _ => "unmatched",
     }
 }
@@ -406,47 +428,7 @@ async fn dispatch(
             };
             let started = Instant::now();
             let decided = gate::admit(shared, conn, id.as_str(), route_of(&path), &headers, &ask)?;
-            // Fail closed: nothing is answered, not even a denial, before the
-            // decision record is durable.
-            let durable = shared
-                .audit
-                .append(Event::Decision(Box::new(decided.record)))
-                .await;
-            let durable = match durable {
-                Err(e) if shared.config().audit.fail_open => {
-                    tracing::warn!(
-                        AIRGATE_EVENT = "audit_fail_open",
-                        AIRGATE_REQUEST_ID = id.as_str(),
-                        error = %e,
-                        "serving WITHOUT a durable decision record (audit.fail_open)"
-                    );
-                    Ok(0)
-                }
-                other => other,
-            };
-            let admitted = match (decided.outcome, durable) {
-                (Ok(a), Err(e)) => {
-                    shared.admission.release(a.ticket);
-                    return Err(ApiError::AuditUnavailable(e.to_string()));
-                }
-                (Err(_), Err(e)) => return Err(ApiError::AuditUnavailable(e.to_string())),
-                (Ok(a), Ok(_)) => a,
-                (Err(refused), Ok(_)) => {
-                    let e = ApiError::from(refused);
-                    if let ApiError::Denied { reason, rule, .. } = &e {
-                        tracing::warn!(
-                            AIRGATE_EVENT = "denial",
-                            AIRGATE_DECISION = "deny",
-                            AIRGATE_REASON = reason.code(),
-                            AIRGATE_MODEL = ask.model,
-                            AIRGATE_REQUEST_ID = id.as_str(),
-                            rule = %rule,
-                            "request denied by policy"
-                        );
-                    }
-                    return Err(e);
-                }
-            };
+            let admitted = durable_decision(shared, id, ask.model, decided).await?;
             tracing::info!(
                 tenant = %admitted.allow.tenant,
                 model = %admitted.allow.model,
@@ -458,16 +440,7 @@ async fn dispatch(
             // counts it and the generation must fit in it.
             let r = &admitted.ticket.reservation;
             let budget = (r.truncate && r.tokens_per_day.is_some()).then_some(r.tokens);
-            let served = Served {
-                shared: Arc::clone(shared),
-                request_id: id.as_str().to_owned(),
-                model: None,
-                first_text: false,
-                ticket: Some(admitted.ticket),
-                started,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            };
+            let served = Served::new(shared, id, admitted.ticket, started);
             match generate {
                 Some(g) => {
                     generate_text(
@@ -547,6 +520,9 @@ async fn dispatch(
                 &json!({"path": dest.display().to_string(), "records": records}),
             ))
         }
+        (p, _) if p == "/v2" || p.starts_with("/v2/") => Ok(kserve(shared, conn, id, req)
+            .await
+            .unwrap_or_else(ApiError::into_kserve_response)),
         ("/admin/usage", &Method::GET) => {
             require_operator(shared, conn)?;
             let month = match req
@@ -591,6 +567,55 @@ async fn dispatch(
     }
 }
 
+/// Fail closed: nothing is answered, not even a denial, before the
+/// decision record is durable. Returns the admission, or the error to answer.
+async fn durable_decision(
+    shared: &Arc<Shared>,
+    id: &RequestId,
+    model: &str,
+    decided: gate::Decided,
+) -> Result<gate::Admitted, ApiError> {
+    let durable = shared
+        .audit
+        .append(Event::Decision(Box::new(decided.record)))
+        .await;
+    let durable = match durable {
+        Err(e) if shared.config().audit.fail_open => {
+            tracing::warn!(
+                AIRGATE_EVENT = "audit_fail_open",
+                AIRGATE_REQUEST_ID = id.as_str(),
+                error = %e,
+                "serving WITHOUT a durable decision record (audit.fail_open)"
+            );
+            Ok(0)
+        }
+        other => other,
+    };
+    match (decided.outcome, durable) {
+        (Ok(a), Err(e)) => {
+            shared.admission.release(a.ticket);
+            Err(ApiError::AuditUnavailable(e.to_string()))
+        }
+        (Err(_), Err(e)) => Err(ApiError::AuditUnavailable(e.to_string())),
+        (Ok(a), Ok(_)) => Ok(a),
+        (Err(refused), Ok(_)) => {
+            let e = ApiError::from(refused);
+            if let ApiError::Denied { reason, rule, .. } = &e {
+                tracing::warn!(
+                    AIRGATE_EVENT = "denial",
+                    AIRGATE_DECISION = "deny",
+                    AIRGATE_REASON = reason.code(),
+                    AIRGATE_MODEL = model,
+                    AIRGATE_REQUEST_ID = id.as_str(),
+                    rule = %rule,
+                    "request denied by policy"
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
 /// A request past policy: the reservation it holds and what it has used.
 /// Whatever way it ends (answered, failed, the client gone and the future
 /// dropped), one completion record is written and the reservation is
@@ -605,9 +630,31 @@ struct Served {
     started: Instant,
     prompt_tokens: u32,
     completion_tokens: u32,
+    /// Set when a result was produced that counts as served though it
+    /// processed no tokens (a tensor inference).
+    served: bool,
 }
 
 impl Served {
+    fn new(
+        shared: &Arc<Shared>,
+        id: &RequestId,
+        ticket: airgate_policy::admission::Ticket,
+        started: Instant,
+    ) -> Self {
+        Self {
+            shared: Arc::clone(shared),
+            request_id: id.as_str().to_owned(),
+            model: None,
+            first_text: false,
+            ticket: Some(ticket),
+            started,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            served: false,
+        }
+    }
+
     fn finish(mut self, outcome: &'static str, detail: &str) {
         self.close(outcome, detail);
     }
@@ -654,10 +701,11 @@ impl Served {
                 .inc();
         }
         let used = u64::from(self.prompt_tokens) + u64::from(self.completion_tokens);
-        if used == 0 {
-            self.shared.admission.release(ticket);
-        } else {
+        let served = self.served || used > 0;
+        if served {
             self.shared.admission.commit(ticket, used);
+        } else {
+            self.shared.admission.release(ticket);
         }
         self.shared.audit.record(Event::Completion {
             request_id: self.request_id.clone(),
@@ -666,6 +714,7 @@ impl Served {
             prompt_tokens: u64::from(self.prompt_tokens),
             completion_tokens: u64::from(self.completion_tokens),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            served: Some(served),
         });
     }
 }
@@ -1037,6 +1086,15 @@ async fn read_json_body(req: Request<Incoming>, limit: u64) -> Result<serde_json
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    let bytes = read_body(req, limit).await?;
+    if !is_json {
+        return Err(ApiError::NotJson);
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+}
+
+/// The whole body, up to `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -1056,8 +1114,226 @@ async fn read_json_body(req: Request<Incoming>, limit: u64) -> Result<serde_json
         }
         Err(e) => return Err(ApiError::BodyRead(e.to_string())),
     };
-    if !is_json {
-        return Err(ApiError::NotJson);
+    Ok(bytes)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KserveRoute {
+    Metadata,
+    Ready,
+    Infer,
+}
+
+/// `/v2/models/{name}[/versions/1][/ready|/infer]` -> (name, route).
+fn kserve_route(path: &str) -> Option<(&str, KserveRoute)> {
+    let rest = path.strip_prefix("/v2/models/")?;
+    let mut parts: Vec<&str> = rest.split('/').collect();
+    let route = match parts.last() {
+        Some(&"ready") => KserveRoute::Ready,
+        Some(&"infer") => KserveRoute::Infer,
+        _ => KserveRoute::Metadata,
+    };
+    if route != KserveRoute::Metadata {
+        parts.pop();
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    match parts[..] {
+        [name] if !name.is_empty() => Some((name, route)),
+        // Only version 1 exists: a model's files are fixed by its digests.
+        [name, "versions", "1"] if !name.is_empty() => Some((name, route)),
+        _ => None,
+    }
+}
+
+/// The KServe v2 / Open Inference Protocol endpoints.
+async fn kserve(
+    shared: &Arc<Shared>,
+    conn: &Conn,
+    id: &RequestId,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let not_allowed = |allow: &'static str| ApiError::MethodNotAllowed {
+        method: method.clone(),
+        path: path.clone(),
+        allow,
+    };
+    match path.as_str() {
+        "/v2" if method == Method::GET => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"name": "airgate", "version": env!("CARGO_PKG_VERSION"),
+                        "extensions": ["binary_tensor_data"]}),
+            ));
+        }
+        "/v2/health/live" if method == Method::GET => {
+            return Ok(json_response(StatusCode::OK, &json!({"live": true})));
+        }
+        "/v2/health/ready" if method == Method::GET => {
+            let (reasons, _) = shared.health();
+            let status = if reasons.is_empty() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return Ok(json_response(
+                status,
+                &json!({"ready": reasons.is_empty(), "reasons": reasons}),
+            ));
+        }
+        "/v2" | "/v2/health/live" | "/v2/health/ready" => return Err(not_allowed("GET")),
+        _ => {}
+    }
+    let Some((name, route)) = kserve_route(&path) else {
+        return Err(ApiError::NotFound { method, path });
+    };
+    let name = name.to_owned();
+    match (route, &method) {
+        (KserveRoute::Infer, &Method::POST) => {
+            return kserve_infer(shared, conn, id, &name, req).await;
+        }
+        (KserveRoute::Infer, _) => return Err(not_allowed("POST")),
+        (_, &Method::GET) => {}
+        _ => return Err(not_allowed("GET")),
+    }
+    // Metadata and readiness: only for a model the caller's tenant may use.
+    let config = shared.config();
+    let bundle = shared
+        .policy
+        .in_force(config.policy.expiry_grace)
+        .map_err(ApiError::NotServing)?;
+    let b = &bundle.verified.bundle;
+    let tenant = b
+        .tenant_map
+        .resolve(&conn.identity)
+        .ok()
+        .and_then(|t| b.tenants.get(t));
+    if !b.models.contains_key(&name) {
+        return Err(ApiError::NotFound { method, path });
+    }
+    if !tenant.is_some_and(|t| t.models.contains(&name)) {
+        return Err(ApiError::Denied {
+            reason: Reason::ModelNotAllowed,
+            rule: format!("this caller's tenant may not use model {name:?}"),
+            retry_after: None,
+        });
+    }
+    let model = shared.models.get_onnx(&name);
+    match (route, model) {
+        (KserveRoute::Ready, Some(_)) => Ok(json_response(
+            StatusCode::OK,
+            &json!({"name": name, "ready": true}),
+        )),
+        (KserveRoute::Metadata, Some(m)) => Ok(json_response(
+            StatusCode::OK,
+            &crate::kserve::metadata(&name, &m.inputs, &m.outputs),
+        )),
+        (KserveRoute::Infer, Some(_)) => Err(ApiError::NotFound { method, path }),
+        (_, None) => Err(ApiError::ModelNotLoaded {
+            why: shared
+                .models
+                .state(&name)
+                .map(|s| serde_json::to_string(&s).unwrap_or_default()),
+            model: name,
+        }),
+    }
+}
+
+/// `POST /v2/models/{name}/infer`: checked, decided, admitted, audited, run.
+async fn kserve_infer(
+    shared: &Arc<Shared>,
+    conn: &Conn,
+    id: &RequestId,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    use crate::kserve;
+    let headers = req.headers().clone();
+    let limit = shared.config().limits.max_body_bytes;
+    let body = read_body(req, limit).await?;
+    // The request is checked against the model before policy, so a
+    // malformed one gets its own clear error whatever the policy state.
+    let header_length = headers
+        .get(kserve::HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let (doc, tail) = kserve::split_body(&body, header_length).map_err(ApiError::BadRequest)?;
+    let user = kserve::user_of(&doc).map_err(ApiError::BadRequest)?;
+    let model = shared.models.get_onnx(name);
+    let checked = match &model {
+        Some(m) => Some(
+            kserve::check(&doc, tail, &m.inputs, &m.outputs, m.max_elements)
+                .map_err(ApiError::BadRequest)?,
+        ),
+        None => None,
+    };
+    let ask = gate::Ask {
+        kind: Kind::Tensor,
+        model: name,
+        prompt: String::new(),
+        max_tokens: Some(1),
+        openai_user: user.as_deref(),
+    };
+    let started = Instant::now();
+    let decided = gate::admit(
+        shared,
+        conn,
+        id.as_str(),
+        "/v2/models/{name}/infer",
+        &headers,
+        &ask,
+    )?;
+    let admitted = durable_decision(shared, id, name, decided).await?;
+    let mut served = Served::new(shared, id, admitted.ticket, started);
+    let (Some(model), Some(checked)) = (model, checked) else {
+        served.finish("error", "model not loaded");
+        return Err(ApiError::ModelNotLoaded {
+            model: name.to_owned(),
+            why: shared
+                .models
+                .state(name)
+                .map(|s| serde_json::to_string(&s).unwrap_or_default()),
+        });
+    };
+    served.model = Some(name.to_owned());
+    let outputs = match model.run(checked.tensors).await {
+        Ok(o) => o,
+        Err(crate::onnx::RunError::Overloaded(n)) => {
+            let e = format!("{n} requests are running or waiting for model {name:?}");
+            served.finish("error", &e);
+            return Err(ApiError::Overloaded(e));
+        }
+        Err(crate::onnx::RunError::Failed(e)) => {
+            served.finish("error", &e);
+            return Err(ApiError::Engine(e));
+        }
+    };
+    let (doc, tail) = match kserve::encode(
+        name,
+        checked.id.as_deref(),
+        &model.outputs,
+        &outputs,
+        &checked.outputs,
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            served.finish("error", &e);
+            return Err(ApiError::Engine(e));
+        }
+    };
+    served.served = true;
+    served.finish("completed", "");
+    if tail.is_empty() {
+        return Ok(json_response(StatusCode::OK, &doc));
+    }
+    let mut bytes = serde_json::to_vec(&doc).unwrap_or_default();
+    let json_len = bytes.len();
+    bytes.extend_from_slice(&tail);
+    let mut response = Response::new(ResponseBody::new(bytes));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(kserve::HEADER_LENGTH, HeaderValue::from(json_len));
+    Ok(response)
 }

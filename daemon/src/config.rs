@@ -38,6 +38,31 @@ pub struct Config {
     pub audit: AuditConfig,
     pub llm: LlmConfig,
     pub usage: UsageConfig,
+    pub onnx: OnnxConfig,
+}
+
+/// `[onnx]`: how ONNX models are run (tract).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnnxConfig {
+    /// Inferences run at once per model (blocking threads).
+    pub workers: u32,
+    /// Requests waiting for a worker per model; more get 503.
+    pub queue: u32,
+    /// Largest input tensor accepted, in elements.
+    pub max_tensor_elements: u64,
+}
+
+impl Default for OnnxConfig {
+    fn default() -> Self {
+        Self {
+            workers: u32::try_from(
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            )
+            .unwrap_or(1),
+            queue: 16,
+            max_tensor_elements: 16 << 20,
+        }
+    }
 }
 
 /// `[usage]`: the admission counters derived from the audit log.
@@ -654,6 +679,25 @@ fn parse_root(
         }
         None => UsageConfig::default(),
     };
+    let onnx = match root.section(errors, "onnx", false) {
+        Some(mut s) => {
+            let d = OnnxConfig::default();
+            let o = OnnxConfig {
+                workers: s
+                    .optional(errors, "workers", integer_between(1, 1024))
+                    .map_or(d.workers, |v| u32::try_from(v).unwrap_or(u32::MAX)),
+                queue: s
+                    .optional(errors, "queue", integer_between(0, 1 << 16))
+                    .map_or(d.queue, |v| u32::try_from(v).unwrap_or(u32::MAX)),
+                max_tensor_elements: s
+                    .optional(errors, "max_tensor_elements", integer_between(1, 1 << 40))
+                    .unwrap_or(d.max_tensor_elements),
+            };
+            s.finish(errors);
+            o
+        }
+        None => OnnxConfig::default(),
+    };
     root.finish(errors);
     let state_dir = state_dir?;
     let models_dir = models_dir.unwrap_or_else(|| state_dir.join("models"));
@@ -677,6 +721,7 @@ fn parse_root(
         audit,
         llm,
         usage,
+        onnx,
     })
 }
 

@@ -227,8 +227,11 @@ pub enum ModelState {
     },
 }
 
-/// A model that finished loading, waiting to join the map.
-type Loaded = (String, Arc<Engine>);
+/// A model that finished loading, waiting to join its map.
+enum Loaded {
+    Llm(String, Arc<Engine>),
+    Onnx(String, Arc<crate::onnx::OnnxModel>),
+}
 
 /// The files of a model: (path in models_dir, expected sha256).
 type Files = Vec<(PathBuf, [u8; 32])>;
@@ -236,6 +239,7 @@ type Files = Vec<(PathBuf, [u8; 32])>;
 /// The loaded models, kept in step with the bundle in force.
 pub struct Models {
     engines: ArcSwap<BTreeMap<String, Arc<Engine>>>,
+    onnx: ArcSwap<BTreeMap<String, Arc<crate::onnx::OnnxModel>>>,
     states: Arc<Mutex<BTreeMap<String, ModelState>>>,
     /// What each known model was loaded or refused for (the files' digests),
     /// so an unchanged bundle does not reload or rehash.
@@ -255,6 +259,7 @@ impl Models {
     pub fn new() -> Self {
         Self {
             engines: ArcSwap::from_pointee(BTreeMap::new()),
+            onnx: ArcSwap::from_pointee(BTreeMap::new()),
             states: Arc::new(Mutex::new(BTreeMap::new())),
             wanted: Mutex::new(BTreeMap::new()),
             committed: Arc::new(Mutex::new(0)),
@@ -266,6 +271,12 @@ impl Models {
     pub fn get(&self, id: &str) -> Option<Arc<Engine>> {
         self.adopt_ready();
         self.engines.load().get(id).cloned()
+    }
+
+    /// The ONNX model serving `id`, if it is loaded.
+    pub fn get_onnx(&self, id: &str) -> Option<Arc<crate::onnx::OnnxModel>> {
+        self.adopt_ready();
+        self.onnx.load().get(id).cloned()
     }
 
     pub fn states(&self) -> BTreeMap<String, ModelState> {
@@ -292,12 +303,18 @@ impl Models {
                     serde_json::json!({"load": e.load(), "slots": e.slots, "context": e.context, "queue": e.queue}),
                 )
             })
+            .chain(self.onnx.load().iter().map(|(id, m)| {
+                (
+                    id.clone(),
+                    serde_json::json!({"load": m.load_now(), "workers": m.workers, "capacity": m.capacity()}),
+                )
+            }))
             .collect()
     }
 
     pub fn ready_count(&self) -> usize {
         self.adopt_ready();
-        self.engines.load().len()
+        self.engines.load().len() + self.onnx.load().len()
     }
 
     /// Engines that finished loading since the last look join the map.
@@ -309,14 +326,22 @@ impl Models {
         }
         let wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
         let mut map = (**self.engines.load()).clone();
-        for (id, engine) in ready {
+        let mut onnx = (**self.onnx.load()).clone();
+        for loaded in ready {
             // A model removed while it loaded is dropped here (its memory
             // is given back when the engine thread ends).
-            if wanted.contains_key(&id) {
-                map.insert(id, engine);
+            match loaded {
+                Loaded::Llm(id, engine) if wanted.contains_key(&id) => {
+                    map.insert(id, engine);
+                }
+                Loaded::Onnx(id, model) if wanted.contains_key(&id) => {
+                    onnx.insert(id, model);
+                }
+                _ => {}
             }
         }
         self.engines.store(Arc::new(map));
+        self.onnx.store(Arc::new(onnx));
     }
 
     /// Brings the loaded set in line with `bundle`: loads what is new
@@ -327,16 +352,16 @@ impl Models {
         &self,
         bundle: &Bundle,
         config: &LlmConfig,
+        onnx: &crate::config::OnnxConfig,
         models_dir: &Path,
         heartbeat: &Heartbeat,
         retry: bool,
     ) {
         self.adopt_ready();
         let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
-        let desired: BTreeMap<String, (String, Files)> = bundle
+        let desired: BTreeMap<String, (String, Files, Format)> = bundle
             .models
             .values()
-            .filter(|m| m.format == Format::Gguf)
             .map(|m| {
                 let digests: String = m
                     .files
@@ -348,28 +373,30 @@ impl Models {
                     .iter()
                     .map(|f| (models_dir.join(&f.name), f.sha256))
                     .collect();
-                (m.id.clone(), (digests, files))
+                (m.id.clone(), (digests, files, m.format))
             })
             .collect();
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         // Gone, or changed: unload.
         let stale: Vec<String> = wanted
             .iter()
-            .filter(|(id, digests)| desired.get(*id).is_none_or(|(d, _)| d != *digests))
+            .filter(|(id, digests)| desired.get(*id).is_none_or(|(d, _, _)| d != *digests))
             .map(|(id, _)| id.clone())
             .collect();
         if !stale.is_empty() {
             let mut map = (**self.engines.load()).clone();
+            let mut onnx_map = (**self.onnx.load()).clone();
             for id in &stale {
                 wanted.remove(id);
                 states.remove(id);
-                if map.remove(id).is_some() {
+                if map.remove(id).is_some() || onnx_map.remove(id).is_some() {
                     tracing::info!(model = %id, "model unloaded: no longer in the bundle (requests in flight finish first)");
                 }
             }
             self.engines.store(Arc::new(map));
+            self.onnx.store(Arc::new(onnx_map));
         }
-        for (id, (digests, files)) in desired {
+        for (id, (digests, files, format)) in desired {
             let refused = matches!(states.get(&id), Some(ModelState::Refused { .. }));
             if wanted.contains_key(&id) && !(retry && refused) {
                 continue;
@@ -388,6 +415,8 @@ impl Models {
             );
             let loader = Loader {
                 id: id.clone(),
+                format,
+                onnx: onnx.clone(),
                 files,
                 total_bytes: total,
                 config: config.clone(),
@@ -415,6 +444,8 @@ impl Models {
 /// Loads one model on its own thread.
 struct Loader {
     id: String,
+    format: Format,
+    onnx: crate::config::OnnxConfig,
     files: Files,
     /// The files' sizes when the load began, for progress.
     total_bytes: u64,
@@ -464,6 +495,9 @@ impl Loader {
             .first()
             .map(|(p, _)| p.clone())
             .ok_or("the manifest lists no file")?;
+        if self.format == Format::Onnx {
+            return self.load_onnx(&weights, done);
+        }
         let kv = kv_cache_bytes(&weights, &self.config)?;
         // The bytes actually hashed are the files' sizes.
         let total = done;
@@ -563,7 +597,68 @@ impl Loader {
         self.ready
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((self.id.clone(), engine));
+            .push(Loaded::Llm(self.id.clone(), engine));
+        self.worker.idle();
+        Ok(())
+    }
+
+    /// Takes memory from the budget (refusing when it does not fit); the
+    /// guard gives it back.
+    fn charge(&self, need: u64, what: &str) -> Result<Release, String> {
+        let budget = self.config.memory_budget.unwrap_or_else(default_budget);
+        let mut committed = self
+            .committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *committed + need > budget {
+            return Err(format!(
+                "needs {} MiB ({what}); {} MiB of the {} MiB memory budget are free (llm.memory_budget)",
+                need >> 20,
+                budget.saturating_sub(*committed) >> 20,
+                budget >> 20
+            ));
+        }
+        *committed += need;
+        Ok(Release {
+            committed: Arc::clone(&self.committed),
+            bytes: need,
+        })
+    }
+
+    /// An ONNX model: tract reads, analyses and optimises it once.
+    fn load_onnx(&self, path: &Path, file_bytes: u64) -> Result<(), String> {
+        // tract holds the weights (copied out of the file) and the
+        // optimised plan's packed copies: about twice the file.
+        let need = file_bytes.saturating_mul(2);
+        let release = self.charge(need, "an ONNX model: about twice its file")?;
+        self.set(ModelState::Loading);
+        self.worker.expect(Duration::from_secs(600));
+        let mut model = crate::onnx::OnnxModel::load(
+            &self.id,
+            path,
+            self.onnx.workers as usize,
+            self.onnx.queue as usize,
+            need,
+            self.onnx.max_tensor_elements,
+        )?;
+        model.release = Some(Box::new(release));
+        tracing::info!(
+            model = %self.id,
+            memory_mib = need >> 20,
+            inputs = model.inputs.len(),
+            outputs = model.outputs.len(),
+            workers = model.workers,
+            "ONNX model ready"
+        );
+        self.set(ModelState::Ready {
+            memory_bytes: need,
+            slots: u32::try_from(model.workers).unwrap_or(u32::MAX),
+            context: 0,
+        });
+        self.ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Loaded::Onnx(self.id.clone(), Arc::new(model)));
         self.worker.idle();
         Ok(())
     }

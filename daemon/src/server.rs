@@ -1035,6 +1035,7 @@ async fn run_bundle_poller(shared: Arc<Shared>, worker: Worker, stop: Cancellati
             shared.models.reconcile(
                 &active.verified.bundle,
                 &config.llm,
+                &config.onnx,
                 &config.models_dir,
                 &shared.heartbeat,
                 std::mem::take(&mut retry_models),

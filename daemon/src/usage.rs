@@ -243,6 +243,7 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
             request_id,
             prompt_tokens,
             completion_tokens,
+            served,
             ..
         } => {
             let k = pending_key(request_id);
@@ -254,7 +255,7 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
             };
             o.remove(k);
             let used = prompt_tokens.saturating_add(*completion_tokens);
-            if used > 0 {
+            if served.unwrap_or(used > 0) {
                 return o.add(
                     period_key(TOKENS, p.day, &p.tenant),
                     i64::try_from(used).unwrap_or(i64::MAX),

@@ -91,6 +91,10 @@ pub enum Event {
         prompt_tokens: u64,
         completion_tokens: u64,
         duration_ms: u64,
+        /// Whether anything was served; absent in records before it was
+        /// added, where zero tokens meant nothing was.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        served: Option<bool>,
     },
     BundleAccepted {
         version: u64,

@@ -356,7 +356,7 @@ files = [{{ role = "weights", name = "gemma-3-270m-q4_k_m.gguf", sha256 = "a5fd3
 [[models]]
 id = "paraphrase-minilm-l3"
 format = "onnx"
-kinds = ["embedding"]
+kinds = ["embedding", "tensor"]
 licence = "Apache-2.0"
 files = [{{ role = "weights", name = "paraphrase-MiniLM-L3-v2.onnx", sha256 = "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16" }}]
 

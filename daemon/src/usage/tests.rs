@@ -80,6 +80,7 @@ fn completion(id: &str, prompt: u64, generated: u64) -> Event {
         prompt_tokens: prompt,
         completion_tokens: generated,
         duration_ms: 1,
+        served: None,
     }
 }
 

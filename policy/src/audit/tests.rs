@@ -18,6 +18,7 @@ fn content(i: u64) -> Vec<u8> {
             prompt_tokens: i,
             completion_tokens: 2 * i,
             duration_ms: 5,
+            served: None,
         }
     };
     Content {

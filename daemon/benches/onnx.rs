@@ -1,0 +1,159 @@
+//! `cargo bench -p airgate --bench onnx`: paraphrase-MiniLM-L3-v2 through
+//! airgate's KServe v2 endpoint on the Unix socket, beside tract called
+//! in-process on the same inputs in the same run: requests per second and
+//! p50/p99 latency at sequence 16 and 128, batch 1 and 8.
+//!
+//! AIRGATE_MODELS_DIR: where scripts/fetch-models put the model (default
+//! ~/.cache/airgate/models). AIRGATE_SOCKET: a running airgate serving it
+//! as `paraphrase-minilm-l3` to this uid (scripts/bench-onnx starts one);
+//! without it only the in-process numbers are printed.
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use airgate::onnx::OnnxModel;
+use tract_onnx::prelude::*;
+
+const MODEL: &str = "paraphrase-minilm-l3";
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("AIRGATE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/airgate/models")
+        })
+}
+
+/// Token ids and an all-ones mask, deterministic.
+fn inputs(batch: usize, seq: usize) -> (Vec<i64>, Vec<i64>) {
+    let ids = (0..batch * seq)
+        .map(|i| {
+            if i % seq == 0 {
+                101
+            } else {
+                1000 + (i as i64 * 37) % 20000
+            }
+        })
+        .collect();
+    (ids, vec![1; batch * seq])
+}
+
+fn tensors(batch: usize, seq: usize) -> Vec<Tensor> {
+    let (ids, mask) = inputs(batch, seq);
+    vec![
+        tract_ndarray::Array2::from_shape_vec((batch, seq), ids)
+            .expect("shape")
+            .into_tensor(),
+        tract_ndarray::Array2::from_shape_vec((batch, seq), mask)
+            .expect("shape")
+            .into_tensor(),
+    ]
+}
+
+fn body(batch: usize, seq: usize) -> String {
+    let (ids, mask) = inputs(batch, seq);
+    serde_json::json!({
+        "inputs": [
+            {"name": "input_ids", "datatype": "INT64", "shape": [batch, seq], "data": ids},
+            {"name": "attention_mask", "datatype": "INT64", "shape": [batch, seq], "data": mask},
+        ],
+        "outputs": [{"name": "sentence_embedding"}],
+    })
+    .to_string()
+}
+
+/// One request on a kept-alive connection; returns the status.
+fn post(stream: &mut UnixStream, body: &str, buf: &mut Vec<u8>) -> u16 {
+    let request = format!(
+        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: airgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("write");
+    buf.clear();
+    let mut chunk = [0u8; 65536];
+    loop {
+        let n = stream.read(&mut chunk).expect("read");
+        assert!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("content-length");
+        if buf.len() >= end + 4 + length {
+            return head[9..12].parse().expect("status");
+        }
+    }
+}
+
+fn stats(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+    samples.sort_unstable();
+    let total: Duration = samples.iter().sum();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+    (
+        at(0.5),
+        at(0.99),
+        samples.len() as f64 / total.as_secs_f64(),
+    )
+}
+
+fn main() {
+    let path = models_dir().join("paraphrase-MiniLM-L3-v2.onnx");
+    let model = OnnxModel::load(MODEL, &path, 1, 0, 0, 1 << 24)
+        .expect("load the model (scripts/fetch-models)");
+    let socket = std::env::var_os("AIRGATE_SOCKET").map(PathBuf::from);
+    let rounds = |batch: usize, seq: usize| if batch * seq >= 1024 { 40 } else { 200 };
+    println!(
+        "| sequence | batch | tract in-process p50 / p99 (req/s) | airgate Unix socket p50 / p99 (req/s) | p50 overhead |"
+    );
+    println!("|---|---|---|---|---|");
+    for (seq, batch) in [(16, 1), (16, 8), (128, 1), (128, 8)] {
+        let n = rounds(batch, seq);
+        // Interleaved, request by request, so drift hits both alike.
+        let mut local = Vec::with_capacity(n);
+        let mut remote = Vec::with_capacity(n);
+        let mut conn = socket
+            .as_ref()
+            .map(|s| UnixStream::connect(s).expect("connect to AIRGATE_SOCKET"));
+        let text = body(batch, seq);
+        let mut buf = Vec::new();
+        for i in 0..n + 5 {
+            let t = Instant::now();
+            let out = model.run_blocking(tensors(batch, seq)).expect("run");
+            let elapsed = t.elapsed();
+            std::hint::black_box(out);
+            if i >= 5 {
+                local.push(elapsed);
+            }
+            if let Some(c) = conn.as_mut() {
+                let t = Instant::now();
+                let status = post(c, &text, &mut buf);
+                let elapsed = t.elapsed();
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&buf));
+                if i >= 5 {
+                    remote.push(elapsed);
+                }
+            }
+        }
+        let (lp50, lp99, lrps) = stats(local);
+        let remote_cell = if remote.is_empty() {
+            ("-".to_owned(), "-".to_owned())
+        } else {
+            let (rp50, rp99, rrps) = stats(remote);
+            (
+                format!("{rp50:.2} / {rp99:.2} ms ({rrps:.0})"),
+                format!("{:+.1}%", (rp50 / lp50 - 1.0) * 100.0),
+            )
+        };
+        println!(
+            "| {seq} | {batch} | {lp50:.2} / {lp99:.2} ms ({lrps:.0}) | {} | {} |",
+            remote_cell.0, remote_cell.1
+        );
+    }
+}

@@ -1,0 +1,301 @@
+//! ONNX models through tract: loaded and optimised once (symbolic batch and
+//! sequence dimensions stay symbolic), run on a bounded pool of blocking
+//! threads. A request beyond the pool and its queue is refused at once
+//! (503), never queued without bound.
+//!
+//! Tensors come in already checked against the model's declared inputs
+//! (see `kserve`): tract never sees a wrong datatype, rank or size.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Serialize;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::DimLike as _;
+
+/// A KServe v2 datatype that tract can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    Bool,
+    U8,
+    U16,
+    U32,
+    U64,
+    I8,
+    I16,
+    I32,
+    I64,
+    F16,
+    F32,
+    F64,
+}
+
+impl DType {
+    pub const ALL: [DType; 12] = [
+        Self::Bool,
+        Self::U8,
+        Self::U16,
+        Self::U32,
+        Self::U64,
+        Self::I8,
+        Self::I16,
+        Self::I32,
+        Self::I64,
+        Self::F16,
+        Self::F32,
+        Self::F64,
+    ];
+
+    /// The protocol's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bool => "BOOL",
+            Self::U8 => "UINT8",
+            Self::U16 => "UINT16",
+            Self::U32 => "UINT32",
+            Self::U64 => "UINT64",
+            Self::I8 => "INT8",
+            Self::I16 => "INT16",
+            Self::I32 => "INT32",
+            Self::I64 => "INT64",
+            Self::F16 => "FP16",
+            Self::F32 => "FP32",
+            Self::F64 => "FP64",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Bytes per element in the binary tensor data extension.
+    pub fn size(self) -> usize {
+        match self {
+            Self::Bool | Self::U8 | Self::I8 => 1,
+            Self::U16 | Self::I16 | Self::F16 => 2,
+            Self::U32 | Self::I32 | Self::F32 => 4,
+            Self::U64 | Self::I64 | Self::F64 => 8,
+        }
+    }
+
+    pub fn from_tract(dt: DatumType) -> Option<Self> {
+        Some(match dt {
+            DatumType::Bool => Self::Bool,
+            DatumType::U8 => Self::U8,
+            DatumType::U16 => Self::U16,
+            DatumType::U32 => Self::U32,
+            DatumType::U64 => Self::U64,
+            DatumType::I8 => Self::I8,
+            DatumType::I16 => Self::I16,
+            DatumType::I32 => Self::I32,
+            DatumType::I64 => Self::I64,
+            DatumType::F16 => Self::F16,
+            DatumType::F32 => Self::F32,
+            DatumType::F64 => Self::F64,
+            _ => return None,
+        })
+    }
+
+    pub fn to_tract(self) -> DatumType {
+        match self {
+            Self::Bool => DatumType::Bool,
+            Self::U8 => DatumType::U8,
+            Self::U16 => DatumType::U16,
+            Self::U32 => DatumType::U32,
+            Self::U64 => DatumType::U64,
+            Self::I8 => DatumType::I8,
+            Self::I16 => DatumType::I16,
+            Self::I32 => DatumType::I32,
+            Self::I64 => DatumType::I64,
+            Self::F16 => DatumType::F16,
+            Self::F32 => DatumType::F32,
+            Self::F64 => DatumType::F64,
+        }
+    }
+}
+
+/// One dimension of a declared shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(usize),
+    /// A symbolic dimension (batch, sequence): any size, the same wherever
+    /// the same symbol appears.
+    Symbol(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DType,
+    pub shape: Vec<Dim>,
+}
+
+impl TensorSpec {
+    /// The protocol's shape: -1 for a variable dimension.
+    pub fn wire_shape(&self) -> Vec<i64> {
+        self.shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => i64::try_from(*n).unwrap_or(-1),
+                Dim::Symbol(_) => -1,
+            })
+            .collect()
+    }
+}
+
+impl Serialize for TensorSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::json!({
+            "name": self.name,
+            "datatype": self.datatype.name(),
+            "shape": self.wire_shape(),
+        })
+        .serialize(s)
+    }
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// A loaded, optimised ONNX model and its pool.
+pub struct OnnxModel {
+    pub id: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    plan: Plan,
+    running: tokio::sync::Semaphore,
+    in_system: AtomicUsize,
+    capacity: usize,
+    pub workers: usize,
+    pub memory_bytes: u64,
+    /// Largest input tensor accepted, in elements.
+    pub max_elements: u64,
+    /// Gives the model's memory back to the budget when it is dropped.
+    pub(crate) release: Option<Box<dyn Send + Sync>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0} requests are running or waiting for this model")]
+    Overloaded(usize),
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn err(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+}
+
+fn describe(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>, String> {
+    outlets
+        .iter()
+        .map(|o| {
+            let fact = model.outlet_fact(*o).map_err(|e| err(&e))?;
+            // ONNX names its values; tract keeps them as outlet labels.
+            let name = model
+                .outlet_label(*o)
+                .map_or_else(|| model.node(o.node).name.clone(), str::to_owned);
+            let datatype = DType::from_tract(fact.datum_type)
+                .ok_or_else(|| format!("{name}: datatype {:?} is not served", fact.datum_type))?;
+            let shape = fact
+                .shape
+                .iter()
+                .map(|d| match d.to_usize() {
+                    Ok(n) => Dim::Fixed(n),
+                    Err(_) => Dim::Symbol(d.to_string()),
+                })
+                .collect();
+            Ok(TensorSpec {
+                name,
+                datatype,
+                shape,
+            })
+        })
+        .collect()
+}
+
+impl OnnxModel {
+    /// Loads and optimises `path` (blocking; seconds for large models).
+    pub fn load(
+        id: &str,
+        path: &Path,
+        workers: usize,
+        queue: usize,
+        memory_bytes: u64,
+        max_elements: u64,
+    ) -> Result<Self, String> {
+        let shown = path.display();
+        let inference = onnx()
+            .model_for_path(path)
+            .map_err(|e| format!("{shown}: tract could not read it as ONNX: {}", err(&e)))?;
+        let typed = inference
+            .into_typed()
+            .map_err(|e| format!("{shown}: tract's analysis failed: {}", err(&e)))?;
+        let inputs = describe(&typed, typed.input_outlets().map_err(|e| err(&e))?)?;
+        let outputs = describe(&typed, typed.output_outlets().map_err(|e| err(&e))?)?;
+        let plan = typed
+            .into_decluttered()
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| format!("{shown}: tract could not optimise it: {}", err(&e)))?;
+        let workers = workers.max(1);
+        Ok(Self {
+            id: id.to_owned(),
+            inputs,
+            outputs,
+            plan,
+            running: tokio::sync::Semaphore::new(workers),
+            in_system: AtomicUsize::new(0),
+            capacity: workers + queue,
+            workers,
+            memory_bytes,
+            max_elements,
+            release: None,
+        })
+    }
+
+    /// Requests running or waiting.
+    pub fn load_now(&self) -> usize {
+        self.in_system.load(Ordering::Relaxed)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Runs the model on checked inputs (in declared order), on the blocking pool.
+    pub async fn run(self: &Arc<Self>, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        let before = self.in_system.fetch_add(1, Ordering::AcqRel);
+        let _leave = Leave(&self.in_system);
+        if before >= self.capacity {
+            return Err(RunError::Overloaded(before));
+        }
+        let _permit = self
+            .running
+            .acquire()
+            .await
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.run_blocking(inputs))
+            .await
+            .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
+    }
+
+    /// Runs the model on this thread (benchmarks, tests, the blocking pool).
+    pub fn run_blocking(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        let inputs: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
+        let outputs = self
+            .plan
+            .run(inputs)
+            .map_err(|e| RunError::Failed(err(&e)))?;
+        Ok(outputs.into_iter().map(TValue::into_tensor).collect())
+    }
+}
+
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
