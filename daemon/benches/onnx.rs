@@ -52,14 +52,14 @@ fn tensors(batch: usize, seq: usize) -> Vec<Tensor> {
     ]
 }
 
-fn body(batch: usize, seq: usize) -> String {
+fn body(batch: usize, seq: usize, output: &str) -> String {
     let (ids, mask) = inputs(batch, seq);
     serde_json::json!({
         "inputs": [
             {"name": "input_ids", "datatype": "INT64", "shape": [batch, seq], "data": ids},
             {"name": "attention_mask", "datatype": "INT64", "shape": [batch, seq], "data": mask},
         ],
-        "outputs": [{"name": "sentence_embedding"}],
+        "outputs": [{"name": output}],
     })
     .to_string()
 }
@@ -108,6 +108,13 @@ fn main() {
     let model = OnnxModel::load(MODEL, &path, 1, 0, 0, 1 << 24)
         .expect("load the model (scripts/fetch-models)");
     let socket = std::env::var_os("AIRGATE_SOCKET").map(PathBuf::from);
+    // The sentence embedding: the [batch, 384] output.
+    let output = model
+        .outputs
+        .iter()
+        .find(|o| o.wire_shape() == [-1, 384])
+        .map(|o| o.name.clone())
+        .expect("a [batch, 384] output");
     let rounds = |batch: usize, seq: usize| if batch * seq >= 1024 { 40 } else { 200 };
     println!(
         "| sequence | batch | tract in-process p50 / p99 (req/s) | airgate Unix socket p50 / p99 (req/s) | p50 overhead |"
@@ -121,7 +128,7 @@ fn main() {
         let mut conn = socket
             .as_ref()
             .map(|s| UnixStream::connect(s).expect("connect to AIRGATE_SOCKET"));
-        let text = body(batch, seq);
+        let text = body(batch, seq, &output);
         let mut buf = Vec::new();
         for i in 0..n + 5 {
             let t = Instant::now();

@@ -1282,10 +1282,12 @@ async fn kserve_infer(
         &headers,
         &ask,
     )?;
-    let admitted = durable_decision(shared, id, name, decided).await?;
-    let mut served = Served::new(shared, id, admitted.ticket, started);
-    let (Some(model), Some(checked)) = (model, checked) else {
-        served.finish("error", "model not loaded");
+    // An allowed request runs while its decision record is made durable;
+    // nothing is answered before it is (fail closed), and a result whose
+    // record failed is thrown away.
+    let Some((model, checked)) = model.zip(checked).filter(|_| decided.outcome.is_ok()) else {
+        let admitted = durable_decision(shared, id, name, decided).await?;
+        Served::new(shared, id, admitted.ticket, started).finish("error", "model not loaded");
         return Err(ApiError::ModelNotLoaded {
             model: name.to_owned(),
             why: shared
@@ -1294,8 +1296,13 @@ async fn kserve_infer(
                 .map(|s| serde_json::to_string(&s).unwrap_or_default()),
         });
     };
+    let (admitted, ran) = tokio::join!(
+        durable_decision(shared, id, name, decided),
+        model.run(checked.tensors)
+    );
+    let mut served = Served::new(shared, id, admitted?.ticket, started);
     served.model = Some(name.to_owned());
-    let outputs = match model.run(checked.tensors).await {
+    let outputs = match ran {
         Ok(o) => o,
         Err(crate::onnx::RunError::Overloaded(n)) => {
             let e = format!("{n} requests are running or waiting for model {name:?}");
@@ -1322,18 +1329,23 @@ async fn kserve_infer(
     };
     served.served = true;
     served.finish("completed", "");
-    if tail.is_empty() {
-        return Ok(json_response(StatusCode::OK, &doc));
-    }
+    // Compact: tensors are data, not for reading.
     let mut bytes = serde_json::to_vec(&doc).unwrap_or_default();
     let json_len = bytes.len();
     bytes.extend_from_slice(&tail);
     let mut response = Response::new(ResponseBody::new(bytes));
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(kserve::HEADER_LENGTH, HeaderValue::from(json_len));
+    if tail.is_empty() {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    } else {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        h.insert(kserve::HEADER_LENGTH, HeaderValue::from(json_len));
+    }
     Ok(response)
 }

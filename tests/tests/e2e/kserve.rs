@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Barrier};
 
 use airgate_tests::{
     Daemon, Sandbox, get, models_dir, policy, raw_request, sha256_hex, wait_model,
@@ -336,6 +337,44 @@ fn minilm_over_kserve_matches_tract_in_process_and_every_datatype_round_trips() 
         json!([{"name": "b_sum", "datatype": "INT64", "shape": [2, 2], "data": [2, 4, 6, 8]}])
     );
 
+    // Beyond 2 workers and a queue of 4, a request is refused at once (503).
+    let heavy = json!({"inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [8, 128], "data": vec![2000; 1024]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [8, 128], "data": vec![1; 1024]}],
+        "outputs": [{"name": embedding}]})
+    .to_string();
+    let barrier = Arc::new(Barrier::new(12));
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            let (socket, heavy, barrier) = (d.socket.clone(), heavy.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let head = format!(
+                    "POST /v2/models/{MINILM}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                    heavy.len()
+                );
+                let r = raw_request(&socket, &[head.as_bytes(), heavy.as_bytes()].concat()).expect("request");
+                (r.status, r.text())
+            })
+        })
+        .collect();
+    let results: Vec<(u16, String)> = burst
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    let refused = results.iter().filter(|(s, _)| *s == 503).count();
+    assert!(refused >= 1, "some refused: {results:?}");
+    assert!(
+        results.iter().filter(|(s, _)| *s == 200).count() >= 6,
+        "the pool's worth served"
+    );
+    for (status, text) in &results {
+        assert!(
+            *status == 200 || (*status == 503 && text.contains("overloaded")),
+            "{status} {text}"
+        );
+    }
+
     // Decided and audited like every inference: one decision, one completion.
     let records = String::from_utf8(
         Command::new(airgate_tests::airgate_bin())
@@ -354,8 +393,12 @@ fn minilm_over_kserve_matches_tract_in_process_and_every_datatype_round_trips() 
         .lines()
         .filter(|l| l.contains("\"completion\"") && l.contains("\"served\":true"))
         .count();
-    assert_eq!(decisions, 2 + 12 + 1);
-    assert_eq!(completions, decisions);
+    assert_eq!(decisions, 2 + 12 + 1 + 12);
+    assert_eq!(
+        completions,
+        2 + 12 + 1 + 12 - refused,
+        "a refused run is not served"
+    );
 }
 
 #[test]
