@@ -106,29 +106,36 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo, String> {
 }
 
 fn inspect_onnx(path: &Path) -> Result<ModelInfo, String> {
-    use tract_onnx::prelude::{Framework, InferenceModelExt, OutletId};
-
-    let model = tract_onnx::onnx()
+    use tract_onnx::prelude::Framework as _;
+    // The names, datatypes and shapes the KServe endpoint will show.
+    let nodes = tract_onnx::onnx()
         .model_for_path(path)
-        .and_then(|m| m.into_typed())
-        .map_err(|e| format!("{e:#}"))?;
-    let describe = |outlets: &[OutletId]| -> Result<Vec<TensorInfo>, String> {
-        outlets
+        .map_err(|e| format!("{e:#}"))?
+        .nodes()
+        .len();
+    let model = crate::onnx::OnnxModel::load("inspect", path, 1, 0, 0, 1)?;
+    let describe = |specs: &[crate::onnx::TensorSpec]| {
+        specs
             .iter()
-            .map(|o| {
-                let fact = model.outlet_fact(*o).map_err(|e| format!("{e:#}"))?;
-                Ok(TensorInfo {
-                    name: model.node(o.node).name.clone(),
-                    datatype: format!("{:?}", fact.datum_type),
-                    shape: format!("{:?}", fact.shape),
-                })
+            .map(|s| TensorInfo {
+                name: s.name.clone(),
+                datatype: s.datatype.name().to_owned(),
+                shape: s
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        crate::onnx::Dim::Fixed(n) => n.to_string(),
+                        crate::onnx::Dim::Symbol(s) => s.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
             })
             .collect()
     };
     Ok(ModelInfo::Onnx(OnnxInfo {
-        inputs: describe(model.input_outlets().map_err(|e| format!("{e:#}"))?)?,
-        outputs: describe(model.output_outlets().map_err(|e| format!("{e:#}"))?)?,
-        nodes: model.nodes().len(),
+        inputs: describe(&model.inputs),
+        outputs: describe(&model.outputs),
+        nodes,
     }))
 }
 
