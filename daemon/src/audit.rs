@@ -120,6 +120,32 @@ pub fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, AuditError> {
         })
 }
 
+/// The on-disk format of the audit store (its records are sealed under
+/// the `airgate-audit-v1` domain). Kept in the `meta` tree; a store without
+/// the marker predates it and is format 1 too. A newer airgate opens older
+/// formats; an older one refuses a newer store instead of misreading it.
+pub const FORMAT: u32 = 1;
+
+fn check_format(db: &sled::Db) -> Result<(), String> {
+    let meta = db.open_tree("meta").map_err(|e| e.to_string())?;
+    match meta.get("audit_format").map_err(|e| e.to_string())? {
+        None => {
+            meta.insert("audit_format", &FORMAT.to_be_bytes())
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        Some(v) => {
+            let found = <[u8; 4]>::try_from(v.as_ref()).map_or(u32::MAX, u32::from_be_bytes);
+            if found > FORMAT {
+                return Err(format!(
+                    "the audit store has format {found}; this airgate reads up to {FORMAT} (it was written by a newer airgate: do not downgrade)"
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// What verifying a store found.
 #[derive(Clone, Debug)]
 pub struct Verified {
@@ -380,6 +406,7 @@ impl Audit {
             path: dir.to_owned(),
             reason: e.to_string(),
         };
+        check_format(&db).map_err(|e| io(&e))?;
         let mut previous_store = None;
         let created = db.is_empty();
         if created {
@@ -907,6 +934,30 @@ mod tests {
             }),
             heartbeat.register(worker, std::time::Duration::from_secs(30)),
         )
+    }
+
+    #[test]
+    fn a_store_written_by_a_newer_airgate_is_refused_and_an_unmarked_one_is_format_1() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("audit");
+        {
+            // A store from before the marker: records only.
+            let db = open_db(&store, 8 << 20).expect("db");
+            let (stored, _) = seal(0, &ZERO, b"{}");
+            db.insert(key(0), stored).expect("insert");
+            db.flush().expect("flush");
+        }
+        let db = open_db(&store, 8 << 20).expect("db");
+        check_format(&db).expect("an unmarked store opens");
+        let meta = db.open_tree("meta").expect("meta");
+        assert_eq!(
+            meta.get("audit_format").expect("get").as_deref(),
+            Some(&FORMAT.to_be_bytes()[..])
+        );
+        meta.insert("audit_format", &(FORMAT + 1).to_be_bytes())
+            .expect("insert");
+        let err = check_format(&db).expect_err("newer");
+        assert!(err.contains("written by a newer airgate"), "{err}");
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub enum Command {
         #[arg(long, short, global = true)]
         socket: Option<PathBuf>,
     },
+    /// Man pages and shell completions from this command line's definition
+    /// (used to build the package).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        command: GenerateCommand,
+    },
     /// Work with model files.
     Model {
         #[command(subcommand)]
@@ -300,6 +307,20 @@ pub enum BundleCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// roff man pages: airgate.1 and one per subcommand (airgate-audit.1, ...).
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Shell completions for bash, zsh and fish.
+    Completions {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Load a GGUF (llama.cpp) or ONNX (tract) file and describe it.
     Inspect {
@@ -308,6 +329,17 @@ pub enum ModelCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Copy model files (e.g. from removable media) into models_dir, each
+    /// checked by sha256 against the manifest of the bundle in force and
+    /// written under the manifest's file name, owned by root, not writable
+    /// by others. Files the manifest does not name are refused (exit 65).
+    Import {
+        /// Files, or directories whose files are imported.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
     },
 }
 

@@ -38,7 +38,10 @@ pub mod usage;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cli::{AuditCommand, BundleCommand, Cli, Command, ModelCommand, PkiCommand, UsageCommand};
+use cli::{
+    AuditCommand, BundleCommand, Cli, Command, GenerateCommand, ModelCommand, PkiCommand,
+    UsageCommand,
+};
 use config::Config;
 
 /// Runs a parsed command line and returns the process exit code.
@@ -57,6 +60,27 @@ pub fn run_cli(cli: Cli) -> u8 {
         Command::Model {
             command: ModelCommand::Inspect { path, json },
         } => inspect_model(&path, json),
+        Command::Model {
+            command: ModelCommand::Import { paths, config },
+        } => match model::import(&paths, &config) {
+            Ok(report) => {
+                print!("{report}");
+                exit::OK
+            }
+            Err(model::ImportError::Refused(report)) => {
+                eprint!("{report}");
+                exit::DATA
+            }
+            Err(model::ImportError::Setup(e)) => {
+                eprintln!("airgate model import: {e}");
+                exit::CONFIG
+            }
+            Err(model::ImportError::Io(e)) => {
+                eprintln!("airgate model import: {e}");
+                exit::CANT_CREATE
+            }
+        },
+        Command::Generate { command } => generate(command),
         Command::Pki { command } => pki_command(command),
         Command::Keygen { dir, name } => report(authority::keygen(&dir, &name)),
         Command::Bundle { command } => report(bundle_command(command)),
@@ -954,6 +978,43 @@ fn render_status(doc: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+/// Man pages and completions from the clap definition, for the package.
+fn generate(command: GenerateCommand) -> u8 {
+    use clap::CommandFactory as _;
+    let result = match command {
+        GenerateCommand::Man { out } => std::fs::create_dir_all(&out).and_then(|()| {
+            let cmd = Cli::command();
+            let mut pages = vec![(String::from("airgate"), cmd.clone())];
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                // The page's name is the command's, leaked once per page (a
+                // short-lived generating process).
+                let name: &'static str = format!("airgate-{}", sub.get_name()).leak();
+                pages.push((name.to_owned(), sub.clone().name(name)));
+            }
+            for (name, page) in pages {
+                let mut bytes = Vec::new();
+                clap_mangen::Man::new(page).render(&mut bytes)?;
+                std::fs::write(out.join(format!("{name}.1")), bytes)?;
+            }
+            Ok(())
+        }),
+        GenerateCommand::Completions { out } => std::fs::create_dir_all(&out).and_then(|()| {
+            use clap_complete::Shell;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                clap_complete::generate_to(shell, &mut Cli::command(), "airgate", &out)?;
+            }
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("airgate generate: {e}");
+            exit::CANT_CREATE
+        }
+    }
 }
 
 fn inspect_model(path: &Path, json: bool) -> u8 {

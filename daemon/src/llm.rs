@@ -236,6 +236,9 @@ enum Loaded {
 /// The files of a model: (path in models_dir, expected sha256).
 type Files = Vec<(PathBuf, [u8; 32])>;
 
+/// (size, mtime in ns) of each of a model's files; None where missing.
+type FileStat = Vec<Option<(u64, i64)>>;
+
 /// The loaded models, kept in step with the bundle in force.
 pub struct Models {
     engines: ArcSwap<BTreeMap<String, Arc<Engine>>>,
@@ -246,6 +249,9 @@ pub struct Models {
     wanted: Mutex<BTreeMap<String, String>>,
     /// Memory promised to loaded and loading models.
     committed: Arc<Mutex<u64>>,
+    /// The files' (size, mtime) when each model was last tried: a refused
+    /// model is tried again when they change (a file copied in, replaced).
+    tried: Mutex<BTreeMap<String, FileStat>>,
     ready_tx: Arc<Mutex<Vec<Loaded>>>,
 }
 
@@ -263,6 +269,7 @@ impl Models {
             states: Arc::new(Mutex::new(BTreeMap::new())),
             wanted: Mutex::new(BTreeMap::new()),
             committed: Arc::new(Mutex::new(0)),
+            tried: Mutex::new(BTreeMap::new()),
             ready_tx: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -396,11 +403,26 @@ impl Models {
             self.engines.store(Arc::new(map));
             self.onnx.store(Arc::new(onnx_map));
         }
+        let mut tried = self.tried.lock().unwrap_or_else(PoisonError::into_inner);
         for (id, (digests, files, format)) in desired {
             let refused = matches!(states.get(&id), Some(ModelState::Refused { .. }));
-            if wanted.contains_key(&id) && !(retry && refused) {
+            let stat: FileStat = files
+                .iter()
+                .map(|(p, _)| {
+                    let m = std::fs::metadata(p).ok()?;
+                    let mtime = m
+                        .modified()
+                        .ok()?
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()?;
+                    Some((m.len(), i64::try_from(mtime.as_nanos()).unwrap_or(i64::MAX)))
+                })
+                .collect();
+            let changed = tried.get(&id) != Some(&stat);
+            if wanted.contains_key(&id) && !(refused && (retry || changed)) {
                 continue;
             }
+            tried.insert(id.clone(), stat);
             wanted.insert(id.clone(), digests);
             let total = files
                 .iter()

@@ -139,6 +139,141 @@ fn inspect_onnx(path: &Path) -> Result<ModelInfo, String> {
     }))
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// No configuration, no bundle in force.
+    #[error("{0}")]
+    Setup(String),
+    /// Some files were not in the manifest (or did not match); the report says which.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// `airgate model import`: copies the files named by the manifest of the
+/// bundle in force into models_dir. Each file is hashed while it is copied
+/// (to a temporary name beside the destination), then fsynced, made
+/// read-only to everyone but root (0644, or 0640 group airgate when that
+/// group exists) and renamed into place under the manifest's name.
+pub fn import(paths: &[std::path::PathBuf], config: &Path) -> Result<String, ImportError> {
+    use std::fmt::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let config =
+        crate::config::Config::load(config).map_err(|e| ImportError::Setup(e.to_string()))?;
+    let policy = crate::bundle::Policy::open(&config)
+        .map_err(|e| ImportError::Setup(format!("cannot read the policy store: {e}")))?;
+    let active = policy.active().ok_or_else(|| {
+        ImportError::Setup(
+            "no bundle is in force: import checks files against its manifest (drop a bundle in the inbox first)"
+                .to_owned(),
+        )
+    })?;
+    let bundle = &active.verified.bundle;
+    // sha256 -> (file name, models that use it)
+    let mut wanted: std::collections::BTreeMap<[u8; 32], (String, Vec<String>)> =
+        Default::default();
+    for m in bundle.models.values() {
+        for f in &m.files {
+            wanted
+                .entry(f.sha256)
+                .or_insert_with(|| (f.name.clone(), Vec::new()))
+                .1
+                .push(m.id.clone());
+        }
+    }
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inner: Vec<_> = std::fs::read_dir(p)
+                .map_err(|e| ImportError::Io(format!("{}: {e}", p.display())))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
+            inner.sort();
+            files.extend(inner);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let dir = &config.models_dir;
+    std::fs::create_dir_all(dir).map_err(|e| ImportError::Io(format!("{}: {e}", dir.display())))?;
+    let group = nix::unistd::Group::from_name("airgate").ok().flatten();
+    let mut report = String::new();
+    let mut refused = 0;
+    for src in files {
+        let io = |e: std::io::Error| ImportError::Io(format!("{}: {e}", src.display()));
+        let tmp = dir.join(format!(
+            ".import-{}-{}",
+            std::process::id(),
+            src.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let digest = {
+            use sha2::Digest as _;
+            use std::io::Write as _;
+            let mut input = std::fs::File::open(&src).map_err(io)?;
+            let mut out = std::fs::File::create(&tmp).map_err(io)?;
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = input.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    ImportError::Io(format!("{}: {e}", tmp.display()))
+                })?;
+            }
+            out.sync_all().map_err(io)?;
+            <[u8; 32]>::from(hasher.finalize())
+        };
+        let Some((name, models)) = wanted.get(&digest) else {
+            let _ = std::fs::remove_file(&tmp);
+            refused += 1;
+            let _ = writeln!(
+                report,
+                "refused  {}: sha256 {} is not in the manifest of bundle v{}",
+                src.display(),
+                crate::keys::hex(&digest),
+                active.version()
+            );
+            continue;
+        };
+        let mode = if group.is_some() { 0o640 } else { 0o644 };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+        if let Some(g) = &group {
+            nix::unistd::chown(&tmp, Some(nix::unistd::Uid::from_raw(0)), Some(g.gid))
+                .map_err(|e| io(e.into()))?;
+        }
+        let dest = dir.join(name);
+        std::fs::rename(&tmp, &dest).map_err(io)?;
+        let _ = writeln!(
+            report,
+            "imported {} -> {} (sha256 {}; model {})",
+            src.display(),
+            dest.display(),
+            crate::keys::hex(&digest),
+            models.join(", ")
+        );
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ImportError::Io(format!("{}: {e}", dir.display())))?;
+    if refused > 0 {
+        return Err(ImportError::Refused(report));
+    }
+    let _ = writeln!(
+        report,
+        "the daemon checks and loads them at its next look at the bundle (policy.poll_interval)"
+    );
+    Ok(report)
+}
+
 impl std::fmt::Display for ModelInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -469,6 +469,8 @@ pub struct Opened {
     pub unfinished: u64,
     pub tenant_users: u64,
     pub pruned_months: u64,
+    /// The counters were created from an older store's log.
+    pub migrated: bool,
 }
 
 impl Usage {
@@ -482,8 +484,29 @@ impl Usage {
     ) -> Result<(Arc<Self>, Opened), AuditError> {
         let unavailable = |e: String| AuditError::Unavailable(format!("usage store: {e}"));
         let db = audit.reader()?;
+        // A store written before the usage counters existed (format 0):
+        // they are derived from its log now, and that is recorded.
+        let migrating = !db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == TREE.as_bytes())
+            && audit.state().records > 1;
         let tree = open_tree(&db).map_err(unavailable)?;
         let caught_up = catch_up(&db, &tree, audit.state().records).map_err(unavailable)?;
+        if migrating {
+            tracing::warn!(
+                AIRGATE_EVENT = "usage_migrated",
+                records = caught_up.folded,
+                "usage counters created from the existing audit log (a store from before format {FORMAT})"
+            );
+            audit.record(Event::UsageRebuilt {
+                from_seq: 0,
+                through_seq: caught_up.next,
+                differences: vec![format!(
+                    "usage store created at format {FORMAT} from the audit log (the store had none: written by an earlier airgate)"
+                )],
+            });
+        }
         // Nothing is in flight before the daemon serves: every pending
         // request left was cut off. Its user stays counted.
         let mut unfinished = 0;
@@ -510,6 +533,7 @@ impl Usage {
             unfinished,
             tenant_users: restored,
             pruned_months,
+            migrated: migrating,
         };
         // Weak: the thread ends with the last handle (tests reopen stores).
         let background = Arc::downgrade(&usage);

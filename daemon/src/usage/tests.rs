@@ -343,3 +343,61 @@ fn reopened_counts_match_the_log_and_warnings_come_once_per_period() {
     let rebuilt = usage.rebuild(now()).expect("rebuild");
     assert_eq!(rebuilt["differences"], json!([]), "{rebuilt}");
 }
+
+#[test]
+fn a_store_from_before_the_usage_counters_is_migrated_and_the_migration_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit");
+    let heartbeat = Heartbeat::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    {
+        // What an airgate before format 1 left: records, no usage tree.
+        let audit = open_audit(&path, &heartbeat);
+        for u in 1..=3u8 {
+            let id = format!("old-{u}");
+            rt.block_on(audit.append(decision(&id, "claims", Some(u), &["L"], true)))
+                .expect("append");
+            rt.block_on(audit.append(completion(&id, 4, 2)))
+                .expect("append");
+        }
+        let db = audit.reader().expect("db");
+        assert!(
+            !db.tree_names()
+                .iter()
+                .any(|n| n.as_ref() == TREE.as_bytes())
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let audit = open_audit(&path, &heartbeat);
+    let config = UsageConfig::default();
+    let now = UnixTime(crate::bundle::system_time_now());
+    let (usage, opened) = Usage::open(
+        audit.clone(),
+        &config,
+        now,
+        heartbeat.register("m", Duration::from_secs(60)),
+    )
+    .expect("open");
+    assert!(opened.migrated);
+    assert_eq!(
+        usage.tenant_users(&TenantId::parse("claims").expect("id")),
+        3
+    );
+    assert_eq!(
+        usage.tokens_today(&TenantId::parse("claims").expect("id")),
+        18
+    );
+    rt.block_on(audit.append(Event::Shutdown {
+        reason: "t".to_owned(),
+    }))
+    .expect("append");
+    let (lines, _) = audit.page(0, 100).expect("page");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("usage_rebuilt") && l.contains("written by an earlier airgate")),
+        "{lines:?}"
+    );
+}

@@ -637,3 +637,90 @@ fn the_tritonclient_python_package_works_over_mtls() {
         "{seen}"
     );
 }
+
+#[test]
+fn model_import_copies_only_what_the_manifest_names_and_the_daemon_loads_it() {
+    let sb = Sandbox::new();
+    let source = sb.path().join("usb");
+    make_models(&source);
+    std::fs::write(source.join("stray.bin"), b"not a model").expect("stray file");
+    let digest = sha256_hex(&std::fs::read(source.join("identity-fp32.onnx")).expect("model"));
+    let manifest = format!(
+        "\n[[models]]\nid = \"identity-fp32\"\nformat = \"onnx\"\nkinds = [\"tensor\"]\nlicence = \"Apache-2.0\"\nfiles = [{{ role = \"weights\", name = \"identity.onnx\", sha256 = \"{digest}\" }}]\n"
+    );
+    let models = sb.path().join("models");
+    let config = sb.config("", "").replace(
+        "state_dir = ",
+        &format!("models_dir = \"{}\"\nstate_dir = ", models.display()),
+    );
+    let import = |paths: &[&Path]| {
+        let mut cmd = Command::new(airgate_tests::airgate_bin());
+        cmd.args(["model", "import", "--config"])
+            .arg(sb.config_path());
+        cmd.args(paths);
+        cmd.output().expect("airgate model import")
+    };
+    // No bundle in force yet: nothing to check against.
+    sb.write_config(&config);
+    let out = import(&[&source]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no bundle is in force"));
+
+    sb.publish(&sb.sign(
+        "v1",
+        &(policy(1, &tenant(&["identity-fp32".to_owned()], "{ uids = [0] }")) + &manifest),
+    ));
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    // The whole stick: the model is imported under the manifest's name,
+    // everything else refused (exit 65) and left behind.
+    let out = import(&[&source]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains("imported") && stderr.contains("identity.onnx"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("refused") && stderr.contains("stray.bin"),
+        "{stderr}"
+    );
+    let copied = models.join("identity.onnx");
+    assert_eq!(
+        sha256_hex(&std::fs::read(&copied).expect("imported")),
+        digest
+    );
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(&copied).expect("stat");
+    assert_eq!(meta.uid(), 0);
+    assert_eq!(meta.mode() & 0o022, 0, "not writable by group or others");
+    assert!(!models.join("stray.bin").exists());
+    assert_eq!(
+        std::fs::read_dir(&models).expect("dir").count(),
+        1,
+        "no temporary files left"
+    );
+    // Just the model: exit 0. The daemon loads it at its next look.
+    let out = import(&[&source.join("identity-fp32.onnx")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It was refused for the missing file; the file's arrival retries it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(&d.socket, "/readyz", &[]).json()["models"]["identity-fp32"]["state"] == "refused" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not retried: {}",
+            d.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    wait_model(&d, "identity-fp32");
+}
