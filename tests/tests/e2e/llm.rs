@@ -318,7 +318,8 @@ fn the_other_tenant_is_refused_the_model() {
     loop {
         let r = get(&d.socket, "/readyz", &[]).json();
         if r["models"].get(GEMMA).is_none() {
-            assert!(r["reasons"].to_string().contains("no models loaded"), "{r}");
+            // The ONNX model stays: only what left the manifest is unloaded.
+            assert_eq!(r["models"]["paraphrase-minilm-l3"]["state"], "ready", "{r}");
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "{r}");
