@@ -421,6 +421,11 @@ async fn dispatch(
             // The body is read and parsed before policy, so a malformed
             // request gets its own clear error whatever the policy state.
             let body = read_json_body(req, limit).await?;
+            // Embeddings' own checks first: they name the parameter.
+            let embed = match kind {
+                Kind::Embedding => Some(crate::openai::parse_embeddings(&body)?),
+                _ => None,
+            };
             let ask = gate::ask_from_body(kind, &body).map_err(ApiError::BadRequest)?;
             let generate = match kind {
                 Kind::Chat | Kind::Completion => Some(crate::openai::parse(kind, &body)?),
@@ -458,12 +463,11 @@ async fn dispatch(
                     .await
                 }
                 None => {
-                    // No engine serves embeddings yet: nothing was served.
-                    served.finish("error", "model not loaded");
-                    Err(ApiError::ModelNotLoaded {
-                        model: admitted.allow.model,
-                        why: None,
-                    })
+                    let request = embed.unwrap_or(crate::openai::Embeddings {
+                        texts: Vec::new(),
+                        base64: false,
+                    });
+                    embeddings(shared, served, &admitted.allow.model, request).await
                 }
             }
         }
@@ -736,6 +740,76 @@ struct Granted {
 
 fn seconds_to_midnight(now: airgate_policy::time::UnixTime) -> u64 {
     u64::try_from(86_400 - now.seconds().rem_euclid(86_400)).unwrap_or(1)
+}
+
+/// `/v1/embeddings` on an ONNX sentence-embedding model with a tokenizer.
+async fn embeddings(
+    shared: &Arc<Shared>,
+    mut served: Served,
+    model: &str,
+    request: crate::openai::Embeddings,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let Some(engine) = shared.models.get_onnx(model) else {
+        served.finish("error", "model not loaded");
+        return Err(ApiError::ModelNotLoaded {
+            model: model.to_owned(),
+            why: shared
+                .models
+                .state(model)
+                .map(|s| serde_json::to_string(&s).unwrap_or_default()),
+        });
+    };
+    if engine.tokenizer.is_none() {
+        served.finish("error", "no tokenizer");
+        return Err(ApiError::BadRequest(format!(
+            "model {model:?} has no tokenizer in the manifest: it takes tensors (/v2/models/{model}/infer), not text"
+        )));
+    }
+    served.model = Some(model.to_owned());
+    let embedded = match engine.embed(request.texts).await {
+        Ok(e) => e,
+        Err(crate::onnx::RunError::Overloaded(n)) => {
+            let e = format!("{n} requests are running or waiting for model {model:?}");
+            served.finish("error", &e);
+            return Err(ApiError::Overloaded(e));
+        }
+        Err(crate::onnx::RunError::Failed(e)) => {
+            served.finish("error", &e);
+            return Err(ApiError::Engine(e));
+        }
+    };
+    served.prompt_tokens = u32::try_from(embedded.tokens).unwrap_or(u32::MAX);
+    served.served = true;
+    let data: Vec<serde_json::Value> = embedded
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if request.base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let doc = json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens},
+    });
+    served.finish("completed", "");
+    let mut bytes = serde_json::to_vec(&doc).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut response = Response::new(ResponseBody::new(bytes));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
 }
 
 /// Chat and text completions on a loaded GGUF model.

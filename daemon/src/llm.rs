@@ -233,8 +233,8 @@ enum Loaded {
     Onnx(String, Arc<crate::onnx::OnnxModel>),
 }
 
-/// The files of a model: (path in models_dir, expected sha256).
-type Files = Vec<(PathBuf, [u8; 32])>;
+/// The files of a model: (path in models_dir, expected sha256, role).
+type Files = Vec<(PathBuf, [u8; 32], String)>;
 
 /// (size, mtime in ns) of each of a model's files; None where missing.
 type FileStat = Vec<Option<(u64, i64)>>;
@@ -378,7 +378,7 @@ impl Models {
                 let files = m
                     .files
                     .iter()
-                    .map(|f| (models_dir.join(&f.name), f.sha256))
+                    .map(|f| (models_dir.join(&f.name), f.sha256, f.role.clone()))
                     .collect();
                 (m.id.clone(), (digests, files, m.format))
             })
@@ -408,7 +408,7 @@ impl Models {
             let refused = matches!(states.get(&id), Some(ModelState::Refused { .. }));
             let stat: FileStat = files
                 .iter()
-                .map(|(p, _)| {
+                .map(|(p, _, _)| {
                     let m = std::fs::metadata(p).ok()?;
                     let mtime = m
                         .modified()
@@ -426,7 +426,7 @@ impl Models {
             wanted.insert(id.clone(), digests);
             let total = files
                 .iter()
-                .map(|(p, _)| std::fs::metadata(p).map_or(0, |m| m.len()))
+                .map(|(p, _, _)| std::fs::metadata(p).map_or(0, |m| m.len()))
                 .sum();
             states.insert(
                 id.clone(),
@@ -501,7 +501,7 @@ impl Loader {
 
     fn load(&self) -> Result<(), String> {
         let mut done = 0u64;
-        for (path, expected) in &self.files {
+        for (path, expected, _) in &self.files {
             let digest = self.hash(path, &mut done, self.total_bytes)?;
             if &digest != expected {
                 return Err(format!(
@@ -512,13 +512,21 @@ impl Loader {
                 ));
             }
         }
+        // The weights: the file whose role says so, else the first.
         let weights = self
             .files
-            .first()
-            .map(|(p, _)| p.clone())
+            .iter()
+            .find(|(_, _, role)| role == "weights")
+            .or_else(|| self.files.first())
+            .map(|(p, _, _)| p.clone())
             .ok_or("the manifest lists no file")?;
         if self.format == Format::Onnx {
-            return self.load_onnx(&weights, done);
+            let tokenizer = self
+                .files
+                .iter()
+                .find(|(_, _, role)| role == "tokenizer")
+                .map(|(p, _, _)| p.clone());
+            return self.load_onnx(&weights, tokenizer.as_deref(), done);
         }
         let kv = kv_cache_bytes(&weights, &self.config)?;
         // The bytes actually hashed are the files' sizes.
@@ -648,7 +656,12 @@ impl Loader {
     }
 
     /// An ONNX model: tract reads, analyses and optimises it once.
-    fn load_onnx(&self, path: &Path, file_bytes: u64) -> Result<(), String> {
+    fn load_onnx(
+        &self,
+        path: &Path,
+        tokenizer: Option<&Path>,
+        file_bytes: u64,
+    ) -> Result<(), String> {
         // tract holds the weights (copied out of the file) and the
         // optimised plan's packed copies: about twice the file.
         let need = file_bytes.saturating_mul(2);
@@ -664,6 +677,9 @@ impl Loader {
             self.onnx.max_tensor_elements,
         )?;
         model.release = Some(Box::new(release));
+        if let Some(t) = tokenizer {
+            model.set_tokenizer(t)?;
+        }
         tracing::info!(
             model = %self.id,
             memory_mib = need >> 20,

@@ -172,6 +172,18 @@ pub struct OnnxModel {
     pub max_elements: u64,
     /// Gives the model's memory back to the budget when it is dropped.
     pub(crate) release: Option<Box<dyn Send + Sync>>,
+    /// The manifest's `tokenizer` file (a Hugging Face tokenizer.json): text
+    /// in, for `/v1/embeddings`.
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+}
+
+/// Sentence embeddings of a batch of texts.
+#[derive(Debug)]
+pub struct Embedded {
+    /// L2-normalised, one per text.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the model processed (padding excluded).
+    pub tokens: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +263,161 @@ impl OnnxModel {
             memory_bytes,
             max_elements,
             release: None,
+            tokenizer: None,
         })
+    }
+
+    /// Reads a tokenizer.json; batches are padded to their longest text and
+    /// truncated as the file says (512 tokens when it does not).
+    pub fn set_tokenizer(&mut self, path: &Path) -> Result<(), String> {
+        let mut t = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| format!("{}: not a tokenizer.json: {e}", path.display()))?;
+        t.with_padding(Some(tokenizers::PaddingParams {
+            strategy: tokenizers::PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
+        if t.get_truncation().is_none() {
+            t.with_truncation(Some(tokenizers::TruncationParams {
+                max_length: 512,
+                ..Default::default()
+            }))
+            .map_err(|e| e.to_string())?;
+        }
+        for input in &self.inputs {
+            if !matches!(
+                input.name.as_str(),
+                "input_ids" | "attention_mask" | "token_type_ids"
+            ) {
+                return Err(format!(
+                    "input {:?}: a text model takes input_ids, attention_mask and token_type_ids",
+                    input.name
+                ));
+            }
+        }
+        self.tokenizer = Some(t);
+        Ok(())
+    }
+
+    /// Tokenizes, runs and pools `texts` (blocking): the model's pooled
+    /// [batch, dim] output when it has one, else the mean of a [batch, seq,
+    /// dim] output over the attention mask; then L2-normalised.
+    pub fn embed_blocking(&self, texts: &[String]) -> Result<Embedded, RunError> {
+        let failed = |e: String| RunError::Failed(e);
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| failed("this model has no tokenizer in the manifest".to_owned()))?;
+        let encodings = tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| failed(format!("tokenizing failed: {e}")))?;
+        let batch = encodings.len();
+        let seq = encodings
+            .iter()
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut ids = Vec::with_capacity(batch * seq);
+        let mut mask = Vec::with_capacity(batch * seq);
+        let mut types = Vec::with_capacity(batch * seq);
+        for e in &encodings {
+            let pad = seq - e.get_ids().len();
+            ids.extend(
+                e.get_ids()
+                    .iter()
+                    .map(|v| i64::from(*v))
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            mask.extend(
+                e.get_attention_mask()
+                    .iter()
+                    .map(|v| i64::from(*v))
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            types.extend(
+                e.get_type_ids()
+                    .iter()
+                    .map(|v| i64::from(*v))
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+        }
+        let tokens = mask.iter().filter(|m| **m != 0).count() as u64;
+        let tensor = |v: &[i64]| Tensor::from_shape(&[batch, seq], v).map_err(|e| failed(err(&e)));
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        for input in &self.inputs {
+            inputs.push(match input.name.as_str() {
+                "input_ids" => tensor(&ids)?,
+                "attention_mask" => tensor(&mask)?,
+                _ => tensor(&types)?,
+            });
+        }
+        let outputs = self.run_blocking(inputs)?;
+        let pooled = self
+            .outputs
+            .iter()
+            .position(|o| o.datatype == DType::F32 && o.shape.len() == 2);
+        let vectors: Vec<Vec<f32>> = if let Some(i) = pooled {
+            let view = outputs[i]
+                .to_plain_array_view::<f32>()
+                .map_err(|e| failed(err(&e)))?;
+            view.outer_iter()
+                .map(|row| row.iter().copied().collect())
+                .collect()
+        } else {
+            let i = self
+                .outputs
+                .iter()
+                .position(|o| o.datatype == DType::F32 && o.shape.len() == 3)
+                .ok_or_else(|| {
+                    failed("no [batch, dim] or [batch, seq, dim] FP32 output to pool".to_owned())
+                })?;
+            let view = outputs[i]
+                .to_plain_array_view::<f32>()
+                .map_err(|e| failed(err(&e)))?;
+            view.outer_iter()
+                .enumerate()
+                .map(|(b, tokens)| {
+                    let dim = tokens.shape().last().copied().unwrap_or(0);
+                    let mut sum = vec![0f32; dim];
+                    let mut n = 0f32;
+                    for (t, row) in tokens.outer_iter().enumerate() {
+                        if mask[b * seq + t] != 0 {
+                            n += 1.0;
+                            for (s, v) in sum.iter_mut().zip(row.iter()) {
+                                *s += v;
+                            }
+                        }
+                    }
+                    sum.iter().map(|s| s / n.max(1.0)).collect()
+                })
+                .collect()
+        };
+        let vectors = vectors
+            .into_iter()
+            .map(|v| {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.into_iter().map(|x| x / norm).collect()
+            })
+            .collect();
+        Ok(Embedded { vectors, tokens })
+    }
+
+    /// `embed_blocking` on the pool, under the same bounds as `run`.
+    pub async fn embed(self: &Arc<Self>, texts: Vec<String>) -> Result<Embedded, RunError> {
+        let before = self.in_system.fetch_add(1, Ordering::AcqRel);
+        let _leave = Leave(&self.in_system);
+        if before >= self.capacity {
+            return Err(RunError::Overloaded(before));
+        }
+        let _permit = self
+            .running
+            .acquire()
+            .await
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.embed_blocking(&texts))
+            .await
+            .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
     }
 
     /// Requests running or waiting.

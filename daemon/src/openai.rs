@@ -323,3 +323,71 @@ mod tests {
         assert_eq!(c.prompt, "once");
     }
 }
+
+/// Most texts one `/v1/embeddings` request may carry (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// A `/v1/embeddings` request's texts and how the vectors are sent back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Embeddings {
+    pub texts: Vec<String>,
+    /// `encoding_format: "base64"`: little-endian f32s, base64.
+    pub base64: bool,
+}
+
+pub fn parse_embeddings(body: &Value) -> Result<Embeddings, ParamError> {
+    let texts = match body.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if !items.is_empty() => {
+            if items.len() > MAX_EMBEDDING_INPUTS {
+                return Err(bad(
+                    "input",
+                    format!(
+                        "at most {MAX_EMBEDDING_INPUTS} inputs per request, {} given",
+                        items.len()
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(bad(
+                        "input",
+                        format!(
+                            "input[{i}] is not a string (token arrays are not accepted: send text)"
+                        ),
+                    )),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        _ => {
+            return Err(bad(
+                "input",
+                "\"input\" must be a string or a non-empty array of strings",
+            ));
+        }
+    };
+    if let Some(i) = texts.iter().position(String::is_empty) {
+        return Err(bad("input", format!("input[{i}] is empty")));
+    }
+    let base64 = match body.get("encoding_format") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(f)) if f == "float" => false,
+        Some(Value::String(f)) if f == "base64" => true,
+        Some(other) => {
+            return Err(bad(
+                "encoding_format",
+                format!("encoding_format must be \"float\" or \"base64\", found {other}"),
+            ));
+        }
+    };
+    if let Some(d) = body.get("dimensions").filter(|d| !d.is_null()) {
+        return Err(bad(
+            "dimensions",
+            format!("dimensions = {d}: this server returns the model's own dimension only"),
+        ));
+    }
+    Ok(Embeddings { texts, base64 })
+}

@@ -358,7 +358,10 @@ id = "paraphrase-minilm-l3"
 format = "onnx"
 kinds = ["embedding", "tensor"]
 licence = "Apache-2.0"
-files = [{{ role = "weights", name = "paraphrase-MiniLM-L3-v2.onnx", sha256 = "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16" }}]
+files = [
+  {{ role = "weights", name = "paraphrase-MiniLM-L3-v2.onnx", sha256 = "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16" }},
+  {{ role = "tokenizer", name = "minilm-tokenizer.json", sha256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037" }},
+]
 
 {tenants}
 "#

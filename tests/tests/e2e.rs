@@ -6,6 +6,8 @@
 mod api;
 #[path = "e2e/audit.rs"]
 mod audit;
+#[path = "e2e/embeddings.rs"]
+mod embeddings;
 #[path = "e2e/kserve.rs"]
 mod kserve;
 #[path = "e2e/lifecycle.rs"]

@@ -66,6 +66,11 @@ fn models(sb: &Sandbox) -> (PathBuf, String, Vec<String>) {
         dir.join("paraphrase-MiniLM-L3-v2.onnx"),
     )
     .expect("link minilm");
+    std::os::unix::fs::symlink(
+        models_dir().join("minilm-tokenizer.json"),
+        dir.join("minilm-tokenizer.json"),
+    )
+    .expect("link the tokenizer");
     let mut ids = Vec::new();
     let mut manifest = String::new();
     let mut entry = |id: &str, file: &str| {
@@ -375,29 +380,35 @@ fn minilm_over_kserve_matches_tract_in_process_and_every_datatype_round_trips() 
         );
     }
 
-    // Decided and audited like every inference: one decision, one completion.
-    let records = String::from_utf8(
-        Command::new(airgate_tests::airgate_bin())
+    // Decided and audited like every inference: one decision, one
+    // completion (completions are queued to the writer without waiting, so
+    // the last ones may take a moment to reach the log).
+    let count = || {
+        let out = Command::new(airgate_tests::airgate_bin())
             .args(["audit", "export", "--config"])
             .arg(sb.config_path())
             .output()
-            .expect("export")
-            .stdout,
-    )
-    .expect("utf8");
-    let decisions = records
-        .lines()
-        .filter(|l| l.contains("\"decision\"") && l.contains("/v2/models/{name}/infer"))
-        .count();
-    let completions = records
-        .lines()
-        .filter(|l| l.contains("\"completion\"") && l.contains("\"served\":true"))
-        .count();
-    assert_eq!(decisions, 2 + 12 + 1 + 12);
+            .expect("export");
+        let records = String::from_utf8_lossy(&out.stdout).into_owned();
+        let decisions = records
+            .lines()
+            .filter(|l| l.contains("\"decision\"") && l.contains("/v2/models/{name}/infer"))
+            .count();
+        let completions = records
+            .lines()
+            .filter(|l| l.contains("\"completion\"") && l.contains("\"served\":true"))
+            .count();
+        (decisions, completions)
+    };
+    let want = (2 + 12 + 1 + 12, 2 + 12 + 1 + 12 - refused);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count() != want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert_eq!(
-        completions,
-        2 + 12 + 1 + 12 - refused,
-        "a refused run is not served"
+        count(),
+        want,
+        "(decisions, served completions): a refused run is not served"
     );
 }
 
