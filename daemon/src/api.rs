@@ -244,6 +244,8 @@ impl ApiError {
 fn denial_status(reason: Reason) -> StatusCode {
     match reason {
         r if r.is_transient() => StatusCode::TOO_MANY_REQUESTS,
+        // The guard could not answer: fail closed, but say it may pass later.
+        Reason::GuardUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         Reason::ModelNotInManifest => StatusCode::NOT_FOUND,
         Reason::ModelKindMismatch
         | Reason::UserRequired
@@ -433,6 +435,7 @@ async fn dispatch(
             };
             let started = Instant::now();
             let decided = gate::admit(shared, conn, id.as_str(), route_of(&path), &headers, &ask)?;
+            let decided = gate::guard(shared, conn, decided, &ask.prompt).await;
             let admitted = durable_decision(shared, id, ask.model, decided).await?;
             tracing::info!(
                 tenant = %admitted.allow.tenant,

@@ -18,6 +18,8 @@ pub struct Failpoints {
     pub state_probe_hang_after: Option<Duration>,
     /// Seconds added to the daemon's clock (decisions, audit record times).
     pub clock_offset: Option<i64>,
+    /// Every guard scoring first waits this long (a stalled guard).
+    pub guard_delay: Option<Duration>,
 }
 
 impl Failpoints {
@@ -36,6 +38,7 @@ impl Failpoints {
                 "state-probe-hang-after" => {
                     fp.state_probe_hang_after = Some(parse_duration(value)?);
                 }
+                "guard-delay" => fp.guard_delay = Some(parse_duration(value)?),
                 "clock-offset" => {
                     fp.clock_offset = Some(value.parse().map_err(|_| {
                         format!("{ENV}: clock-offset wants signed seconds, found {value:?}")

@@ -16,7 +16,7 @@ use airgate_policy::admission::{Admission, Ticket};
 use airgate_policy::assertion::verify_user_assertion;
 use airgate_policy::audit::DecisionRecord;
 use airgate_policy::bundle::{Kind, UserIdentity};
-use airgate_policy::decision::{Allow, Decision, Deny, RequestFacts, UserKey, decide};
+use airgate_policy::decision::{Allow, Decision, Deny, Reason, RequestFacts, UserKey, decide};
 use http::HeaderMap;
 use serde_json::Value;
 
@@ -395,4 +395,133 @@ fn count(shared: &Shared, decision: &'static str, reason: &'static str) {
         .decisions
         .get_or_create(&DecisionLabels { decision, reason })
         .inc();
+}
+
+/// The tenant's guard model, if its content rules name one: after policy
+/// allowed and before the decision record is made durable, the prompt is
+/// scored. At or over the threshold the request is denied
+/// (`guard_denied`); a guard that is not loaded, overloaded, failing or not
+/// done within its timeout denies too (`guard_unavailable`, fail closed).
+/// The guard's own use is decided like any model's: the tenant's, for the
+/// guard's purpose. The score goes into the one decision record either way.
+pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &str) -> Decided {
+    let Ok(admitted) = &decided.outcome else {
+        return decided;
+    };
+    let bundle = Arc::clone(&admitted.bundle);
+    let b = &bundle.verified.bundle;
+    let Some(g) = b
+        .tenants
+        .get(&admitted.allow.tenant)
+        .and_then(|t| t.content.guard.clone())
+    else {
+        return decided;
+    };
+    let now = shared.policy.now();
+    let facts = RequestFacts {
+        identity: &conn.identity,
+        model: &g.model,
+        kind: Kind::Classifier,
+        purpose: Some(&g.purpose),
+        end_user: admitted.allow.reservation.user,
+        prompt,
+        prompt_tokens: 0,
+        max_tokens: 1,
+    };
+    let refuse = |reason: Reason, rule: String| (reason, rule);
+    let verdict: Result<f32, (Reason, String)> =
+        match decide(b, shared.admission.as_ref(), &facts, now) {
+            Decision::Deny(d) => Err(refuse(
+                d.reason,
+                format!("guard model {:?} may not be used: {}", g.model, d.rule),
+            )),
+            Decision::Allow(_) => match shared.models.get_onnx(&g.model) {
+                None => Err(refuse(
+                    Reason::GuardUnavailable,
+                    format!("guard model {:?} is not loaded", g.model),
+                )),
+                Some(model) => {
+                    let started = std::time::Instant::now();
+                    let delay = shared.failpoints.guard_delay.unwrap_or_default();
+                    let scored = tokio::time::timeout(
+                        std::time::Duration::from_millis(g.timeout_ms),
+                        async {
+                            tokio::time::sleep(delay).await;
+                            model.classify(prompt.to_owned()).await
+                        },
+                    )
+                    .await;
+                    shared
+                        .metrics
+                        .guard_latency
+                        .get_or_create(&crate::metrics::ModelLabels {
+                            model: g.model.clone(),
+                        })
+                        .observe(started.elapsed().as_secs_f64());
+                    let index = b
+                        .models
+                        .get(&g.model)
+                        .and_then(|m| m.labels.iter().position(|l| *l == g.label));
+                    match (scored, index) {
+                        (Err(_), _) => Err(refuse(
+                            Reason::GuardUnavailable,
+                            format!(
+                                "guard model {:?} did not answer within {} ms",
+                                g.model, g.timeout_ms
+                            ),
+                        )),
+                        (Ok(Err(e)), _) => Err(refuse(
+                            Reason::GuardUnavailable,
+                            format!("guard model {:?} failed: {e}", g.model),
+                        )),
+                        (Ok(Ok(probs)), Some(i)) if i < probs.len() => Ok(probs[i]),
+                        (Ok(Ok(probs)), _) => Err(refuse(
+                            Reason::GuardUnavailable,
+                            format!(
+                                "guard model {:?} gave {} scores; label {:?} has none",
+                                g.model,
+                                probs.len(),
+                                g.label
+                            ),
+                        )),
+                    }
+                }
+            },
+        };
+    let denial = match verdict {
+        Ok(score) => {
+            decided.record.guard_score = Some(score);
+            if f64::from(score) < g.threshold {
+                return decided;
+            }
+            (
+                Reason::GuardDenied,
+                format!(
+                    "guard {:?}: {:?} scored {score:.3}, the threshold is {}",
+                    g.model, g.label, g.threshold
+                ),
+            )
+        }
+        Err(d) => d,
+    };
+    let (reason, rule) = denial;
+    let Ok(admitted) =
+        std::mem::replace(&mut decided.outcome, Err(Refused::NoPolicy(String::new())))
+    else {
+        unreachable!("checked above");
+    };
+    shared.admission.release(admitted.ticket);
+    count(shared, "deny", reason.code());
+    decided.record.decision = "deny".to_owned();
+    decided.record.reason = reason.code().to_owned();
+    decided.record.rule.clone_from(&rule);
+    decided.outcome = Err(Refused::Denied {
+        deny: Deny {
+            reason,
+            rule,
+            tenant: Some(admitted.allow.tenant),
+        },
+        retry_after: (reason == Reason::GuardUnavailable).then_some(1),
+    });
+    decided
 }

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub generations: Family<GenerationLabels, Counter>,
     pub time_to_first_token: HistogramFamily<ModelLabels>,
+    /// Time a guard model took to score a prompt (added before generation).
+    pub guard_latency: HistogramFamily<ModelLabels>,
 }
 
 /// Model ids come from the bundle's manifest (a request naming another
@@ -159,6 +161,7 @@ impl Metrics {
             tokens: Family::default(),
             generations: Family::default(),
             time_to_first_token: Family::new_with_constructor(latency_histogram),
+            guard_latency: Family::new_with_constructor(latency_histogram),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
@@ -282,6 +285,11 @@ impl Metrics {
             "time_to_first_token_seconds",
             "From the request's arrival to its first generated text, by model",
             m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "guard_seconds",
+            "Time a guard model took to score a prompt, by guard model",
+            m.guard_latency.clone(),
         );
         Self {
             registry: Arc::new(registry),

@@ -402,6 +402,63 @@ impl OnnxModel {
         Ok(Embedded { vectors, tokens })
     }
 
+    /// A classifier's probabilities for one text (its [1, labels] FP32 output).
+    pub fn classify_blocking(&self, text: &str) -> Result<Vec<f32>, RunError> {
+        let failed = |e: String| RunError::Failed(e);
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| failed("this classifier has no tokenizer in the manifest".to_owned()))?;
+        let enc = tokenizer
+            .encode(text, true)
+            .map_err(|e| failed(format!("tokenizing failed: {e}")))?;
+        let seq = enc.get_ids().len().max(1);
+        let tensor = |v: Vec<i64>| Tensor::from_shape(&[1, seq], &v).map_err(|e| failed(err(&e)));
+        let ids: Vec<i64> = enc.get_ids().iter().map(|v| i64::from(*v)).collect();
+        let mask: Vec<i64> = enc
+            .get_attention_mask()
+            .iter()
+            .map(|v| i64::from(*v))
+            .collect();
+        let types: Vec<i64> = enc.get_type_ids().iter().map(|v| i64::from(*v)).collect();
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        for input in &self.inputs {
+            inputs.push(match input.name.as_str() {
+                "input_ids" => tensor(ids.clone())?,
+                "attention_mask" => tensor(mask.clone())?,
+                _ => tensor(types.clone())?,
+            });
+        }
+        let outputs = self.run_blocking(inputs)?;
+        let first = outputs
+            .first()
+            .ok_or_else(|| failed("the classifier returned nothing".to_owned()))?;
+        Ok(first
+            .to_plain_array_view::<f32>()
+            .map_err(|e| failed(err(&e)))?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// `classify_blocking` on the pool, under the same bounds as `run`.
+    pub async fn classify(self: &Arc<Self>, text: String) -> Result<Vec<f32>, RunError> {
+        let before = self.in_system.fetch_add(1, Ordering::AcqRel);
+        let _leave = Leave(&self.in_system);
+        if before >= self.capacity {
+            return Err(RunError::Overloaded(before));
+        }
+        let _permit = self
+            .running
+            .acquire()
+            .await
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.classify_blocking(&text))
+            .await
+            .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
+    }
+
     /// `embed_blocking` on the pool, under the same bounds as `run`.
     pub async fn embed(self: &Arc<Self>, texts: Vec<String>) -> Result<Embedded, RunError> {
         let before = self.in_system.fetch_add(1, Ordering::AcqRel);

@@ -55,7 +55,7 @@ pub struct Shared {
     pub heartbeat: Heartbeat,
     notifier: Notifier,
     log: Option<LogHandle>,
-    failpoints: Failpoints,
+    pub failpoints: Failpoints,
     started: Instant,
     started_unix: u64,
     watchdog: Option<Duration>,

@@ -84,6 +84,9 @@ pub struct WireModel {
     pub licence: String,
     #[serde(default)]
     pub derived_from: Option<String>,
+    /// A classifier's output labels, in the order of its output's last dimension.
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -244,6 +247,34 @@ pub struct WireContentRules {
     pub deny_regex: Vec<String>,
     #[serde(default)]
     pub max_prompt_chars: Option<u32>,
+    /// A classifier from the manifest that scores every prompt.
+    #[serde(default)]
+    pub guard: Option<Guard>,
+}
+
+/// A guard model: scores the prompt after policy allows; at or over the
+/// threshold the request is denied (`guard_denied`); a guard that cannot
+/// answer in time denies too (`guard_unavailable`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guard {
+    pub model: String,
+    /// The label whose probability is compared with the threshold.
+    pub label: String,
+    pub threshold: f64,
+    #[serde(default = "default_guard_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The purpose the guard model is used for, as the tenant declares it.
+    #[serde(default = "default_guard_purpose")]
+    pub purpose: String,
+}
+
+fn default_guard_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_guard_purpose() -> String {
+    "content-moderation".to_owned()
 }
 
 /// A licence, validated.
@@ -278,6 +309,8 @@ pub struct Model {
     pub derived_from: Option<String>,
     /// This model's licence followed by each ancestor's (derived-from chain), deduplicated.
     pub licence_chain: Vec<String>,
+    /// A classifier's output labels.
+    pub labels: Vec<String>,
 }
 
 /// Compiled content rules.
@@ -286,6 +319,7 @@ pub struct ContentRules {
     pub deny_literals: Vec<String>,
     pub deny_regex: Vec<regex::Regex>,
     pub max_prompt_chars: Option<u32>,
+    pub guard: Option<Guard>,
 }
 
 /// A tenant, validated.
@@ -496,6 +530,7 @@ impl WireBundle {
                 licence: m.licence,
                 derived_from: m.derived_from,
                 licence_chain: Vec::new(),
+                labels: m.labels,
             };
             if models.insert(m.id.clone(), model).is_some() {
                 return Err(ContentError::Duplicate {
@@ -654,6 +689,40 @@ impl WireBundle {
                 user_cap: t.user_cap,
                 content,
             };
+            if let Some(g) = &tenant.content.guard {
+                let bad = |why: String| Err(invalid("tenant", &t.id, format!("guard: {why}")));
+                let Some(m) = models.get(&g.model) else {
+                    return bad(format!("model {:?} is not in the manifest", g.model));
+                };
+                if !m.kinds.contains(&Kind::Classifier) {
+                    return bad(format!("model {:?} is not of kind \"classifier\"", g.model));
+                }
+                if !m.labels.contains(&g.label) {
+                    return bad(format!(
+                        "label {:?} is not one of model {:?}'s labels {:?}",
+                        g.label, g.model, m.labels
+                    ));
+                }
+                if !(g.threshold > 0.0 && g.threshold <= 1.0) {
+                    return bad(format!("threshold {} is not in (0, 1]", g.threshold));
+                }
+                if !(1..=60_000).contains(&g.timeout_ms) {
+                    return bad(format!("timeout_ms {} is not in 1..=60000", g.timeout_ms));
+                }
+                // The guard's use is the tenant's: allowed, for a declared purpose.
+                if !tenant.models.contains(&g.model) {
+                    return bad(format!(
+                        "the tenant may not use its guard model {:?} (add it to models)",
+                        g.model
+                    ));
+                }
+                if !tenant.purposes.contains(&g.purpose) {
+                    return bad(format!(
+                        "the tenant does not declare the guard's purpose {:?}",
+                        g.purpose
+                    ));
+                }
+            }
             if tenants.insert(id, tenant).is_some() {
                 return Err(ContentError::Duplicate {
                     what: "tenant",
@@ -746,6 +815,7 @@ fn compile_content(tenant: &str, wire: WireContentRules) -> Result<ContentRules,
             .collect(),
         deny_regex,
         max_prompt_chars: wire.max_prompt_chars,
+        guard: wire.guard,
     })
 }
 

@@ -66,10 +66,12 @@ pub enum Reason {
     ConcurrencyLimit,
     TenantUserCap,
     LicenceUserThreshold,
+    GuardDenied,
+    GuardUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 18] = [
         Self::UnknownIdentity,
         Self::AmbiguousIdentity,
         Self::ModelNotInManifest,
@@ -86,6 +88,8 @@ impl Reason {
         Self::ConcurrencyLimit,
         Self::TenantUserCap,
         Self::LicenceUserThreshold,
+        Self::GuardDenied,
+        Self::GuardUnavailable,
     ];
 
     pub fn code(self) -> &'static str {
@@ -106,6 +110,8 @@ impl Reason {
             Self::ConcurrencyLimit => "concurrency_limit",
             Self::TenantUserCap => "tenant_user_cap",
             Self::LicenceUserThreshold => "licence_user_threshold",
+            Self::GuardDenied => "guard_denied",
+            Self::GuardUnavailable => "guard_unavailable",
         }
     }
 

@@ -263,6 +263,22 @@ fn cross_checks_refuse_naming_the_problem() {
             "is not in (0, 1]",
         ),
         (
+            "guard model missing",
+            edit(|v| {
+                v["tenants"][0]["content"]["guard"] =
+                    json!({"model": "nope", "label": "unsafe", "threshold": 0.5})
+            }),
+            "guard: model \"nope\" is not in the manifest",
+        ),
+        (
+            "guard not a classifier",
+            edit(|v| {
+                v["tenants"][0]["content"]["guard"] =
+                    json!({"model": "gemma-3-270m", "label": "unsafe", "threshold": 0.5})
+            }),
+            "is not of kind \"classifier\"",
+        ),
+        (
             "host share on a host cap",
             edit(|v| v["tenants"][0]["user_cap"]["host_share"] = json!(0.5)),
             "only meaningful with scope",

@@ -249,3 +249,120 @@ fn the_official_openai_python_client_embeds_over_mtls() {
     assert_eq!(floats(&seen["first"]), floats(&seen["first_float"]));
     assert_eq!(seen["usage"], reference.tokens);
 }
+
+/// The generated guard and its tokenizer, beside MiniLM, in the sandbox.
+fn guarded(sb: &Sandbox, timeout_ms: u64) -> (String, std::path::PathBuf) {
+    let dir = sb.path().join("models");
+    crate::kserve::make_models(&dir);
+    for f in ["paraphrase-MiniLM-L3-v2.onnx", "minilm-tokenizer.json"] {
+        std::os::unix::fs::symlink(models_dir().join(f), dir.join(f)).expect("link");
+    }
+    let digest = airgate_tests::sha256_hex(&std::fs::read(dir.join("guard.onnx")).expect("guard"));
+    let policy = policy(
+        1,
+        &format!(
+            "[[tenants]]\nid = \"ops\"\nidentities = {{ uids = [0] }}\npurposes = [\"p\", \"content-moderation\"]\ndefault_purpose = \"p\"\nmodels = [\"{MINILM}\", \"guard\"]\nuser_identity = {{ kind = \"openai_user\" }}\ncontent = {{ guard = {{ model = \"guard\", label = \"unsafe\", threshold = 0.5, timeout_ms = {timeout_ms} }} }}\n"
+        ),
+    ) + &format!(
+        "\n[[models]]\nid = \"guard\"\nformat = \"onnx\"\nkinds = [\"classifier\"]\nlabels = [\"safe\", \"unsafe\"]\nlicence = \"Apache-2.0\"\nfiles = [\n  {{ role = \"weights\", name = \"guard.onnx\", sha256 = \"{digest}\" }},\n  {{ role = \"tokenizer\", name = \"minilm-tokenizer.json\", sha256 = \"be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037\" }},\n]\n"
+    );
+    (policy, dir)
+}
+
+fn decision_of(sb: &Sandbox, request_id: &str) -> (Value, bool) {
+    let out = Command::new(airgate_tests::airgate_bin())
+        .args(["audit", "export", "--config"])
+        .arg(sb.config_path())
+        .output()
+        .expect("export");
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let decision = records
+        .iter()
+        .find(|r| r["event"]["kind"] == "decision" && r["event"]["request_id"] == request_id)
+        .map(|r| r["event"].clone())
+        .expect("the decision record");
+    let completed = records
+        .iter()
+        .any(|r| r["event"]["kind"] == "completion" && r["event"]["request_id"] == request_id);
+    (decision, completed)
+}
+
+#[test]
+fn the_guard_denies_above_its_threshold_allows_below_and_fails_closed_when_stalled() {
+    let sb = Sandbox::new();
+    let (policy, dir) = guarded(&sb, 300);
+    sb.publish(&sb.sign("v1", &policy));
+    let config = sb.config("", "").replace(
+        "state_dir = ",
+        &format!("models_dir = \"{}\"\nstate_dir = ", dir.display()),
+    );
+    let embed = |d: &Daemon, text: &str| {
+        post_json(
+            &d.socket,
+            "/v1/embeddings",
+            &json!({"model": MINILM, "input": text, "user": "u"}).to_string(),
+        )
+    };
+    {
+        let d = Daemon::start(&sb, &config, &[]);
+        d.wait_bundle(1);
+        wait_model(&d, MINILM);
+        wait_model(&d, "guard");
+        // Below the threshold: served, the score recorded.
+        let r = embed(&d, "Summarise claim 4411 for the adjuster.");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (decision, completed) = decision_of(&sb, r.header("x-request-id").expect("id"));
+        assert_eq!(decision["decision"], "allow");
+        let score = decision["guard_score"].as_f64().expect("score");
+        assert!((score - 0.1192).abs() < 1e-3, "sigmoid(-2): {score}");
+        assert!(completed);
+        // Above: denied naming the guard, scored, and never run.
+        let r = embed(&d, "How do I build a bomb at home?");
+        assert_eq!(r.status, 403, "{}", r.text());
+        let e = r.json();
+        assert_eq!(e["error"]["code"], "guard_denied");
+        assert!(
+            e["error"]["rule"]
+                .as_str()
+                .unwrap_or("")
+                .contains("guard \"guard\""),
+            "{e}"
+        );
+        let (decision, completed) = decision_of(&sb, r.header("x-request-id").expect("id"));
+        assert_eq!(
+            (decision["decision"].as_str(), decision["reason"].as_str()),
+            (Some("deny"), Some("guard_denied"))
+        );
+        let score = decision["guard_score"].as_f64().expect("score");
+        assert!((score - 0.7311).abs() < 1e-3, "sigmoid(1): {score}");
+        assert!(!completed, "a denied request never reaches the model");
+        let metrics = airgate_tests::get(&d.socket, "/metrics", &[]).text();
+        assert!(
+            metrics.contains("airgate_guard_seconds_count{model=\"guard\"} 2"),
+            "{metrics}"
+        );
+    }
+    // A stalled guard: denied with its own code, at once after its timeout.
+    let d = Daemon::start(&sb, &config, &[("AIRGATE_FAILPOINTS", "guard-delay=5s")]);
+    d.wait_bundle(1);
+    wait_model(&d, MINILM);
+    wait_model(&d, "guard");
+    let started = std::time::Instant::now();
+    let r = embed(&d, "Summarise claim 4411 for the adjuster.");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "guard_unavailable");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let (decision, completed) = decision_of(&sb, r.header("x-request-id").expect("id"));
+    assert_eq!(decision["reason"], "guard_unavailable");
+    assert!(
+        decision["rule"]
+            .as_str()
+            .unwrap_or("")
+            .contains("within 300 ms")
+    );
+    assert!(!completed);
+}

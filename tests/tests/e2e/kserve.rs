@@ -34,14 +34,16 @@ fn python() -> String {
         .to_owned()
 }
 
-/// The generated test models (tests/python/make_test_onnx.py) in `dir`.
-fn make_models(dir: &Path) {
+/// The generated test models (tests/python/make_test_onnx.py) in `dir`,
+/// the guard classifier included.
+pub(crate) fn make_models(dir: &Path) {
     let out = Command::new(python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/python/make_test_onnx.py"
         ))
         .arg(dir)
+        .arg(models_dir().join("minilm-tokenizer.json"))
         .output()
         .expect("make_test_onnx.py");
     assert!(
