@@ -66,8 +66,12 @@ fn body(batch: usize, seq: usize, output: &str) -> String {
 
 /// One request on a kept-alive connection; returns the status.
 fn post(stream: &mut UnixStream, body: &str, buf: &mut Vec<u8>) -> u16 {
+    post_to(stream, &format!("/v2/models/{MODEL}/infer"), body, buf)
+}
+
+fn post_to(stream: &mut UnixStream, path: &str, body: &str, buf: &mut Vec<u8>) -> u16 {
     let request = format!(
-        "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: airgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: airgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).expect("write");
@@ -101,6 +105,78 @@ fn stats(mut samples: Vec<Duration>) -> (f64, f64, f64) {
         at(0.99),
         samples.len() as f64 / total.as_secs_f64(),
     )
+}
+
+/// Texts of about a dozen words, distinct.
+fn texts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("Claim {i}: water damage in the kitchen after the dishwasher hose split overnight."))
+        .collect()
+}
+
+/// Embeddings per second at batch 1 and 32, in-process and through
+/// /v1/embeddings; then the guard's scoring time (in-process, and as the
+/// daemon's airgate_guard_seconds reports it).
+fn embeddings_and_guard(socket: Option<&PathBuf>) {
+    let dir = models_dir();
+    let mut model = OnnxModel::load(MODEL, &dir.join("paraphrase-MiniLM-L3-v2.onnx"), 1, 0, 0, 1 << 24)
+        .expect("MiniLM");
+    model
+        .set_tokenizer(&dir.join("minilm-tokenizer.json"))
+        .expect("tokenizer");
+    println!();
+    println!("| embeddings | tract + tokenizer in-process | airgate /v1/embeddings, Unix socket |");
+    println!("|---|---|---|");
+    for batch in [1usize, 32] {
+        let input = texts(batch);
+        let n = if batch == 1 { 200 } else { 20 };
+        let mut conn = socket.map(|s| UnixStream::connect(s).expect("connect"));
+        let body = serde_json::json!({"model": MODEL, "input": input, "user": "bench"}).to_string();
+        let mut buf = Vec::new();
+        let (mut local, mut remote) = (Duration::ZERO, Duration::ZERO);
+        for i in 0..n + 3 {
+            let t = Instant::now();
+            std::hint::black_box(model.embed_blocking(&input).expect("embed"));
+            if i >= 3 {
+                local += t.elapsed();
+            }
+            if let Some(c) = conn.as_mut() {
+                let t = Instant::now();
+                let status = post_to(c, "/v1/embeddings", &body, &mut buf);
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&buf));
+                if i >= 3 {
+                    remote += t.elapsed();
+                }
+            }
+        }
+        let rate = |d: Duration| (n * batch) as f64 / d.as_secs_f64();
+        println!(
+            "| batch {batch} | {:.0} embeddings/s | {} |",
+            rate(local),
+            if conn.is_some() { format!("{:.0} embeddings/s", rate(remote)) } else { "-".to_owned() }
+        );
+    }
+    let Some(guard_path) = std::env::var_os("AIRGATE_GUARD").map(PathBuf::from) else {
+        return;
+    };
+    let mut guard = OnnxModel::load("guard", &guard_path, 1, 0, 0, 1 << 24).expect("guard");
+    guard
+        .set_tokenizer(&dir.join("minilm-tokenizer.json"))
+        .expect("tokenizer");
+    let prompt = "Summarise the claim for the adjuster and list the documents still missing.";
+    let mut samples: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(guard.classify_blocking(prompt).expect("score"));
+            t.elapsed()
+        })
+        .collect();
+    samples.sort_unstable();
+    println!(
+        "\nguard (bag-of-words classifier + tokenizer), in-process: p50 {:.3} ms, p99 {:.3} ms per prompt",
+        samples[500].as_secs_f64() * 1000.0,
+        samples[990].as_secs_f64() * 1000.0
+    );
 }
 
 fn main() {
@@ -163,4 +239,5 @@ fn main() {
             remote_cell.0, remote_cell.1
         );
     }
+    embeddings_and_guard(socket.as_ref());
 }
