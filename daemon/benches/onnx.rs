@@ -110,7 +110,11 @@ fn stats(mut samples: Vec<Duration>) -> (f64, f64, f64) {
 /// Texts of about a dozen words, distinct.
 fn texts(n: usize) -> Vec<String> {
     (0..n)
-        .map(|i| format!("Claim {i}: water damage in the kitchen after the dishwasher hose split overnight."))
+        .map(|i| {
+            format!(
+                "Claim {i}: water damage in the kitchen after the dishwasher hose split overnight."
+            )
+        })
         .collect()
 }
 
@@ -119,8 +123,15 @@ fn texts(n: usize) -> Vec<String> {
 /// daemon's airgate_guard_seconds reports it).
 fn embeddings_and_guard(socket: Option<&PathBuf>) {
     let dir = models_dir();
-    let mut model = OnnxModel::load(MODEL, &dir.join("paraphrase-MiniLM-L3-v2.onnx"), 1, 0, 0, 1 << 24)
-        .expect("MiniLM");
+    let mut model = OnnxModel::load(
+        MODEL,
+        &dir.join("paraphrase-MiniLM-L3-v2.onnx"),
+        1,
+        0,
+        0,
+        1 << 24,
+    )
+    .expect("MiniLM");
     model
         .set_tokenizer(&dir.join("minilm-tokenizer.json"))
         .expect("tokenizer");
@@ -153,7 +164,11 @@ fn embeddings_and_guard(socket: Option<&PathBuf>) {
         println!(
             "| batch {batch} | {:.0} embeddings/s | {} |",
             rate(local),
-            if conn.is_some() { format!("{:.0} embeddings/s", rate(remote)) } else { "-".to_owned() }
+            if conn.is_some() {
+                format!("{:.0} embeddings/s", rate(remote))
+            } else {
+                "-".to_owned()
+            }
         );
     }
     let Some(guard_path) = std::env::var_os("AIRGATE_GUARD").map(PathBuf::from) else {
