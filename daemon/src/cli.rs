@@ -69,6 +69,15 @@ pub enum Command {
         #[arg(long, short, global = true)]
         socket: Option<PathBuf>,
     },
+    /// An AI bill of materials for the models of the bundle in force:
+    /// CycloneDX 1.6 JSON (ML-BOM) with their digests, licences and provenance.
+    Sbom {
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
     /// Man pages and shell completions from this command line's definition
     /// (used to build the package).
     #[command(hide = true)]

@@ -29,6 +29,7 @@ pub mod onnx;
 pub mod openai;
 pub mod pki;
 pub mod request_id;
+pub mod sbom;
 pub mod server;
 mod sys;
 pub mod systemd;
@@ -81,6 +82,13 @@ pub fn run_cli(cli: Cli) -> u8 {
             }
         },
         Command::Generate { command } => generate(command),
+        Command::Sbom { config, out } => match sbom::run(&config, out.as_deref()) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("airgate sbom: {e}");
+                exit::CONFIG
+            }
+        },
         Command::Pki { command } => pki_command(command),
         Command::Keygen { dir, name } => report(authority::keygen(&dir, &name)),
         Command::Bundle { command } => report(bundle_command(command)),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use airgate_tests::{Daemon, Sandbox, get, policy, post_json};
 use nix::sys::signal::Signal;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The tenant these tests connect as: root on the Unix socket.
 fn ops(models: &[&str], extra: &str) -> String {
@@ -444,4 +444,101 @@ fn signed_user_assertions_name_the_end_user() {
             .expect("message")
             .contains("not this tenant")
     );
+}
+
+#[test]
+fn the_ai_bill_of_materials_lists_every_model_and_validates_against_cyclonedx() {
+    let sb = Sandbox::new();
+    let derived = "\n[[models]]\nid = \"gemma-claims-ft\"\nformat = \"gguf\"\nkinds = [\"chat\"]\nlicence = \"Apache-2.0\"\nderived_from = \"gemma-3-270m\"\nfiles = [{ role = \"weights\", name = \"ft.gguf\", sha256 = \"0101010101010101010101010101010101010101010101010101010101010101\" }]\n";
+    let tenant = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+    let config = sb.config("", "");
+    // No bundle yet: nothing to list.
+    sb.write_config(&config);
+    let out = airgate(&["sbom", "--config", sb.config_path().to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(64));
+    sb.publish(&sb.sign("v1", &(policy(1, tenant) + derived)));
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    let file = sb.path().join("sbom.json");
+    let out = airgate(&[
+        "sbom",
+        "--config",
+        sb.config_path().to_str().expect("utf8"),
+        "-o",
+        file.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/setup-python"
+        ))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("setup-python");
+    let python = String::from_utf8_lossy(&python.stdout)
+        .lines()
+        .last()
+        .expect("python")
+        .trim()
+        .to_owned();
+    let check = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/validate_cyclonedx.py"
+        ))
+        .arg(&file)
+        .output()
+        .expect("validator");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let doc: Value = serde_json::from_slice(&std::fs::read(&file).expect("sbom")).expect("json");
+    assert_eq!(doc["bomFormat"], "CycloneDX");
+    let models = doc["components"].as_array().expect("components");
+    assert_eq!(models.len(), 3);
+    let find = |id: &str| models.iter().find(|m| m["name"] == id).expect(id).clone();
+    let gemma = find("gemma-3-270m");
+    assert_eq!(gemma["type"], "machine-learning-model");
+    assert_eq!(
+        gemma["hashes"][0]["content"],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    );
+    assert_eq!(
+        gemma["licenses"][0]["expression"],
+        "LicenseRef-Gemma-Terms-of-Use"
+    );
+    let ft = find("gemma-claims-ft");
+    assert_eq!(
+        ft["licenses"][0]["expression"],
+        "Apache-2.0 AND LicenseRef-Gemma-Terms-of-Use"
+    );
+    assert_eq!(ft["pedigree"]["ancestors"][0]["name"], "gemma-3-270m");
+    assert!(
+        doc["dependencies"]
+            .as_array()
+            .expect("deps")
+            .iter()
+            .any(|d| d["ref"] == "model:gemma-claims-ft"
+                && d["dependsOn"] == json!(["model:gemma-3-270m"]))
+    );
+    // A broken document fails the same validator (the check can fail).
+    let mut broken = doc.clone();
+    broken["components"][0]["type"] = json!("weights");
+    std::fs::write(&file, broken.to_string()).expect("write");
+    let check = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/validate_cyclonedx.py"
+        ))
+        .arg(&file)
+        .output()
+        .expect("validator");
+    assert!(!check.status.success());
 }
