@@ -443,38 +443,12 @@ impl OnnxModel {
 
     /// `classify_blocking` on the pool, under the same bounds as `run`.
     pub async fn classify(self: &Arc<Self>, text: String) -> Result<Vec<f32>, RunError> {
-        let before = self.in_system.fetch_add(1, Ordering::AcqRel);
-        let _leave = Leave(&self.in_system);
-        if before >= self.capacity {
-            return Err(RunError::Overloaded(before));
-        }
-        let _permit = self
-            .running
-            .acquire()
-            .await
-            .map_err(|e| RunError::Failed(e.to_string()))?;
-        let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || me.classify_blocking(&text))
-            .await
-            .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
+        self.pooled(move |m| m.classify_blocking(&text)).await
     }
 
     /// `embed_blocking` on the pool, under the same bounds as `run`.
     pub async fn embed(self: &Arc<Self>, texts: Vec<String>) -> Result<Embedded, RunError> {
-        let before = self.in_system.fetch_add(1, Ordering::AcqRel);
-        let _leave = Leave(&self.in_system);
-        if before >= self.capacity {
-            return Err(RunError::Overloaded(before));
-        }
-        let _permit = self
-            .running
-            .acquire()
-            .await
-            .map_err(|e| RunError::Failed(e.to_string()))?;
-        let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || me.embed_blocking(&texts))
-            .await
-            .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
+        self.pooled(move |m| m.embed_blocking(&texts)).await
     }
 
     /// Requests running or waiting.
@@ -486,8 +460,12 @@ impl OnnxModel {
         self.capacity
     }
 
-    /// Runs the model on checked inputs (in declared order), on the blocking pool.
-    pub async fn run(self: &Arc<Self>, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+    /// `work` on the blocking pool: at most `workers` at once, `queue` more
+    /// waiting, anything beyond refused at once (never an unbounded queue).
+    async fn pooled<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Self) -> Result<T, RunError> + Send + 'static,
+    ) -> Result<T, RunError> {
         let before = self.in_system.fetch_add(1, Ordering::AcqRel);
         let _leave = Leave(&self.in_system);
         if before >= self.capacity {
@@ -499,9 +477,14 @@ impl OnnxModel {
             .await
             .map_err(|e| RunError::Failed(e.to_string()))?;
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || me.run_blocking(inputs))
+        tokio::task::spawn_blocking(move || work(&me))
             .await
             .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
+    }
+
+    /// Runs the model on checked inputs (in declared order), on the pool.
+    pub async fn run(self: &Arc<Self>, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        self.pooled(move |m| m.run_blocking(inputs)).await
     }
 
     /// Runs the model on this thread (benchmarks, tests, the blocking pool).
