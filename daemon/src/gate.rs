@@ -345,7 +345,10 @@ pub fn admit(
     record.purpose = Some(allow.purpose.clone());
     match shared.admission.reserve(allow.reservation.clone(), now) {
         Ok(ticket) => {
-            count(shared, "allow", "allowed");
+            // A guarded request is counted once its guard has spoken.
+            if tenant.is_none_or(|t| t.content.guard.is_none()) {
+                count(shared, "allow", "allowed");
+            }
             record.decision = "allow".to_owned();
             record.reason = "allowed".to_owned();
             // A truncating budget may have granted less than asked.
@@ -492,6 +495,7 @@ pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &
         Ok(score) => {
             decided.record.guard_score = Some(score);
             if f64::from(score) < g.threshold {
+                count(shared, "allow", "allowed");
                 return decided;
             }
             (

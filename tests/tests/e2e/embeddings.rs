@@ -344,6 +344,19 @@ fn the_guard_denies_above_its_threshold_allows_below_and_fails_closed_when_stall
             metrics.contains("airgate_guard_seconds_count{model=\"guard\"} 2"),
             "{metrics}"
         );
+        // One decision each: the guarded allow counted once, the denial once.
+        let decisions = |reason: &str| {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with("airgate_policy_decisions_total{")
+                        && l.contains(&format!("reason=\"{reason}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(decisions("guard_denied").as_deref(), Some("1"), "{metrics}");
+        assert_eq!(decisions("allowed").as_deref(), Some("1"), "{metrics}");
     }
     // A stalled guard: denied with its own code, at once after its timeout.
     let d = Daemon::start(&sb, &config, &[("AIRGATE_FAILPOINTS", "guard-delay=5s")]);
