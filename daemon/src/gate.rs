@@ -431,15 +431,14 @@ pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &
         prompt_tokens: 0,
         max_tokens: 1,
     };
-    let refuse = |reason: Reason, rule: String| (reason, rule);
     let verdict: Result<f32, (Reason, String)> =
         match decide(b, shared.admission.as_ref(), &facts, now) {
-            Decision::Deny(d) => Err(refuse(
+            Decision::Deny(d) => Err((
                 d.reason,
                 format!("guard model {:?} may not be used: {}", g.model, d.rule),
             )),
             Decision::Allow(_) => match shared.models.get_onnx(&g.model) {
-                None => Err(refuse(
+                None => Err((
                     Reason::GuardUnavailable,
                     format!("guard model {:?} is not loaded", g.model),
                 )),
@@ -466,19 +465,19 @@ pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &
                         .get(&g.model)
                         .and_then(|m| m.labels.iter().position(|l| *l == g.label));
                     match (scored, index) {
-                        (Err(_), _) => Err(refuse(
+                        (Err(_), _) => Err((
                             Reason::GuardUnavailable,
                             format!(
                                 "guard model {:?} did not answer within {} ms",
                                 g.model, g.timeout_ms
                             ),
                         )),
-                        (Ok(Err(e)), _) => Err(refuse(
+                        (Ok(Err(e)), _) => Err((
                             Reason::GuardUnavailable,
                             format!("guard model {:?} failed: {e}", g.model),
                         )),
                         (Ok(Ok(probs)), Some(i)) if i < probs.len() => Ok(probs[i]),
-                        (Ok(Ok(probs)), _) => Err(refuse(
+                        (Ok(Ok(probs)), _) => Err((
                             Reason::GuardUnavailable,
                             format!(
                                 "guard model {:?} gave {} scores; label {:?} has none",

@@ -532,30 +532,16 @@ impl Loader {
         // The bytes actually hashed are the files' sizes.
         let total = done;
         let need = total + kv;
-        let budget = self.config.memory_budget.unwrap_or_else(default_budget);
-        {
-            let mut committed = self
-                .committed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if *committed + need > budget {
-                return Err(format!(
-                    "needs {} MiB (weights {} MiB + KV cache {} MiB for {} slots x {} tokens); {} MiB of the {} MiB memory budget are free (llm.memory_budget)",
-                    need >> 20,
-                    total >> 20,
-                    kv >> 20,
-                    self.config.slots,
-                    self.config.context,
-                    budget.saturating_sub(*committed) >> 20,
-                    budget >> 20
-                ));
-            }
-            *committed += need;
-        }
-        let release = Release {
-            committed: Arc::clone(&self.committed),
-            bytes: need,
-        };
+        let release = self.charge(
+            need,
+            &format!(
+                "weights {} MiB + KV cache {} MiB for {} slots x {} tokens",
+                total >> 20,
+                kv >> 20,
+                self.config.slots,
+                self.config.context
+            ),
+        )?;
         self.set(ModelState::Loading);
         self.worker.expect(Duration::from_secs(600));
         let backend = backend()?;

@@ -298,10 +298,10 @@ impl OnnxModel {
         Ok(())
     }
 
-    /// Tokenizes, runs and pools `texts` (blocking): the model's pooled
-    /// [batch, dim] output when it has one, else the mean of a [batch, seq,
-    /// dim] output over the attention mask; then L2-normalised.
-    pub fn embed_blocking(&self, texts: &[String]) -> Result<Embedded, RunError> {
+    /// The model's inputs for `texts`: tokenized as a batch, padded to its
+    /// longest, each declared input (input_ids, attention_mask,
+    /// token_type_ids) filled; also the mask and the padded length.
+    fn text_inputs(&self, texts: &[String]) -> Result<(Vec<Tensor>, Vec<i64>, usize), RunError> {
         let failed = |e: String| RunError::Failed(e);
         let tokenizer = self
             .tokenizer
@@ -317,31 +317,20 @@ impl OnnxModel {
             .max()
             .unwrap_or(0)
             .max(1);
-        let mut ids = Vec::with_capacity(batch * seq);
-        let mut mask = Vec::with_capacity(batch * seq);
-        let mut types = Vec::with_capacity(batch * seq);
+        let (mut ids, mut mask, mut types) = (Vec::new(), Vec::new(), Vec::new());
+        let padded = |values: &[u32]| {
+            let pad = seq - values.len();
+            values
+                .iter()
+                .map(|v| i64::from(*v))
+                .chain(std::iter::repeat_n(0, pad))
+                .collect::<Vec<_>>()
+        };
         for e in &encodings {
-            let pad = seq - e.get_ids().len();
-            ids.extend(
-                e.get_ids()
-                    .iter()
-                    .map(|v| i64::from(*v))
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            mask.extend(
-                e.get_attention_mask()
-                    .iter()
-                    .map(|v| i64::from(*v))
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            types.extend(
-                e.get_type_ids()
-                    .iter()
-                    .map(|v| i64::from(*v))
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
+            ids.extend(padded(e.get_ids()));
+            mask.extend(padded(e.get_attention_mask()));
+            types.extend(padded(e.get_type_ids()));
         }
-        let tokens = mask.iter().filter(|m| **m != 0).count() as u64;
         let tensor = |v: &[i64]| Tensor::from_shape(&[batch, seq], v).map_err(|e| failed(err(&e)));
         let mut inputs = Vec::with_capacity(self.inputs.len());
         for input in &self.inputs {
@@ -351,6 +340,16 @@ impl OnnxModel {
                 _ => tensor(&types)?,
             });
         }
+        Ok((inputs, mask, seq))
+    }
+
+    /// Tokenizes, runs and pools `texts` (blocking): the model's pooled
+    /// [batch, dim] output when it has one, else the mean of a [batch, seq,
+    /// dim] output over the attention mask; then L2-normalised.
+    pub fn embed_blocking(&self, texts: &[String]) -> Result<Embedded, RunError> {
+        let failed = |e: String| RunError::Failed(e);
+        let (inputs, mask, seq) = self.text_inputs(texts)?;
+        let tokens = mask.iter().filter(|m| **m != 0).count() as u64;
         let outputs = self.run_blocking(inputs)?;
         let pooled = self
             .outputs
@@ -405,30 +404,7 @@ impl OnnxModel {
     /// A classifier's probabilities for one text (its [1, labels] FP32 output).
     pub fn classify_blocking(&self, text: &str) -> Result<Vec<f32>, RunError> {
         let failed = |e: String| RunError::Failed(e);
-        let tokenizer = self
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| failed("this classifier has no tokenizer in the manifest".to_owned()))?;
-        let enc = tokenizer
-            .encode(text, true)
-            .map_err(|e| failed(format!("tokenizing failed: {e}")))?;
-        let seq = enc.get_ids().len().max(1);
-        let tensor = |v: Vec<i64>| Tensor::from_shape(&[1, seq], &v).map_err(|e| failed(err(&e)));
-        let ids: Vec<i64> = enc.get_ids().iter().map(|v| i64::from(*v)).collect();
-        let mask: Vec<i64> = enc
-            .get_attention_mask()
-            .iter()
-            .map(|v| i64::from(*v))
-            .collect();
-        let types: Vec<i64> = enc.get_type_ids().iter().map(|v| i64::from(*v)).collect();
-        let mut inputs = Vec::with_capacity(self.inputs.len());
-        for input in &self.inputs {
-            inputs.push(match input.name.as_str() {
-                "input_ids" => tensor(ids.clone())?,
-                "attention_mask" => tensor(mask.clone())?,
-                _ => tensor(types.clone())?,
-            });
-        }
+        let (inputs, _, _) = self.text_inputs(&[text.to_owned()])?;
         let outputs = self.run_blocking(inputs)?;
         let first = outputs
             .first()

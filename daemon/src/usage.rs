@@ -95,10 +95,16 @@ fn days_of(month: u32) -> (u32, u32) {
     (start(month), start(month + 1))
 }
 
-fn period_key(tag: u8, period: u32, scope: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(6 + scope.len() + 32);
+/// TAG || period (u32 BE): every key of one tag and period starts so.
+fn period_prefix(tag: u8, period: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + 64);
     k.push(tag);
     k.extend_from_slice(&period.to_be_bytes());
+    k
+}
+
+fn period_key(tag: u8, period: u32, scope: &str) -> Vec<u8> {
+    let mut k = period_prefix(tag, period);
     k.extend_from_slice(scope.as_bytes());
     k.push(0);
     k
@@ -386,8 +392,7 @@ fn clear(tree: &sled::Tree) -> Result<(), String> {
 /// Users per scope in a month, from the tree.
 fn users_in(tree: &sled::Tree, tag: u8, month: u32) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    let mut prefix = vec![tag];
-    prefix.extend_from_slice(&month.to_be_bytes());
+    let prefix = period_prefix(tag, month);
     for (k, _) in tree.scan_prefix(&prefix).flatten() {
         if let Some((_, scope, _)) = split_key(&k) {
             *out.entry(scope.to_owned()).or_insert(0) += 1;
@@ -400,8 +405,7 @@ fn users_in(tree: &sled::Tree, tag: u8, month: u32) -> BTreeMap<String, u64> {
 fn per_day_in(tree: &sled::Tree, tag: u8, month: u32) -> BTreeMap<String, u64> {
     let (first, end) = days_of(month);
     let mut out = BTreeMap::new();
-    let lo = [&[tag][..], &first.to_be_bytes()].concat();
-    let hi = [&[tag][..], &end.to_be_bytes()].concat();
+    let (lo, hi) = (period_prefix(tag, first), period_prefix(tag, end));
     for (k, v) in tree.range(lo..hi).flatten() {
         if let Some((_, scope, _)) = split_key(&k) {
             *out.entry(scope.to_owned()).or_insert(0) += as_u64(&v);
@@ -455,8 +459,8 @@ pub struct Usage {
     audit: Audit,
     warn_at: Vec<f64>,
     retention_months: u32,
-    /// (month, scope\0id\0permille) of the warnings given.
-    warned: Mutex<HashSet<(u32, String)>>,
+    /// The `warned_key`s of the warnings given (as the tree keeps them).
+    warned: Mutex<HashSet<Vec<u8>>>,
     /// One fold at a time (the background catch-up, a report, a rebuild).
     folding: Mutex<()>,
 }
@@ -549,8 +553,7 @@ impl Usage {
         let month = month_index(now.seconds());
         let today = day_index(now.seconds());
         let mut state = Restored::default();
-        let mut prefix = vec![USER];
-        prefix.extend_from_slice(&month.to_be_bytes());
+        let prefix = period_prefix(USER, month);
         for (k, _) in tree.scan_prefix(&prefix).flatten() {
             if let Some((_, tenant, user)) = split_key(&k)
                 && let (Ok(t), Ok(u)) = (TenantId::parse(tenant), <[u8; 32]>::try_from(user))
@@ -558,7 +561,7 @@ impl Usage {
                 state.tenant_users.push((t, UserKey(u)));
             }
         }
-        prefix[0] = LICENCE_USER;
+        let prefix = period_prefix(LICENCE_USER, month);
         for (k, _) in tree.scan_prefix(&prefix).flatten() {
             if let Some((_, licence, user)) = split_key(&k)
                 && let Ok(u) = <[u8; 32]>::try_from(user)
@@ -566,8 +569,7 @@ impl Usage {
                 state.licence_users.push((licence.to_owned(), UserKey(u)));
             }
         }
-        let mut prefix = vec![TOKENS];
-        prefix.extend_from_slice(&today.to_be_bytes());
+        let prefix = period_prefix(TOKENS, today);
         for (k, v) in tree.scan_prefix(&prefix).flatten() {
             if let Some((_, tenant, _)) = split_key(&k)
                 && let Ok(t) = TenantId::parse(tenant)
@@ -597,10 +599,9 @@ impl Usage {
         let users = state.tenant_users.len() as u64;
         self.mem.restore(state, now);
         let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut prefix = vec![WARNED];
-        prefix.extend_from_slice(&month.to_be_bytes());
+        let prefix = period_prefix(WARNED, month);
         for (k, _) in tree.scan_prefix(&prefix).flatten() {
-            warned.insert((month, String::from_utf8_lossy(&k[5..]).into_owned()));
+            warned.insert(k.to_vec());
         }
         users
     }
@@ -770,8 +771,7 @@ impl Usage {
             })
             .collect();
         let mut warnings = Vec::new();
-        let mut prefix = vec![WARNED];
-        prefix.extend_from_slice(&month.to_be_bytes());
+        let prefix = period_prefix(WARNED, month);
         for (k, _) in tree.scan_prefix(&prefix).flatten() {
             let parts: Vec<&[u8]> = k[5..].splitn(3, |b| *b == 0).collect();
             if let [scope, id, p] = parts[..] {
@@ -823,15 +823,11 @@ impl Usage {
             if users < at {
                 continue;
             }
-            let key = format!("{scope}\0{id}\0");
-            let mut key = key.into_bytes();
-            key.extend_from_slice(&permille(fraction).to_be_bytes());
-            let key = String::from_utf8_lossy(&key).into_owned();
             if !self
                 .warned
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert((month, key))
+                .insert(warned_key(month, scope, id, fraction))
             {
                 continue;
             }
@@ -897,8 +893,7 @@ fn prune(tree: &sled::Tree, current: u32, keep: u32) -> Result<u64, String> {
     let mut batch = sled::Batch::default();
     let mut months = HashSet::new();
     for tag in [USER, LICENCE_USER, WARNED] {
-        let lo = [&[tag][..], &0u32.to_be_bytes()].concat();
-        let hi = [&[tag][..], &oldest.to_be_bytes()].concat();
+        let (lo, hi) = (period_prefix(tag, 0), period_prefix(tag, oldest));
         for k in tree.range(lo..hi).keys().flatten() {
             if let Some((m, _, _)) = split_key(&k) {
                 months.insert(m);
@@ -907,8 +902,7 @@ fn prune(tree: &sled::Tree, current: u32, keep: u32) -> Result<u64, String> {
         }
     }
     for tag in [TOKENS, REQUESTS, DENIALS] {
-        let lo = [&[tag][..], &0u32.to_be_bytes()].concat();
-        let hi = [&[tag][..], &first_day.to_be_bytes()].concat();
+        let (lo, hi) = (period_prefix(tag, 0), period_prefix(tag, first_day));
         for k in tree.range(lo..hi).keys().flatten() {
             batch.remove(k);
         }

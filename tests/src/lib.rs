@@ -647,6 +647,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The directory holding the test models, fetched (once, then cached) by
 /// `scripts/fetch-models`: the Gemma GGUF and the MiniLM ONNX file.
+/// The Python interpreter of the pinned test environment
+/// (scripts/setup-python: openai, tritonclient, onnx, cyclonedx).
+pub fn python() -> String {
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/setup-python"
+        ))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/setup-python");
+    assert!(out.status.success(), "scripts/setup-python failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("interpreter")
+        .trim()
+        .to_owned()
+}
+
 pub fn models_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {

@@ -180,21 +180,7 @@ fn embeddings_are_normalised_stable_and_equal_to_the_model_in_process() {
 
 #[test]
 fn the_official_openai_python_client_embeds_over_mtls() {
-    let python = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/setup-python"
-        ))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("scripts/setup-python");
-    assert!(python.status.success());
-    let python = String::from_utf8_lossy(&python.stdout)
-        .lines()
-        .last()
-        .expect("interpreter")
-        .trim()
-        .to_owned();
+    let python = airgate_tests::python();
     let sb = Sandbox::new();
     let site = crate::tls::Site::new(&sb);
     let tenant = format!(

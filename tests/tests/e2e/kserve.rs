@@ -9,30 +9,12 @@ use std::process::Command;
 use std::sync::{Arc, Barrier};
 
 use airgate_tests::{
-    Daemon, Sandbox, get, models_dir, policy, raw_request, sha256_hex, wait_model,
+    Daemon, Sandbox, get, models_dir, policy, python, raw_request, sha256_hex, wait_model,
 };
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
 const MINILM: &str = "paraphrase-minilm-l3";
-
-fn python() -> String {
-    let out = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/setup-python"
-        ))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("scripts/setup-python");
-    assert!(out.status.success(), "scripts/setup-python failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("interpreter")
-        .trim()
-        .to_owned()
-}
 
 /// The generated test models (tests/python/make_test_onnx.py) in `dir`,
 /// the guard classifier included.

@@ -491,21 +491,7 @@ fn a_wrong_digest_or_an_oversized_model_is_refused_and_reported() {
 
 #[test]
 fn the_official_openai_python_client_works_over_mtls() {
-    let python = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/setup-python"
-        ))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("scripts/setup-python");
-    assert!(python.status.success(), "scripts/setup-python failed");
-    let python = String::from_utf8_lossy(&python.stdout)
-        .lines()
-        .last()
-        .expect("interpreter")
-        .trim()
-        .to_owned();
+    let python = airgate_tests::python();
 
     let sb = Sandbox::new();
     let site = crate::tls::Site::new(&sb);

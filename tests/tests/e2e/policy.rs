@@ -472,20 +472,7 @@ fn the_ai_bill_of_materials_lists_every_model_and_validates_against_cyclonedx() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let python = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/setup-python"
-        ))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("setup-python");
-    let python = String::from_utf8_lossy(&python.stdout)
-        .lines()
-        .last()
-        .expect("python")
-        .trim()
-        .to_owned();
+    let python = airgate_tests::python();
     let check = Command::new(&python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
