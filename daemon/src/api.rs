@@ -493,10 +493,20 @@ async fn dispatch(
             };
             let from = number("from", 0)?;
             let limit = usize::try_from(number("limit", 1000)?.clamp(1, 10_000)).unwrap_or(1000);
-            let (lines, next) = shared
-                .audit
-                .page(from, limit)
-                .map_err(|e| ApiError::AuditUnavailable(e.to_string()))?;
+            // raw=1: the stored bytes (base64), for readers that verify the
+            // chain themselves (reports, evidence packs).
+            let (lines, next) = if param("raw").as_deref() == Some("1") {
+                shared.audit.raw_page(from, limit).map(|(records, next)| {
+                    let lines = records
+                        .iter()
+                        .map(|(seq, stored)| crate::report::raw_line(*seq, stored))
+                        .collect();
+                    (lines, next)
+                })
+            } else {
+                shared.audit.page(from, limit)
+            }
+            .map_err(|e| ApiError::AuditUnavailable(e.to_string()))?;
             let mut body = lines.join("\n");
             if !body.is_empty() {
                 body.push('\n');

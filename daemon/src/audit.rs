@@ -194,37 +194,15 @@ pub fn verify_db(
         // A pruned store starts at a checkpoint record: its signature (by
         // the host key) vouches for the hash of the pruned record before it.
         let seq = u64::from_be_bytes(k);
-        let bad = || AuditError::Broken(ChainError::BadCheckpoint { seq });
         let sealed = open(seq, &value).map_err(AuditError::Broken)?;
-        let Ok(Content {
-            event:
-                Event::Checkpoint {
-                    seq: at,
-                    head,
-                    signature,
-                    ..
-                },
-            ..
-        }) = sealed.parse()
-        else {
-            return Err(bad());
-        };
         let key = host_key.ok_or_else(|| AuditError::Open {
             path: PathBuf::from("host.pub"),
             reason: format!(
                 "the store was pruned before record {seq}; the host key is needed to verify it"
             ),
         })?;
-        let signed = unhex(&signature).is_some_and(|sig| {
-            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
-                .verify(
-                    &airgate_policy::audit::checkpoint_message(at, &sealed.prev),
-                    &sig,
-                )
-                .is_ok()
-        });
-        if !signed || at + 1 != seq || head != hex(&sealed.prev) {
-            return Err(bad());
+        if checkpoint_valid(&sealed, key) != Some(true) {
+            return Err(AuditError::Broken(ChainError::BadCheckpoint { seq }));
         }
         let kept: Vec<(u64, [u8; 32])> = external.into_iter().filter(|c| c.0 >= seq).collect();
         v = Verifier::resume(seq, sealed.prev).with_checkpoints(kept);
@@ -236,35 +214,17 @@ pub fn verify_db(
         let seq = <[u8; 8]>::try_from(k.as_ref())
             .map(u64::from_be_bytes)
             .map_err(|_| AuditError::Broken(ChainError::Truncated { seq: v.next() }))?;
-        let before = v.head();
+        // Once pushed, the record links to the head before it, so its own
+        // `prev` is the hash a checkpoint must name.
         v.push(seq, &value).map_err(AuditError::Broken)?;
         if let Some(key) = host_key
             && let Ok(sealed) = open(seq, &value)
-            && let Ok(Content {
-                event:
-                    Event::Checkpoint {
-                        seq: at,
-                        head,
-                        signature,
-                        ..
-                    },
-                ..
-            }) = sealed.parse()
         {
-            let ok = at + 1 == seq
-                && head == hex(&before)
-                && unhex(&signature).is_some_and(|sig| {
-                    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
-                        .verify(
-                            &airgate_policy::audit::checkpoint_message(at, &before),
-                            &sig,
-                        )
-                        .is_ok()
-                });
-            if !ok {
-                return Err(AuditError::Broken(ChainError::BadCheckpoint { seq }));
+            match checkpoint_valid(&sealed, key) {
+                Some(false) => return Err(AuditError::Broken(ChainError::BadCheckpoint { seq })),
+                Some(true) => checkpoints += 1,
+                None => {}
             }
-            checkpoints += 1;
         }
     }
     v.finish().map_err(AuditError::Broken)?;
@@ -287,35 +247,13 @@ pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Ver
         };
         let seq = u64::from_be_bytes(k);
         let sealed = open(seq, &v).map_err(AuditError::Broken)?;
-        let Ok(Content {
-            event:
-                Event::Checkpoint {
-                    seq: at,
-                    head,
-                    signature,
-                    ..
-                },
-            ..
-        }) = sealed.parse()
-        else {
-            continue;
-        };
-        let bad = || AuditError::Broken(ChainError::BadCheckpoint { seq });
-        // The checkpoint links to record `at` by its own `prev`: that is the
-        // hash it must name and sign (record `at` itself may be pruned).
-        let signed = unhex(&signature).is_some_and(|sig| {
-            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, host_key)
-                .verify(
-                    &airgate_policy::audit::checkpoint_message(at, &sealed.prev),
-                    &sig,
-                )
-                .is_ok()
-        });
-        if !signed || head != hex(&sealed.prev) || at + 1 != seq {
-            return Err(bad());
+        match checkpoint_valid(&sealed, host_key) {
+            None => continue,
+            Some(false) => return Err(AuditError::Broken(ChainError::BadCheckpoint { seq })),
+            Some(true) => {}
         }
-        let mut verifier = Verifier::resume(at + 1, sealed.prev);
-        for item in db.range(key(at + 1)..) {
+        let mut verifier = Verifier::resume(seq, sealed.prev);
+        for item in db.range(key(seq)..) {
             let (k, v) = item.map_err(unavailable)?;
             let s = <[u8; 8]>::try_from(k.as_ref())
                 .map(u64::from_be_bytes)
@@ -333,6 +271,112 @@ pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Ver
         });
     }
     verify_db(db, Vec::new(), Some(host_key), 0)
+}
+
+/// Whether `sealed` is a checkpoint record (`None` when it is not) that
+/// vouches for the chain correctly: it names the record before it and the
+/// hash it links to (its own `prev`: that record may have been pruned), and
+/// the host key (raw Ed25519) signed exactly that.
+pub fn checkpoint_valid(sealed: &airgate_policy::audit::Sealed<'_>, host_key: &[u8]) -> Option<bool> {
+    let Ok(Content {
+        event:
+            Event::Checkpoint {
+                seq: at,
+                head,
+                signature,
+                ..
+            },
+        ..
+    }) = sealed.parse()
+    else {
+        return None;
+    };
+    let signed = unhex(&signature).is_some_and(|sig| {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, host_key)
+            .verify(
+                &airgate_policy::audit::checkpoint_message(at, &sealed.prev),
+                &sig,
+            )
+            .is_ok()
+    });
+    Some(signed && at.checked_add(1) == Some(sealed.seq) && head == hex(&sealed.prev))
+}
+
+/// Verifies a run of stored records as they stream by: checksums, hashes,
+/// links, and the host's signature on every checkpoint. A run may start at
+/// genesis, at a checkpoint record (whose signature vouches for the hash it
+/// links to), or elsewhere (its first link is then taken as given, and
+/// [`SegmentCheck::anchored`] says so). After the first break the run is
+/// no longer checked; the error stays.
+pub struct SegmentCheck {
+    key: Vec<u8>,
+    verifier: Option<Verifier>,
+    pub first: Option<u64>,
+    pub anchored: bool,
+    pub checkpoints: u64,
+    pub error: Option<ChainError>,
+}
+
+impl SegmentCheck {
+    pub fn new(host_key: &[u8]) -> Self {
+        Self {
+            key: host_key.to_vec(),
+            verifier: None,
+            first: None,
+            anchored: false,
+            checkpoints: 0,
+            error: None,
+        }
+    }
+
+    /// Checks record `seq`; on success returns the record's own view.
+    pub fn push<'a>(
+        &mut self,
+        seq: u64,
+        stored: &'a [u8],
+    ) -> Result<airgate_policy::audit::Sealed<'a>, ChainError> {
+        let result = self.check(seq, stored);
+        if let Err(e) = &result
+            && self.error.is_none()
+        {
+            self.error = Some(e.clone());
+        }
+        result
+    }
+
+    fn check<'a>(
+        &mut self,
+        seq: u64,
+        stored: &'a [u8],
+    ) -> Result<airgate_policy::audit::Sealed<'a>, ChainError> {
+        let sealed = open(seq, stored)?;
+        let signed = checkpoint_valid(&sealed, &self.key);
+        if signed == Some(false) {
+            return Err(ChainError::BadCheckpoint { seq });
+        }
+        if self.error.is_some() {
+            return Ok(sealed);
+        }
+        let verifier = self.verifier.get_or_insert_with(|| {
+            self.first = Some(seq);
+            self.anchored = seq == 0 || signed == Some(true);
+            if seq == 0 {
+                Verifier::new()
+            } else {
+                Verifier::resume(seq, sealed.prev)
+            }
+        });
+        verifier.push(seq, stored)?;
+        if signed == Some(true) {
+            self.checkpoints += 1;
+        }
+        Ok(sealed)
+    }
+
+    /// The next sequence expected and the head reached.
+    pub fn reached(&self) -> Option<(u64, [u8; 32])> {
+        self.verifier.as_ref().map(|v| (v.next(), v.head()))
+    }
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -585,6 +629,23 @@ impl Audit {
             next = seq + 1;
         }
         Ok((lines, next))
+    }
+
+    /// Up to `limit` stored records from `from`, byte for byte (so a reader
+    /// can verify them); and the next sequence.
+    pub fn raw_page(&self, from: u64, limit: usize) -> Result<(Vec<(u64, Vec<u8>)>, u64), AuditError> {
+        let db = self.reader()?;
+        let mut out = Vec::new();
+        let mut next = from;
+        for item in db.range(key(from)..).take(limit) {
+            let (k, v) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| AuditError::Unavailable("a key that is not a sequence number".to_owned()))?;
+            out.push((seq, v.to_vec()));
+            next = seq + 1;
+        }
+        Ok((out, next))
     }
 
     /// Deletes the records before the last checkpoint sealed no later than

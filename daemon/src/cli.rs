@@ -78,6 +78,49 @@ pub enum Command {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+    /// The compliance report of a month: per model its licences, tenants,
+    /// requests, tokens and distinct users against thresholds and caps;
+    /// refusals by reason; bundles in force; review dates and attribution;
+    /// and the audit chain's verification. From the running daemon (admin
+    /// socket), a stopped store or snapshot (--state), or evidence packs
+    /// of one or more hosts (--pack, repeatable: users counted once).
+    Report {
+        /// The month (YYYY-MM, UTC).
+        #[arg(long)]
+        month: String,
+        #[arg(long, value_enum, default_value = "html")]
+        format: crate::report::Format,
+        /// Where to write the report (`-` for standard output).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Read this state directory directly (a stopped daemon's, or a snapshot).
+        #[arg(long, conflicts_with = "pack")]
+        state: Option<PathBuf>,
+        /// An evidence pack (directory or .tar), verified first; repeat for
+        /// the hosts of a fleet that share the user-hashing secret.
+        #[arg(long)]
+        pack: Vec<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// The evidence pack of a month: the audit records (verifiable against
+    /// the signed checkpoints), the bundles in force, the model manifest,
+    /// the report, and a manifest of digests signed by the host key.
+    Evidence {
+        #[command(subcommand)]
+        command: Option<EvidenceCommand>,
+        /// The month (YYYY-MM, UTC).
+        #[arg(long)]
+        month: Option<String>,
+        /// A new directory, or a file ending in .tar.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Read this state directory directly (a stopped daemon's).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
+        config: PathBuf,
+    },
     /// Man pages and shell completions from this command line's definition
     /// (used to build the package).
     #[command(hide = true)]
@@ -239,6 +282,22 @@ pub enum AuditCommand {
         state: Option<PathBuf>,
         #[arg(long, short, default_value = DEFAULT_CONFIG, env = "AIRGATE_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Check a pack without the daemon: the signed manifest, every file's
+    /// digest (naming any modified, added or missing), the audit records
+    /// and their checkpoints, the bundles' signatures, and the report
+    /// against the records. Exit 65 if anything fails.
+    Verify {
+        /// The pack: a directory or a .tar file.
+        pack: PathBuf,
+        /// The host's public key as known to you (PEM); otherwise the pack's
+        /// own host.pub is used and its fingerprint printed to compare.
+        #[arg(long)]
+        host_key: Option<PathBuf>,
     },
 }
 

@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod evidence;
 pub mod connection;
 pub mod exit;
 pub mod failpoint;
@@ -28,6 +29,7 @@ pub mod model;
 pub mod onnx;
 pub mod openai;
 pub mod pki;
+pub mod report;
 pub mod request_id;
 pub mod sbom;
 pub mod server;
@@ -89,6 +91,21 @@ pub fn run_cli(cli: Cli) -> u8 {
                 exit::CONFIG
             }
         },
+        Command::Report {
+            month,
+            format,
+            out,
+            state,
+            pack,
+            config,
+        } => report_command(&month, format, &out, state.as_deref(), &pack, &config),
+        Command::Evidence {
+            command,
+            month,
+            out,
+            state,
+            config,
+        } => evidence_command(command, month.as_deref(), out.as_deref(), state.as_deref(), &config),
         Command::Pki { command } => pki_command(command),
         Command::Keygen { dir, name } => report(authority::keygen(&dir, &name)),
         Command::Bundle { command } => report(bundle_command(command)),
@@ -495,8 +512,143 @@ fn audit_command(command: AuditCommand) -> u8 {
     }
 }
 
+fn report_command(
+    month: &str,
+    format: report::Format,
+    out: &Path,
+    state: Option<&Path>,
+    packs: &[PathBuf],
+    config: &Path,
+) -> u8 {
+    let fail = |code: u8, e: &dyn std::fmt::Display| {
+        eprintln!("airgate report: {e}");
+        code
+    };
+    let month = match report::Month::parse(month) {
+        Ok(m) => m,
+        Err(e) => return fail(exit::CONFIG, &e),
+    };
+    let now = bundle::system_time_now();
+    let built = if packs.is_empty() {
+        report::local_inputs(config, state).and_then(|mut inputs| report::build(month, &mut inputs, now))
+    } else {
+        evidence::merged_report(packs, Some(month), now)
+    };
+    let r = match built {
+        Ok(r) => r,
+        Err(e) => return fail(exit::DATA, &e),
+    };
+    if let Err(e) = report::write_out(out, &r.render(format)) {
+        return fail(exit::CANT_CREATE, &e);
+    }
+    for n in &r.notes {
+        eprintln!("airgate report: {n}");
+    }
+    if out != Path::new("-") {
+        eprintln!(
+            "{}: {} {}: {} decisions, {} distinct users, chain {}",
+            out.display(),
+            r.month,
+            match format {
+                report::Format::Html => "HTML",
+                report::Format::Json => "JSON",
+                report::Format::Md => "Markdown",
+            },
+            r.totals.decisions,
+            r.totals.distinct_users,
+            if r.chain_verified { "verified" } else { "NOT VERIFIED" }
+        );
+    }
+    if r.chain_verified { exit::OK } else { exit::AUDIT_BROKEN }
+}
+
+fn evidence_command(
+    command: Option<cli::EvidenceCommand>,
+    month: Option<&str>,
+    out: Option<&Path>,
+    state: Option<&Path>,
+    config: &Path,
+) -> u8 {
+    let fail = |code: u8, e: &dyn std::fmt::Display| {
+        eprintln!("airgate evidence: {e}");
+        code
+    };
+    match command {
+        Some(cli::EvidenceCommand::Verify { pack, host_key }) => {
+            let opened = match evidence::open(&pack) {
+                Ok(o) => o,
+                Err(e) => return fail(exit::DATA, &e),
+            };
+            match evidence::verify(&opened.dir, host_key.as_deref()) {
+                Ok(c) => {
+                    println!(
+                        "evidence pack OK: {} of host {}{}
+  {} files match the signed manifest
+  {} audit records (seq {}-{}) verify, {} signed checkpoints; the month is {}
+  {} bundles verify against the pack's trust anchors; the report matches the records",
+                        c.info.month,
+                        c.host_key_sha256,
+                        if c.host_key_from_pack {
+                            " (key taken from the pack: compare this fingerprint with the host's)"
+                        } else {
+                            ""
+                        },
+                        c.files,
+                        c.records,
+                        c.info.first_seq,
+                        c.info.last_seq,
+                        c.checkpoints,
+                        if c.month_covered {
+                            "wholly between signed checkpoints"
+                        } else {
+                            "NOT wholly between signed checkpoints (made before the month was over?)"
+                        },
+                        c.bundles
+                    );
+                    exit::OK
+                }
+                Err(problems) => {
+                    eprintln!("airgate evidence: {} does NOT verify:", pack.display());
+                    for p in problems {
+                        eprintln!("  {p}");
+                    }
+                    exit::DATA
+                }
+            }
+        }
+        None => {
+            let (Some(month), Some(out)) = (month, out) else {
+                return fail(
+                    exit::CONFIG,
+                    &"give --month YYYY-MM and -o DIR|FILE.tar (or `evidence verify PACK`)",
+                );
+            };
+            let month = match report::Month::parse(month) {
+                Ok(m) => m,
+                Err(e) => return fail(exit::CONFIG, &e),
+            };
+            match evidence::create(config, state, month, out, bundle::system_time_now()) {
+                Ok(info) => {
+                    println!(
+                        "{}: evidence pack of {} (host {}, records {}-{})
+check it: airgate evidence verify {}",
+                        out.display(),
+                        info.month,
+                        info.host_key_sha256,
+                        info.first_seq,
+                        info.last_seq,
+                        out.display()
+                    );
+                    exit::OK
+                }
+                Err(e) => fail(exit::CANT_CREATE, &e),
+            }
+        }
+    }
+}
+
 /// One operator request to the daemon; an answer other than 2xx is an error.
-fn remote(
+pub(crate) fn remote(
     socket: &Path,
     method: http::Method,
     path: &str,

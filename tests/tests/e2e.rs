@@ -16,6 +16,8 @@ mod lifecycle;
 mod llm;
 #[path = "e2e/policy.rs"]
 mod policy;
+#[path = "e2e/report.rs"]
+mod report;
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/units.rs"]
