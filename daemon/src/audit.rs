@@ -51,6 +51,9 @@ pub struct Opened {
     pub previous_store: Option<String>,
 }
 
+/// Stored records as (sequence, bytes exactly as sealed).
+pub type RawRecords = Vec<(u64, Vec<u8>)>;
+
 /// The handle requests append through; cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
@@ -277,7 +280,10 @@ pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Ver
 /// vouches for the chain correctly: it names the record before it and the
 /// hash it links to (its own `prev`: that record may have been pruned), and
 /// the host key (raw Ed25519) signed exactly that.
-pub fn checkpoint_valid(sealed: &airgate_policy::audit::Sealed<'_>, host_key: &[u8]) -> Option<bool> {
+pub fn checkpoint_valid(
+    sealed: &airgate_policy::audit::Sealed<'_>,
+    host_key: &[u8],
+) -> Option<bool> {
     let Ok(Content {
         event:
             Event::Checkpoint {
@@ -633,7 +639,7 @@ impl Audit {
 
     /// Up to `limit` stored records from `from`, byte for byte (so a reader
     /// can verify them); and the next sequence.
-    pub fn raw_page(&self, from: u64, limit: usize) -> Result<(Vec<(u64, Vec<u8>)>, u64), AuditError> {
+    pub fn raw_page(&self, from: u64, limit: usize) -> Result<(RawRecords, u64), AuditError> {
         let db = self.reader()?;
         let mut out = Vec::new();
         let mut next = from;
@@ -641,7 +647,9 @@ impl Audit {
             let (k, v) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
             let seq = <[u8; 8]>::try_from(k.as_ref())
                 .map(u64::from_be_bytes)
-                .map_err(|_| AuditError::Unavailable("a key that is not a sequence number".to_owned()))?;
+                .map_err(|_| {
+                    AuditError::Unavailable("a key that is not a sequence number".to_owned())
+                })?;
             out.push((seq, v.to_vec()));
             next = seq + 1;
         }
@@ -1062,6 +1070,60 @@ mod tests {
             verify_db(&db, Vec::new(), Some(&good), v.records + 5),
             Err(AuditError::Open { .. })
         ));
+        // A run read on its own (an evidence pack's): from a checkpoint it
+        // is anchored by the signature, from elsewhere it is not; another
+        // host's key or a rewritten record is caught.
+        let records: Vec<(u64, Vec<u8>)> = db
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                Some((
+                    u64::from_be_bytes(<[u8; 8]>::try_from(k.as_ref()).ok()?),
+                    v.to_vec(),
+                ))
+            })
+            .collect();
+        let first_checkpoint = records
+            .iter()
+            .find(|(seq, v)| open(*seq, v).is_ok_and(|s| checkpoint_valid(&s, &good) == Some(true)))
+            .map(|(seq, _)| *seq)
+            .expect("a checkpoint");
+        let run = |from: u64, key: &[u8]| {
+            let mut check = SegmentCheck::new(key);
+            for (seq, v) in records.iter().filter(|(s, _)| *s >= from) {
+                let _ = check.push(*seq, v);
+            }
+            check
+        };
+        let anchored = run(first_checkpoint, &good);
+        assert!(
+            anchored.error.is_none() && anchored.anchored,
+            "{:?}",
+            anchored.error
+        );
+        assert_eq!(anchored.reached().map(|r| r.0), Some(v.records));
+        assert_eq!(anchored.checkpoints, v.checkpoints);
+        let loose = run(first_checkpoint + 1, &good);
+        assert!(loose.error.is_none() && !loose.anchored);
+        assert!(matches!(
+            run(0, &other).error,
+            Some(ChainError::BadCheckpoint { .. })
+        ));
+        let mut check = SegmentCheck::new(&good);
+        for (seq, v) in &records {
+            let mut v = v.clone();
+            if *seq == 4 {
+                let last = v.len() - 1;
+                v[last] ^= 1;
+            }
+            let _ = check.push(*seq, &v);
+        }
+        assert!(
+            matches!(check.error, Some(ChainError::Checksum { seq: 4 })),
+            "{:?}",
+            check.error
+        );
+
         // At start only the tail after the last good checkpoint is walked.
         let from = verify_from_last_checkpoint(&db, &good).expect("from checkpoint");
         assert_eq!(from.records, v.records);

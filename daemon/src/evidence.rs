@@ -172,7 +172,8 @@ pub fn create(
         writeln!(run.records, "{}", report::raw_line(seq, stored)).map_err(io(&records_path))?;
         run.first.get_or_insert(seq);
         run.last = seq;
-        if signed && let Some(c) = content
+        if signed
+            && let Some(c) = content
             && let airgate_policy::audit::Event::Checkpoint { seq: at, head, .. } = &c.event
         {
             run.checkpoints.push(format!("{at} {head}"));
@@ -218,7 +219,11 @@ pub fn create(
         let Some(b) = inputs.bundles.get(&row.digest) else {
             continue;
         };
-        write(dir, &format!("bundles/{}.jwt", row.digest), b.token.as_bytes())?;
+        write(
+            dir,
+            &format!("bundles/{}.jwt", row.digest),
+            b.token.as_bytes(),
+        )?;
         models.push(json!({
             "bundle_version": b.bundle.version,
             "bundle_digest": row.digest,
@@ -243,9 +248,21 @@ pub fn create(
     }
     let host_pub = std::fs::read(state.join("host.pub")).map_err(io(&state))?;
     write(dir, "host.pub", &host_pub)?;
-    write(dir, "report.json", report.render(report::Format::Json).as_bytes())?;
-    write(dir, "report.html", report.render(report::Format::Html).as_bytes())?;
-    write(dir, "report.md", report.render(report::Format::Md).as_bytes())?;
+    write(
+        dir,
+        "report.json",
+        report.render(report::Format::Json).as_bytes(),
+    )?;
+    write(
+        dir,
+        "report.html",
+        report.render(report::Format::Html).as_bytes(),
+    )?;
+    write(
+        dir,
+        "report.md",
+        report.render(report::Format::Md).as_bytes(),
+    )?;
 
     let info = PackInfo {
         format: FORMAT,
@@ -258,13 +275,18 @@ pub fn create(
         last_seq: run.last,
         bundle_at_start,
     };
-    write(dir, "pack.json", &pretty(&serde_json::to_value(&info).unwrap_or_default()))?;
+    write(
+        dir,
+        "pack.json",
+        &pretty(&serde_json::to_value(&info).unwrap_or_default()),
+    )?;
     sign(dir, &info, &signer)?;
 
     if as_tar {
         let tmp = parent.join(format!(
             ".{}.tmp",
-            out.file_name().map_or("pack".into(), |n| n.to_string_lossy())
+            out.file_name()
+                .map_or("pack".into(), |n| n.to_string_lossy())
         ));
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let mut builder = tar::Builder::new(file);
@@ -304,7 +326,13 @@ fn manifest_of(bundle: &airgate_policy::bundle::Bundle) -> Value {
 
 fn safe_name(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -324,8 +352,9 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
 
 fn host_signer(state: &Path) -> Result<ring::signature::Ed25519KeyPair, String> {
     let path = state.join("host.key");
-    let key = crate::keys::read_private_key(&path)
-        .map_err(|e| format!("{e}: the pack is signed with the host key (run as root or the airgate user)"))?;
+    let key = crate::keys::read_private_key(&path).map_err(|e| {
+        format!("{e}: the pack is signed with the host key (run as root or the airgate user)")
+    })?;
     ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&key.pkcs8)
         .map_err(|e| format!("{}: not an Ed25519 key: {e}", path.display()))
 }
@@ -366,7 +395,11 @@ fn files_of(dir: &Path) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-fn sign(dir: &Path, info: &PackInfo, signer: &ring::signature::Ed25519KeyPair) -> Result<(), String> {
+fn sign(
+    dir: &Path,
+    info: &PackInfo,
+    signer: &ring::signature::Ed25519KeyPair,
+) -> Result<(), String> {
     let mut files = Vec::new();
     for rel in files_of(dir)? {
         let (sha256, bytes) = sha256_file(&dir.join(&rel)).map_err(io(dir))?;
@@ -389,7 +422,11 @@ fn sign(dir: &Path, info: &PackInfo, signer: &ring::signature::Ed25519KeyPair) -
     message.extend_from_slice(&bytes);
     let signature = signer.sign(&message);
     write(dir, MANIFEST, &bytes)?;
-    write(dir, SIGNATURE, format!("{}\n", hex(signature.as_ref())).as_bytes())
+    write(
+        dir,
+        SIGNATURE,
+        format!("{}\n", hex(signature.as_ref())).as_bytes(),
+    )
 }
 
 /// A pack opened for reading: its directory (a tar is unpacked into a
@@ -424,7 +461,11 @@ pub fn open(pack: &Path) -> Result<Opened, String> {
                 .components()
                 .any(|c| matches!(c, std::path::Component::ParentDir))
         {
-            return Err(format!("{}: entry {} escapes the pack", pack.display(), path.display()));
+            return Err(format!(
+                "{}: entry {} escapes the pack",
+                pack.display(),
+                path.display()
+            ));
         }
         if kind.is_dir() {
             continue;
@@ -477,7 +518,10 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
         )]);
     }
     let (key, from_pack) = match host_key {
-        Some(p) => (crate::keys::read_public_key(p).map_err(|e| vec![e.to_string()])?, false),
+        Some(p) => (
+            crate::keys::read_public_key(p).map_err(|e| vec![e.to_string()])?,
+            false,
+        ),
         None => (
             crate::keys::read_public_key(&dir.join("host.pub"))
                 .map_err(|e| vec![format!("host.pub: {e}")])?,
@@ -489,7 +533,11 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
         return Err(vec![format!(
             "{MANIFEST}: names host key {}, not {fingerprint}{}",
             manifest.host_key_sha256,
-            if from_pack { " (host.pub)" } else { " (the key given)" }
+            if from_pack {
+                " (host.pub)"
+            } else {
+                " (the key given)"
+            }
         )]);
     }
     let signature = read(SIGNATURE).map_err(|e| vec![e])?;
@@ -511,8 +559,11 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
     }
 
     // Every file as the signed manifest lists it; nothing added, nothing missing.
-    let listed: BTreeMap<&str, &ManifestFile> =
-        manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let listed: BTreeMap<&str, &ManifestFile> = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f))
+        .collect();
     let present = files_of(dir).map_err(|e| vec![e])?;
     for rel in &present {
         if rel == MANIFEST || rel == SIGNATURE {
@@ -531,7 +582,7 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
         }
     }
     for f in &manifest.files {
-        if !present.iter().any(|p| *p == f.path) {
+        if !present.contains(&f.path) {
             problems.push(format!("{}: missing", f.path));
         }
     }
@@ -544,7 +595,7 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
     let month = Month::parse(&info.month).map_err(|e| vec![format!("pack.json: {e}")])?;
 
     // The records: hashes, links, checkpoint signatures; the report matches them.
-    let mut inputs = pack_inputs(&[(dir.to_owned(), info.clone(), key.raw.clone())]);
+    let mut inputs = pack_inputs(&[(dir.to_owned(), info.clone(), key.raw)]);
     let rebuilt = report::build(month, &mut inputs, 0).map_err(|e| vec![e])?;
     let chain = &rebuilt.hosts[0];
     if let Some(e) = &chain.error {
@@ -629,7 +680,10 @@ fn pack_inputs(packs: &[(PathBuf, PackInfo, Vec<u8>)]) -> Inputs {
     let mut anchors = Vec::new();
     for (dir, info, key) in packs {
         hosts.push(Host {
-            label: format!("host {} (evidence pack)", &info.host_key_sha256[..16.min(info.host_key_sha256.len())]),
+            label: format!(
+                "host {} (evidence pack)",
+                &info.host_key_sha256[..16.min(info.host_key_sha256.len())]
+            ),
             records: Records::Lines(dir.join("audit/records.jsonl")),
             host_key: key.clone(),
             bundle_at_start: info.bundle_at_start.clone(),
@@ -653,7 +707,11 @@ pub fn merged_report(packs: &[PathBuf], month: Option<Month>, now: i64) -> Resul
     for p in packs {
         let o = open(p)?;
         let c = verify(&o.dir, None).map_err(|problems| {
-            format!("{} does not verify:\n  {}", p.display(), problems.join("\n  "))
+            format!(
+                "{} does not verify:\n  {}",
+                p.display(),
+                problems.join("\n  ")
+            )
         })?;
         let key = crate::keys::read_public_key(&o.dir.join("host.pub"))
             .map_err(|e| e.to_string())?

@@ -89,7 +89,9 @@ impl UserHasher {
     /// fingerprint hash every user alike (their counts merge). The tag's
     /// 0xff byte cannot occur in a tenant id, so it is no user's hash.
     pub fn fingerprint(&self) -> String {
-        crate::keys::hex(ring::hmac::sign(&self.key, b"\xffairgate-user-secret-fingerprint-v1").as_ref())
+        crate::keys::hex(
+            ring::hmac::sign(&self.key, b"\xffairgate-user-secret-fingerprint-v1").as_ref(),
+        )
     }
 
     pub fn key(&self, tenant: &str, user: &str) -> UserKey {

@@ -12,8 +12,8 @@ pub mod bundle;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod evidence;
 pub mod connection;
+pub mod evidence;
 pub mod exit;
 pub mod failpoint;
 pub mod gate;
@@ -105,7 +105,13 @@ pub fn run_cli(cli: Cli) -> u8 {
             out,
             state,
             config,
-        } => evidence_command(command, month.as_deref(), out.as_deref(), state.as_deref(), &config),
+        } => evidence_command(
+            command,
+            month.as_deref(),
+            out.as_deref(),
+            state.as_deref(),
+            &config,
+        ),
         Command::Pki { command } => pki_command(command),
         Command::Keygen { dir, name } => report(authority::keygen(&dir, &name)),
         Command::Bundle { command } => report(bundle_command(command)),
@@ -530,7 +536,8 @@ fn report_command(
     };
     let now = bundle::system_time_now();
     let built = if packs.is_empty() {
-        report::local_inputs(config, state).and_then(|mut inputs| report::build(month, &mut inputs, now))
+        report::local_inputs(config, state)
+            .and_then(|mut inputs| report::build(month, &mut inputs, now))
     } else {
         evidence::merged_report(packs, Some(month), now)
     };
@@ -556,10 +563,18 @@ fn report_command(
             },
             r.totals.decisions,
             r.totals.distinct_users,
-            if r.chain_verified { "verified" } else { "NOT VERIFIED" }
+            if r.chain_verified {
+                "verified"
+            } else {
+                "NOT VERIFIED"
+            }
         );
     }
-    if r.chain_verified { exit::OK } else { exit::AUDIT_BROKEN }
+    if r.chain_verified {
+        exit::OK
+    } else {
+        exit::AUDIT_BROKEN
+    }
 }
 
 fn evidence_command(

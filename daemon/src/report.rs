@@ -118,6 +118,16 @@ pub fn parse_raw_line(line: &str) -> Result<(u64, Vec<u8>), String> {
     Ok((seq, record))
 }
 
+/// Called with each stored record (sequence, bytes).
+pub type EachRecord<'a> = dyn FnMut(u64, &[u8]) -> Result<(), String> + 'a;
+
+/// Called by [`Tally::scan`] with each record: the tally so far, the host's
+/// index, the sequence, the stored bytes, the content (when the record's
+/// own checks pass) and whether it is a checkpoint signed by the host key.
+/// `Ok(false)` stops the scan.
+pub type Visit<'a> =
+    dyn FnMut(&Tally, usize, u64, &[u8], Option<&Content>, bool) -> Result<bool, String> + 'a;
+
 /// Where one host's records come from.
 #[derive(Clone, Debug)]
 pub enum Records {
@@ -131,11 +141,7 @@ pub enum Records {
 
 impl Records {
     /// Calls `f` with every stored record from `from` on, in order.
-    pub fn each(
-        &self,
-        from: u64,
-        f: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
-    ) -> Result<(), String> {
+    pub fn each(&self, from: u64, f: &mut EachRecord<'_>) -> Result<(), String> {
         match self {
             Self::Live(socket) => {
                 let mut next = from;
@@ -170,14 +176,17 @@ impl Records {
                     let (k, v) = item.map_err(|e| format!("{}: {e}", dir.display()))?;
                     let seq = <[u8; 8]>::try_from(k.as_ref())
                         .map(u64::from_be_bytes)
-                        .map_err(|_| format!("{}: a key that is not a sequence number", dir.display()))?;
+                        .map_err(|_| {
+                            format!("{}: a key that is not a sequence number", dir.display())
+                        })?;
                     f(seq, &v)?;
                 }
                 Ok(())
             }
             Self::Lines(path) => {
                 use std::io::BufRead as _;
-                let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let file =
+                    std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
                     let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
                     if line.is_empty() {
@@ -331,6 +340,7 @@ pub struct HostChain {
 
 /// An allowed request waiting for its completion.
 struct Pending {
+    host: usize,
     model: String,
     tenant: String,
     user: Option<String>,
@@ -366,6 +376,8 @@ struct TenantTally {
     not_served: u64,
     denied: u64,
     users: BTreeSet<String>,
+    /// Distinct users on each host (a host-scoped cap binds per host).
+    host_users: BTreeMap<usize, BTreeSet<String>>,
     daily: Vec<u64>,
     denials: BTreeMap<String, u64>,
     prompt_tokens: u64,
@@ -427,11 +439,7 @@ impl Tally {
     /// also sees every record (with its parsed content and whether it is
     /// a signed checkpoint), e.g. to write an evidence pack; it may stop
     /// the scan early by returning `Ok(false)`.
-    pub fn scan(
-        &mut self,
-        host: &Host,
-        each: &mut dyn FnMut(&Tally, usize, u64, &[u8], Option<&Content>, bool) -> Result<bool, String>,
-    ) -> Result<&HostChain, String> {
+    pub fn scan(&mut self, host: &Host, each: &mut Visit<'_>) -> Result<&HostChain, String> {
         use sha2::Digest as _;
         let index = self.hosts.len();
         self.hosts.push(HostState {
@@ -511,10 +519,8 @@ impl Tally {
         }
         .to_owned();
         let anchored_start = chain.first_seq == Some(0) || chain.checkpoint_before.is_some();
-        chain.month_covered = chain.verified
-            && check.anchored
-            && anchored_start
-            && chain.checkpoint_after.is_some();
+        chain.month_covered =
+            chain.verified && check.anchored && anchored_start && chain.checkpoint_after.is_some();
         if chain.records == 0 {
             chain.error = Some("no audit records".to_owned());
         }
@@ -555,13 +561,12 @@ impl Tally {
                     e.1 += 1;
                 }
                 let tenant = d.tenant.clone().unwrap_or_else(|| NO_TENANT.to_owned());
-                let model_key = if self.models.contains_key(&d.model)
-                    || self.models.len() < MAX_MODEL_ROWS
-                {
-                    d.model.clone()
-                } else {
-                    OTHER_MODELS.to_owned()
-                };
+                let model_key =
+                    if self.models.contains_key(&d.model) || self.models.len() < MAX_MODEL_ROWS {
+                        d.model.clone()
+                    } else {
+                        OTHER_MODELS.to_owned()
+                    };
                 let model = self.models.entry(model_key).or_default();
                 if model.files.is_empty() && !d.model_files.is_empty() {
                     model.files.clone_from(&d.model_files);
@@ -581,6 +586,7 @@ impl Tally {
                 self.pending.insert(
                     (host, d.request_id.clone()),
                     Pending {
+                        host,
                         model: d.model.clone(),
                         tenant,
                         user: d.end_user.clone(),
@@ -652,6 +658,7 @@ impl Tally {
             model.users.insert((p.tenant.clone(), user.clone()));
             mt.users.insert(user.clone());
             t.users.insert(user.clone());
+            t.host_users.entry(p.host).or_default().insert(user.clone());
             for l in &p.licences {
                 let first = self
                     .licence_users
@@ -678,7 +685,10 @@ impl Tally {
         // Bundles in force: per host, the one at the month's start, then each accepted in it.
         let mut in_force: BTreeMap<String, (u64, Vec<Interval>)> = BTreeMap::new();
         for (h, state) in self.hosts.iter().enumerate() {
-            let host = self.chains.get(h).map_or(String::new(), |c| c.source.clone());
+            let host = self
+                .chains
+                .get(h)
+                .map_or(String::new(), |c| c.source.clone());
             let mut changes: Vec<(i64, u64, String)> = Vec::new();
             match (&state.at_start, &state.seen_before) {
                 (Some((v, d, _)), _) => changes.push((month.start, *v, d.clone())),
@@ -700,7 +710,9 @@ impl Tally {
             }
         }
         for (digest, (version, _)) in &self.bundle_decisions {
-            in_force.entry(digest.clone()).or_insert((*version, Vec::new()));
+            in_force
+                .entry(digest.clone())
+                .or_insert((*version, Vec::new()));
         }
         let mut bundle_rows = Vec::new();
         let mut latest: Option<(u64, Bundle)> = None;
@@ -775,8 +787,10 @@ impl Tally {
         }
 
         // Licences: thresholds from the latest bundle that defines each.
-        let mut licence_ids: BTreeSet<String> =
-            all.iter().flat_map(|b| b.licences.keys().cloned()).collect();
+        let mut licence_ids: BTreeSet<String> = all
+            .iter()
+            .flat_map(|b| b.licences.keys().cloned())
+            .collect();
         licence_ids.extend(self.licence_users.keys().cloned());
         let days = month.days();
         let mut licence_rows = Vec::new();
@@ -795,15 +809,13 @@ impl Tally {
             let licence = all.iter().find_map(|b| b.licences.get(&id));
             let threshold = licence.and_then(|l| l.monthly_active_user_threshold);
             let review = licence.map(|l| l.review_by);
-            let review_passed = review
-                .filter(|r| r.start().seconds() < month.end)
-                .map(|r| {
-                    if r.start().seconds() < month.start {
-                        format!("passed before the month (review by {r})")
-                    } else {
-                        format!("passed on {r}")
-                    }
-                });
+            let review_passed = review.filter(|r| r.start().seconds() < month.end).map(|r| {
+                if r.start().seconds() < month.start {
+                    format!("passed before the month (review by {r})")
+                } else {
+                    format!("passed on {r}")
+                }
+            });
             let models: Vec<String> = model_rows
                 .iter()
                 .filter(|m| m.licences.contains(&id))
@@ -814,7 +826,9 @@ impl Tally {
                 id,
                 threshold,
                 distinct_users: distinct,
-                fraction: threshold.filter(|t| *t > 0).map(|t| distinct as f64 / t as f64),
+                fraction: threshold
+                    .filter(|t| *t > 0)
+                    .map(|t| distinct as f64 / t as f64),
                 over_threshold: threshold.is_some_and(|t| distinct > t),
                 commercial_use: licence.map(|l| l.commercial_use),
                 review_by: review.map(|r| r.to_string()),
@@ -847,6 +861,12 @@ impl Tally {
             let mut daily = t.daily;
             daily.resize(days, 0);
             let distinct = t.users.len() as u64;
+            let most_on_a_host = t
+                .host_users
+                .values()
+                .map(|u| u.len() as u64)
+                .max()
+                .unwrap_or(0);
             tenant_rows.push(TenantRow {
                 id,
                 requests: t.requests,
@@ -855,15 +875,27 @@ impl Tally {
                 prompt_tokens: t.prompt_tokens,
                 completion_tokens: t.completion_tokens,
                 distinct_users: distinct,
-                cap: cap.map(|c| CapRow {
-                    max_users_per_month: c.max_users_per_month,
-                    scope: format!("{:?}", c.scope).to_lowercase(),
-                    host_cap: c.host_cap(),
-                    fraction: if c.max_users_per_month > 0 {
-                        distinct as f64 / c.max_users_per_month as f64
-                    } else {
-                        0.0
-                    },
+                cap: cap.map(|c| {
+                    // A host-scoped cap (or a fleet share) binds each host:
+                    // the host nearest its cap is what the fraction shows.
+                    let (users, of) = match c.scope {
+                        airgate_policy::bundle::CapScope::Host => {
+                            (most_on_a_host, c.max_users_per_month)
+                        }
+                        _ if self.chains.len() > 1 => (distinct, c.max_users_per_month),
+                        _ => (most_on_a_host, c.host_cap()),
+                    };
+                    CapRow {
+                        max_users_per_month: c.max_users_per_month,
+                        scope: format!("{:?}", c.scope).to_lowercase(),
+                        host_cap: c.host_cap(),
+                        most_users_on_a_host: most_on_a_host,
+                        fraction: if of > 0 {
+                            users as f64 / of as f64
+                        } else {
+                            0.0
+                        },
+                    }
                 }),
                 daily_requests: daily,
                 denials: t.denials,
@@ -1126,8 +1158,13 @@ pub struct LicenceRow {
 pub struct CapRow {
     pub max_users_per_month: u64,
     pub scope: String,
-    /// The cap this host enforces (a fleet share of the whole).
+    /// The cap each host enforces (a fleet share of the whole).
     pub host_cap: u64,
+    /// Distinct users of the tenant on the host that had the most.
+    pub most_users_on_a_host: u64,
+    /// How near the cap binds: for a host-scoped cap (or a one-host
+    /// report) the busiest host's users over what it may admit; across
+    /// the hosts of a fleet-scoped cap, all users over the fleet's cap.
     pub fraction: f64,
 }
 
@@ -1271,7 +1308,15 @@ mod tests {
     fn raw_lines_round_trip_and_bad_ones_say_why() {
         let line = raw_line(7, b"\x00\x01bytes");
         assert_eq!(parse_raw_line(&line), Ok((7, b"\x00\x01bytes".to_vec())));
-        assert!(parse_raw_line("{\"seq\":1}").unwrap_err().contains("record"));
-        assert!(parse_raw_line("nope").unwrap_err().contains("JSON"));
+        assert!(
+            parse_raw_line("{\"seq\":1}")
+                .expect_err("no record")
+                .contains("record")
+        );
+        assert!(
+            parse_raw_line("nope")
+                .expect_err("not JSON")
+                .contains("JSON")
+        );
     }
 }

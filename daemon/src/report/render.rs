@@ -107,7 +107,11 @@ pub fn html(r: &Report) -> String {
     );
 
     h.push_str("<h2>Licences: distinct users against thresholds</h2>\n<div class=\"charts\">\n");
-    for l in r.licences.iter().filter(|l| l.distinct_users > 0 || l.threshold.is_some()) {
+    for l in r
+        .licences
+        .iter()
+        .filter(|l| l.distinct_users > 0 || l.threshold.is_some())
+    {
         h.push_str(&users_chart(l));
     }
     h.push_str("</div>\n<table>\n<tr><th>Licence</th><th>Threshold</th><th>Distinct users</th><th>Of threshold</th><th>Review by</th><th>Attribution and obligations</th><th>Models</th></tr>\n");
@@ -138,7 +142,10 @@ pub fn html(r: &Report) -> String {
             obligations.push(format!("Derivatives named <code>{}</code>…", esc(p)));
         }
         if !l.prohibited_uses.is_empty() {
-            obligations.push(format!("Prohibited uses: {}", esc(&l.prohibited_uses.join(", "))));
+            obligations.push(format!(
+                "Prohibited uses: {}",
+                esc(&l.prohibited_uses.join(", "))
+            ));
         }
         if l.commercial_use == Some(false) {
             obligations.push("No commercial use".to_owned());
@@ -148,7 +155,8 @@ pub fn html(r: &Report) -> String {
             "<tr><td>{}<br><code>{}</code></td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n {class}\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&l.name),
             esc(&l.id),
-            l.threshold.map_or_else(|| "none".to_owned(), |t| t.to_string()),
+            l.threshold
+                .map_or_else(|| "none".to_owned(), |t| t.to_string()),
             l.distinct_users,
             fraction,
             review,
@@ -160,6 +168,15 @@ pub fn html(r: &Report) -> String {
 
     h.push_str("<h2>Models</h2>\n");
     for m in &r.models {
+        if m.format.is_none() && m.files.is_empty() {
+            let _ = write!(
+                h,
+                "<h3>{}</h3>\n<p>Names callers asked for that no manifest in force has: {} refused.</p>\n",
+                esc(&m.id),
+                m.denied
+            );
+            continue;
+        }
         let _ = write!(
             h,
             "<h3>{}</h3>\n<p>Format {}; licence <code>{}</code>{}{}.</p>\n<table>\n<tr><th>File</th><th>Role</th><th>SHA-256</th></tr>\n",
@@ -189,7 +206,12 @@ pub fn html(r: &Report) -> String {
         let _ = write!(
             h,
             "</table>\n<p>{} requests, {} not served, {} refused; {} prompt and {} generated tokens; {} distinct users.</p>\n",
-            m.requests, m.not_served, m.denied, m.prompt_tokens, m.completion_tokens, m.distinct_users
+            m.requests,
+            m.not_served,
+            m.denied,
+            m.prompt_tokens,
+            m.completion_tokens,
+            m.distinct_users
         );
         if !m.tenants.is_empty() {
             h.push_str("<table>\n<tr><th>Tenant</th><th>Requests</th><th>Distinct users</th><th>Prompt tokens</th><th>Generated tokens</th></tr>\n");
@@ -217,17 +239,21 @@ pub fn html(r: &Report) -> String {
     }
 
     h.push_str("<h2>Tenants</h2>\n");
-    h.push_str(&requests_chart(&r.tenants, r.period.from.get(..7).unwrap_or("")));
+    h.push_str(&requests_chart(
+        &r.tenants,
+        r.period.from.get(..7).unwrap_or(""),
+    ));
     h.push_str("<table>\n<tr><th>Tenant</th><th>Requests</th><th>Not served</th><th>Refused</th><th>Distinct users</th><th>User cap</th><th>Tokens</th><th>Refusals by reason</th></tr>\n");
     for t in &r.tenants {
         let cap = t.cap.as_ref().map_or_else(
             || "none".to_owned(),
             |c| {
                 format!(
-                    "{} ({}, this host {}): {}",
+                    "{} a month ({} scope; {} per host; at most {} users on one host): {}",
                     c.max_users_per_month,
                     esc(&c.scope),
                     c.host_cap,
+                    c.most_users_on_a_host,
                     percent(c.fraction)
                 )
             },
@@ -251,9 +277,15 @@ pub fn html(r: &Report) -> String {
     }
     h.push_str("</table>\n");
 
-    h.push_str("<h2>Refusals by reason</h2>\n<table>\n<tr><th>Reason code</th><th>Requests</th></tr>\n");
+    h.push_str(
+        "<h2>Refusals by reason</h2>\n<table>\n<tr><th>Reason code</th><th>Requests</th></tr>\n",
+    );
     for (reason, n) in &r.denials {
-        let _ = writeln!(h, "<tr><td><code>{}</code></td><td class=\"n\">{n}</td></tr>", esc(reason));
+        let _ = writeln!(
+            h,
+            "<tr><td><code>{}</code></td><td class=\"n\">{n}</td></tr>",
+            esc(reason)
+        );
     }
     h.push_str("</table>\n");
 
@@ -297,8 +329,14 @@ pub fn html(r: &Report) -> String {
     h.push_str("<h2>Audit chain</h2>\n<table>\n<tr><th>Source</th><th>Host key (SHA-256)</th><th>Verification</th><th>Records</th><th>The month</th><th>Signed checkpoints</th></tr>\n");
     for c in &r.hosts {
         let verdict = match (&c.error, c.verified) {
-            (None, true) => format!("<span class=\"ok\">verified</span> from {}", esc(&c.starts_at)),
-            (e, _) => format!("<span class=\"bad\">broken</span>: {}", esc(e.as_deref().unwrap_or("?"))),
+            (None, true) => format!(
+                "<span class=\"ok\">verified</span> from {}",
+                esc(&c.starts_at)
+            ),
+            (e, _) => format!(
+                "<span class=\"bad\">broken</span>: {}",
+                esc(e.as_deref().unwrap_or("?"))
+            ),
         };
         let range = |a: Option<u64>, b: Option<u64>| match (a, b) {
             (Some(a), Some(b)) => format!("{a}–{b}"),
@@ -307,7 +345,14 @@ pub fn html(r: &Report) -> String {
         let cp = |c: &Option<super::CheckpointRef>| {
             c.as_ref().map_or_else(
                 || "none".to_owned(),
-                |c| format!("record {} (through {}, {})", c.seq, c.vouches_through, esc(&c.time)),
+                |c| {
+                    format!(
+                        "record {} (through {}, {})",
+                        c.seq,
+                        c.vouches_through,
+                        esc(&c.time)
+                    )
+                },
             )
         };
         let covered = if c.month_covered {
@@ -394,9 +439,9 @@ fn users_chart(l: &LicenceRow) -> String {
         "<polyline points=\"{}\" fill=\"none\" stroke=\"#0969da\" stroke-width=\"2\"/>",
         points.join(" ")
     );
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "</svg><figcaption>{}: {} distinct users{}</figcaption></figure>\n",
+        "</svg><figcaption>{}: {} distinct users{}</figcaption></figure>",
         esc(&l.name),
         peak,
         l.threshold
@@ -414,7 +459,12 @@ fn requests_chart(tenants: &[TenantRow], _month: &str) -> String {
     let days = shown[0].daily_requests.len().max(1);
     let (w, hgt, left, bottom, top) = (720.0, 220.0, 44.0, 24.0, 12.0);
     let totals: Vec<u64> = (0..days)
-        .map(|d| shown.iter().map(|t| t.daily_requests.get(d).copied().unwrap_or(0)).sum())
+        .map(|d| {
+            shown
+                .iter()
+                .map(|t| t.daily_requests.get(d).copied().unwrap_or(0))
+                .sum()
+        })
         .collect();
     let max = totals.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
     let slot = (w - left - 8.0) / days as f64;
@@ -518,7 +568,8 @@ pub fn markdown(r: &Report) -> String {
             "| {} (`{}`) | {} | {} | {} | {}{} | {} | {} |",
             cell(&l.name),
             cell(&l.id),
-            l.threshold.map_or_else(|| "none".to_owned(), |t| t.to_string()),
+            l.threshold
+                .map_or_else(|| "none".to_owned(), |t| t.to_string()),
             l.distinct_users,
             l.fraction.map_or_else(|| "—".to_owned(), percent),
             l.review_by.as_deref().unwrap_or("—"),
@@ -552,7 +603,11 @@ pub fn markdown(r: &Report) -> String {
     }
     m.push_str("\n## Tenants\n\n| Tenant | Requests | Not served | Refused | Distinct users | User cap | Refusals by reason |\n|---|---:|---:|---:|---:|---|---|\n");
     for x in &r.tenants {
-        let reasons: Vec<String> = x.denials.iter().map(|(r, n)| format!("`{r}` {n}")).collect();
+        let reasons: Vec<String> = x
+            .denials
+            .iter()
+            .map(|(r, n)| format!("`{r}` {n}"))
+            .collect();
         let _ = writeln!(
             m,
             "| {} | {} | {} | {} | {} | {} | {} |",
@@ -563,7 +618,12 @@ pub fn markdown(r: &Report) -> String {
             x.distinct_users,
             x.cap.as_ref().map_or_else(
                 || "none".to_owned(),
-                |c| format!("{} ({}) {}", c.max_users_per_month, c.scope, percent(c.fraction))
+                |c| format!(
+                    "{} ({}) {}",
+                    c.max_users_per_month,
+                    c.scope,
+                    percent(c.fraction)
+                )
             ),
             reasons.join(", ")
         );
@@ -600,9 +660,10 @@ pub fn markdown(r: &Report) -> String {
             "| {} | `{}` | {} | {} | {} | {} | {} | {} |",
             cell(&c.source),
             c.host_key_sha256,
-            c.error
-                .as_ref()
-                .map_or_else(|| format!("yes, from {}", c.starts_at), |e| format!("**no**: {}", cell(e))),
+            c.error.as_ref().map_or_else(
+                || format!("yes, from {}", c.starts_at),
+                |e| format!("**no**: {}", cell(e))
+            ),
             c.records,
             c.month_records,
             cp(&c.checkpoint_before),
@@ -627,7 +688,9 @@ pub fn external_references(html: &str) -> Vec<String> {
         while let Some(i) = lower[from..].find(needle) {
             let at = from + i;
             let end = (at + 60).min(html.len());
-            let end = (end..=html.len()).find(|e| html.is_char_boundary(*e)).unwrap_or(html.len());
+            let end = (end..=html.len())
+                .find(|e| html.is_char_boundary(*e))
+                .unwrap_or(html.len());
             found.push(html[at..end].to_owned());
             from = at + needle.len();
         }
@@ -641,12 +704,18 @@ mod tests {
 
     #[test]
     fn text_is_escaped_and_the_policy_pins_the_style() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
         let csp = content_security_policy();
         assert!(csp.starts_with("default-src 'none'"));
         assert!(csp.contains(&style_hash()));
         assert!(external_references("<p>ok</p><style>p{}</style>").is_empty());
         assert_eq!(external_references("<img src=\"http://x\">").len(), 2);
-        assert_eq!(external_references("<p style=\"background:url(x)\">").len(), 1);
+        assert_eq!(
+            external_references("<p style=\"background:url(x)\">").len(),
+            1
+        );
     }
 }

@@ -69,18 +69,21 @@ fn bundle(version: u64) -> String {
 }
 
 fn config(sb: &Sandbox, secret: &Path) -> String {
-    sb.config("mode = \"0660\"\ngroup = 4321", "[llm]\nslots = 2\ncontext = 512\n")
-        .replace(
-            "state_dir = ",
-            &format!("models_dir = \"{}\"\nstate_dir = ", models_dir().display()),
-        )
-        .replace(
-            "[audit]\n",
-            &format!(
-                "[audit]\ncheckpoint_every = 4\nuser_secret = \"{}\"\n",
-                secret.display()
-            ),
-        )
+    sb.config(
+        "mode = \"0660\"\ngroup = 4321",
+        "[llm]\nslots = 2\ncontext = 512\n",
+    )
+    .replace(
+        "state_dir = ",
+        &format!("models_dir = \"{}\"\nstate_dir = ", models_dir().display()),
+    )
+    .replace(
+        "[audit]\n",
+        &format!(
+            "[audit]\ncheckpoint_every = 4\nuser_secret = \"{}\"\n",
+            secret.display()
+        ),
+    )
 }
 
 /// The clock offset that puts the daemon at `day` 12:00 UTC of last month.
@@ -137,7 +140,11 @@ fn embed(d: &Daemon, user: Option<&str>, model: &str, text: &str) -> String {
 
 fn chat(d: &Daemon, user: &str) -> String {
     let body = json!({"model": GEMMA, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2, "temperature": 0, "user": user});
-    outcome(&post_json(&d.socket, "/v1/chat/completions", &body.to_string()))
+    outcome(&post_json(
+        &d.socket,
+        "/v1/chat/completions",
+        &body.to_string(),
+    ))
 }
 
 /// One POST as another user (uid, with group 4321 to reach the socket).
@@ -219,7 +226,9 @@ fn expected(hosts: &[Vec<Value>], month: &str) -> Value {
                 } else {
                     "(models not in a manifest)".to_owned()
                 };
-                *denials.entry(e["reason"].as_str().expect("reason").to_owned()).or_default() += 1;
+                *denials
+                    .entry(e["reason"].as_str().expect("reason").to_owned())
+                    .or_default() += 1;
                 *model_denied.entry(model).or_default() += 1;
                 *tenant_denied.entry(tenant).or_default() += 1;
                 continue;
@@ -277,7 +286,12 @@ fn stated(report: &Value) -> Value {
             .expect("rows")
             .iter()
             .filter(|r| r[field].as_u64().unwrap_or(0) > 0)
-            .map(|r| (r[key].as_str().expect("id").to_owned(), r[field].as_u64().expect("n")))
+            .map(|r| {
+                (
+                    r[key].as_str().expect("id").to_owned(),
+                    r[field].as_u64().expect("n"),
+                )
+            })
             .collect()
     };
     let t = &report["totals"];
@@ -326,9 +340,16 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         assert_eq!(embed(&d, Some(user), MINILM, "a claim"), "200");
     }
     assert_eq!(embed(&d, Some("d"), MINILM, "a claim"), "tenant_user_cap");
-    assert_eq!(embed(&d, Some("a"), MINILM, "a forbidden-word claim"), "content_rule");
+    assert_eq!(
+        embed(&d, Some("a"), MINILM, "a forbidden-word claim"),
+        "content_rule"
+    );
     assert_eq!(embed(&d, None, MINILM, "no user"), "user_required");
-    assert_eq!(embed(&d, Some("a"), "no-such-model", "x"), "model_not_found", "model_not_in_manifest in the record");
+    assert_eq!(
+        embed(&d, Some("a"), "no-such-model", "x"),
+        "model_not_found",
+        "model_not_in_manifest in the record"
+    );
     assert_eq!(chat(&d, "a"), "200");
     assert_eq!(chat(&d, "b"), "200");
     assert_eq!(chat(&d, "c"), "licence_user_threshold");
@@ -336,7 +357,12 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     assert_eq!(search(&d, "x", MINILM), 200);
     assert_ne!(search(&d, "x", GEMMA), 200, "model_not_allowed");
     assert_eq!(
-        post_as(5555, &d, "/v1/embeddings", &json!({"model": MINILM, "input": "x", "user": "z"})),
+        post_as(
+            5555,
+            &d,
+            "/v1/embeddings",
+            &json!({"model": MINILM, "input": "x", "user": "z"})
+        ),
         403,
         "unknown_identity"
     );
@@ -345,7 +371,11 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     // Day 20: counts restored after the restart; bundle 2 arrives.
     let d = start(&sb, &secret, Some(&day20));
     assert_eq!(embed(&d, Some("a"), MINILM, "again"), "200");
-    assert_eq!(embed(&d, Some("e"), MINILM, "new"), "tenant_user_cap", "still capped");
+    assert_eq!(
+        embed(&d, Some("e"), MINILM, "new"),
+        "tenant_user_cap",
+        "still capped"
+    );
     assert_eq!(search(&d, "y", MINILM), 200);
     sb.publish(&sb.sign("v2", &bundle(2)));
     d.wait_bundle(2);
@@ -357,7 +387,10 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     let month_b = month_of(time::OffsetDateTime::now_utc().unix_timestamp());
     assert_eq!(embed(&d, Some("a"), MINILM, "new month"), "200");
     assert_eq!(embed(&d, Some("f"), MINILM, "new month"), "200");
-    assert_eq!(embed(&d, Some("f"), MINILM, "forbidden-word"), "content_rule");
+    assert_eq!(
+        embed(&d, Some("f"), MINILM, "forbidden-word"),
+        "content_rule"
+    );
     assert_eq!(search(&d, "x", MINILM), 200);
     assert_eq!(chat(&d, "f"), "200");
 
@@ -372,11 +405,18 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(live["hosts"][0]["source"].as_str().expect("source").contains("running daemon"));
+    assert!(
+        live["hosts"][0]["source"]
+            .as_str()
+            .expect("source")
+            .contains("running daemon")
+    );
     assert_eq!(live["chain_verified"], true, "{live}");
     let records_b = {
         let out = ok(&airgate(&["audit", "export", "--config", s(&cfg)]));
-        out.lines().map(|l| serde_json::from_str::<Value>(l).expect("line")).collect::<Vec<_>>()
+        out.lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("line"))
+            .collect::<Vec<_>>()
     };
     assert_eq!(stated(&live), expected(&[records_b], &month_b), "{live:#}");
     assert_eq!(live["totals"]["distinct_users"], 3, "claims a, f; search x");
@@ -384,19 +424,34 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
 
     // Last month, from the stopped store.
     let records = export_state(&state);
-    let report = report_json(&["--month", &month_a, "--state", s(&state), "--config", s(&cfg)]);
+    let report = report_json(&[
+        "--month",
+        &month_a,
+        "--state",
+        s(&state),
+        "--config",
+        s(&cfg),
+    ]);
     let want = expected(std::slice::from_ref(&records), &month_a);
     assert_eq!(stated(&report), want, "{report:#}");
     // The scripted figures, to be sure the computation above is not vacuous.
-    assert_eq!(report["totals"]["distinct_users"], 6, "claims a b c; search a x y");
+    assert_eq!(
+        report["totals"]["distinct_users"], 6,
+        "claims a b c; search a x y"
+    );
     assert_eq!(row(&report, "tenants", "claims")["distinct_users"], 3);
-    assert_eq!(row(&report, "tenants", "claims")["cap"]["max_users_per_month"], 3);
+    assert_eq!(
+        row(&report, "tenants", "claims")["cap"]["max_users_per_month"],
+        3
+    );
     assert_eq!(row(&report, "licences", GEMMA_LICENCE)["distinct_users"], 2);
     assert_eq!(row(&report, "licences", GEMMA_LICENCE)["threshold"], 2);
-    assert!(row(&report, "licences", GEMMA_LICENCE)["attribution"]
-        .as_str()
-        .expect("attribution")
-        .contains("Gemma Terms of Use"));
+    assert!(
+        row(&report, "licences", GEMMA_LICENCE)["attribution"]
+            .as_str()
+            .expect("attribution")
+            .contains("Gemma Terms of Use")
+    );
     for reason in [
         "tenant_user_cap",
         "content_rule",
@@ -406,9 +461,16 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         "model_not_allowed",
         "unknown_identity",
     ] {
-        assert!(report["denials"][reason].as_u64().unwrap_or(0) >= 1, "{reason}: {}", report["denials"]);
+        assert!(
+            report["denials"][reason].as_u64().unwrap_or(0) >= 1,
+            "{reason}: {}",
+            report["denials"]
+        );
     }
-    let daily = row(&report, "tenants", "search")["daily_requests"].as_array().expect("daily").clone();
+    let daily = row(&report, "tenants", "search")["daily_requests"]
+        .as_array()
+        .expect("daily")
+        .clone();
     assert_eq!(daily[4], 2, "search on day 5: {daily:?}");
     assert_eq!(daily[19], 1, "search on day 20: {daily:?}");
     let versions: Vec<u64> = report["bundles"]
@@ -418,9 +480,17 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         .map(|b| b["version"].as_u64().expect("version"))
         .collect();
     assert_eq!(versions, [1, 2], "both bundles were in force last month");
-    assert!(report["bundles"][0]["signature"].as_str().expect("sig").starts_with("verified"));
+    assert!(
+        report["bundles"][0]["signature"]
+            .as_str()
+            .expect("sig")
+            .starts_with("verified")
+    );
     let gemma = row(&report, "models", GEMMA);
-    assert_eq!(gemma["files"][0]["sha256"], "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818");
+    assert_eq!(
+        gemma["files"][0]["sha256"],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    );
     assert!(gemma["completion_tokens"].as_u64().expect("tokens") > 0);
     let chain = &report["hosts"][0];
     assert_eq!(chain["verified"], true, "{chain}");
@@ -429,45 +499,143 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
 
     // HTML: self-contained, charts inline, nothing may be loaded.
     let html_path = sb.path().join("report.html");
-    ok(&airgate(&["report", "--month", &month_a, "--state", s(&state), "--config", s(&cfg), "-o", s(&html_path)]));
+    ok(&airgate(&[
+        "report",
+        "--month",
+        &month_a,
+        "--state",
+        s(&state),
+        "--config",
+        s(&cfg),
+        "-o",
+        s(&html_path),
+    ]));
     let html = std::fs::read_to_string(&html_path).expect("html");
-    assert_eq!(airgate::report::render::external_references(&html), Vec::<String>::new());
-    assert!(html.contains("http-equiv=\"Content-Security-Policy\" content=\"default-src &#39;none&#39;"), "CSP");
-    assert_eq!(html.matches("<svg").count(), 3, "a users chart per licence with users, and requests per tenant");
+    assert_eq!(
+        airgate::report::render::external_references(&html),
+        Vec::<String>::new()
+    );
+    assert!(
+        html.contains(
+            "http-equiv=\"Content-Security-Policy\" content=\"default-src &#39;none&#39;"
+        ),
+        "CSP"
+    );
+    assert_eq!(
+        html.matches("<svg").count(),
+        3,
+        "a users chart per licence with users, and requests per tenant"
+    );
     assert!(!html.contains("<script"));
-    let md = String::from_utf8(airgate(&["report", "--month", &month_a, "--state", s(&state), "--config", s(&cfg), "--format", "md", "-o", "-"]).stdout).expect("md");
+    let md = String::from_utf8(
+        airgate(&[
+            "report",
+            "--month",
+            &month_a,
+            "--state",
+            s(&state),
+            "--config",
+            s(&cfg),
+            "--format",
+            "md",
+            "-o",
+            "-",
+        ])
+        .stdout,
+    )
+    .expect("md");
     assert!(md.contains("| claims | "), "{md}");
 
     // The evidence pack verifies; a changed file is named; so is a missing one.
     let pack = sb.path().join("pack-a");
-    ok(&airgate(&["evidence", "--month", &month_a, "--state", s(&state), "--config", s(&cfg), "-o", s(&pack)]));
+    ok(&airgate(&[
+        "evidence",
+        "--month",
+        &month_a,
+        "--state",
+        s(&state),
+        "--config",
+        s(&cfg),
+        "-o",
+        s(&pack),
+    ]));
     let verified = ok(&airgate(&["evidence", "verify", s(&pack)]));
-    assert!(verified.contains("wholly between signed checkpoints"), "{verified}");
-    let pack_report: Value = serde_json::from_slice(&std::fs::read(pack.join("report.json")).expect("report")).expect("json");
+    assert!(
+        verified.contains("wholly between signed checkpoints"),
+        "{verified}"
+    );
+    let pack_report: Value =
+        serde_json::from_slice(&std::fs::read(pack.join("report.json")).expect("report"))
+            .expect("json");
     assert_eq!(stated(&pack_report), want);
     let host_pub = state.join("host.pub");
-    ok(&airgate(&["evidence", "verify", s(&pack), "--host-key", s(&host_pub)]));
+    ok(&airgate(&[
+        "evidence",
+        "verify",
+        s(&pack),
+        "--host-key",
+        s(&host_pub),
+    ]));
     let tar = sb.path().join("pack-a.tar");
-    ok(&airgate(&["evidence", "--month", &month_a, "--state", s(&state), "--config", s(&cfg), "-o", s(&tar)]));
+    ok(&airgate(&[
+        "evidence",
+        "--month",
+        &month_a,
+        "--state",
+        s(&state),
+        "--config",
+        s(&cfg),
+        "-o",
+        s(&tar),
+    ]));
     ok(&airgate(&["evidence", "verify", s(&tar)]));
 
     let tampered = sb.path().join("tampered");
     copy_dir(&pack, &tampered);
     let export = tampered.join("audit/export.jsonl");
-    let text = std::fs::read_to_string(&export).expect("export").replacen("\"deny\"", "\"allow\"", 1);
+    let text =
+        std::fs::read_to_string(&export)
+            .expect("export")
+            .replacen("\"deny\"", "\"allow\"", 1);
     std::fs::write(&export, text).expect("tamper");
     let out = airgate(&["evidence", "verify", s(&tampered)]);
     assert_eq!(out.status.code(), Some(65));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("audit/export.jsonl: modified"), "{err}");
-    assert!(!err.contains("report.json"), "only the changed file is named: {err}");
-    std::fs::remove_file(tampered.join("bundles").read_dir().expect("bundles").next().expect("a bundle").expect("entry").path()).expect("rm");
-    let err = String::from_utf8_lossy(&airgate(&["evidence", "verify", s(&tampered)]).stderr).into_owned();
+    assert!(
+        !err.contains("report.json"),
+        "only the changed file is named: {err}"
+    );
+    std::fs::remove_file(
+        tampered
+            .join("bundles")
+            .read_dir()
+            .expect("bundles")
+            .next()
+            .expect("a bundle")
+            .expect("entry")
+            .path(),
+    )
+    .expect("rm");
+    let err = String::from_utf8_lossy(&airgate(&["evidence", "verify", s(&tampered)]).stderr)
+        .into_owned();
     assert!(err.contains("missing"), "{err}");
     // A pack checked against another host's key fails.
     let other = Sandbox::new();
-    ok(&airgate(&["keygen", "--dir", s(other.path()), "--name", "other"]));
-    let out = airgate(&["evidence", "verify", s(&pack), "--host-key", s(&other.path().join("other.pub"))]);
+    ok(&airgate(&[
+        "keygen",
+        "--dir",
+        s(other.path()),
+        "--name",
+        "other",
+    ]));
+    let out = airgate(&[
+        "evidence",
+        "verify",
+        s(&pack),
+        "--host-key",
+        s(&other.path().join("other.pub")),
+    ]);
     assert_eq!(out.status.code(), Some(65));
 
     // A second host of the fleet (same user secret): users a (also on the
@@ -493,11 +661,25 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     stop(d2);
     let cfg2 = sb2.config_path();
     let pack2 = sb2.path().join("pack-b.tar");
-    ok(&airgate(&["evidence", "--month", &month_a, "--state", s(&state2), "--config", s(&cfg2), "-o", s(&pack2)]));
+    ok(&airgate(&[
+        "evidence",
+        "--month",
+        &month_a,
+        "--state",
+        s(&state2),
+        "--config",
+        s(&cfg2),
+        "-o",
+        s(&pack2),
+    ]));
     ok(&airgate(&["evidence", "verify", s(&pack2)]));
     let merged = report_json(&["--month", &month_a, "--pack", s(&pack), "--pack", s(&pack2)]);
     let records2 = export_state(&state2);
-    assert_eq!(stated(&merged), expected(&[records.clone(), records2], &month_a), "{merged:#}");
+    assert_eq!(
+        stated(&merged),
+        expected(&[records, records2], &month_a),
+        "{merged:#}"
+    );
     assert_eq!(merged["hosts"].as_array().expect("hosts").len(), 2);
     assert_eq!(
         row(&merged, "tenants", "claims")["distinct_users"],
@@ -505,6 +687,32 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         "a, b, c and g: a counted once across the hosts"
     );
     assert_eq!(merged["totals"]["distinct_users"], 7);
+    let cap = &row(&merged, "tenants", "claims")["cap"];
+    assert_eq!(
+        cap["most_users_on_a_host"], 3,
+        "the host-scoped cap binds per host: {cap}"
+    );
+    assert_eq!(cap["fraction"], 1.0);
+
+    // scripts/extended renders these in headless Chromium.
+    if let Some(dir) = std::env::var_os("AIRGATE_REPORT_ARTEFACTS") {
+        let dir = Path::new(&dir);
+        std::fs::create_dir_all(dir).expect("artefacts dir");
+        std::fs::copy(&html_path, dir.join("report.html")).expect("copy report");
+        ok(&airgate(&[
+            "report",
+            "--month",
+            &month_a,
+            "--pack",
+            s(&pack),
+            "--pack",
+            s(&pack2),
+            "-o",
+            s(&dir.join("fleet-report.html")),
+        ]));
+        let _ = std::fs::remove_dir_all(dir.join("evidence-pack"));
+        copy_dir(&pack, &dir.join("evidence-pack"));
+    }
 
     // A pack made with another user secret does not merge.
     let sb3 = Sandbox::new();
@@ -520,8 +728,28 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     assert_eq!(embed(&d3, Some("a"), MINILM, "host three"), "200");
     stop(d3);
     let pack3 = sb3.path().join("pack-c");
-    ok(&airgate(&["evidence", "--month", &month_a, "--state", s(&sb3.path().join("state")), "--config", s(&sb3.config_path()), "-o", s(&pack3)]));
-    let out = airgate(&["report", "--month", &month_a, "--pack", s(&pack), "--pack", s(&pack3), "-o", "-"]);
+    ok(&airgate(&[
+        "evidence",
+        "--month",
+        &month_a,
+        "--state",
+        s(&sb3.path().join("state")),
+        "--config",
+        s(&sb3.config_path()),
+        "-o",
+        s(&pack3),
+    ]));
+    let out = airgate(&[
+        "report",
+        "--month",
+        &month_a,
+        "--pack",
+        s(&pack),
+        "--pack",
+        s(&pack3),
+        "-o",
+        "-",
+    ]);
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("different user-hashing secret"));
 }
