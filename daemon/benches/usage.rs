@@ -238,4 +238,40 @@ fn main() {
         .map(|t| t["live"]["users"].as_u64().unwrap_or(0))
         .sum();
     println!("live distinct users after the run: {users}");
+
+    // The month's compliance report over the same log, read from the
+    // stopped store as `airgate report --state` does.
+    drop(usage);
+    let store = (0..200)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            airgate::audit::open_db(&path, 8 << 20).ok()
+        })
+        .expect("the writer let go of the store");
+    let records = store.len();
+    drop(store);
+    let month = airgate::report::Month::of_index(airgate::usage::month_index(now.seconds()));
+    let mut inputs = airgate::report::Inputs {
+        hosts: vec![airgate::report::Host {
+            label: "bench".to_owned(),
+            records: airgate::report::Records::Store(path.clone()),
+            host_key: vec![0; 32],
+            bundle_at_start: None,
+        }],
+        bundles: airgate::report::Bundles::default(),
+        state: None,
+    };
+    let t = Instant::now();
+    let report = airgate::report::build(month, &mut inputs, now.seconds()).expect("report");
+    let took = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let html = report.render(airgate::report::Format::Html);
+    println!(
+        "report: {records} records verified and counted in {took:.2} s ({:.0} records/s), {} distinct users; HTML {} KiB in {:.3} s",
+        records as f64 / took,
+        report.totals.distinct_users,
+        html.len() / 1024,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(report.totals.distinct_users, u64::from(USERS));
 }
