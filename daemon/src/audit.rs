@@ -38,6 +38,9 @@ pub enum AuditError {
 
 struct Job {
     content: Vec<u8>,
+    /// Seal a signed checkpoint right after this record, and answer only
+    /// once it is durable (the last record before a clean stop).
+    seal: bool,
     reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
 }
 
@@ -584,9 +587,24 @@ impl Audit {
 
     /// Appends one record and waits until it is durable; returns its sequence.
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
+        self.append_job(event, false).await
+    }
+
+    /// [`Audit::append`], then a signed checkpoint over the log through this
+    /// record, durable before it returns: a clean stop leaves every record
+    /// vouched for (packs and reports of the period need no later run).
+    pub async fn append_sealed(&self, event: Event) -> Result<u64, AuditError> {
+        self.append_job(event, true).await
+    }
+
+    async fn append_job(&self, event: Event, seal: bool) -> Result<u64, AuditError> {
         let content = Content { time: now(), event }.encode();
         let (reply, wait) = tokio::sync::oneshot::channel();
-        match self.tx.try_send(Job { content, reply }) {
+        match self.tx.try_send(Job {
+            content,
+            reply,
+            seal,
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(AuditError::Unavailable(format!(
@@ -608,7 +626,15 @@ impl Audit {
     pub fn record(&self, event: Event) {
         let content = Content { time: now(), event }.encode();
         let (reply, _) = tokio::sync::oneshot::channel();
-        if self.tx.try_send(Job { content, reply }).is_err() {
+        if self
+            .tx
+            .try_send(Job {
+                content,
+                reply,
+                seal: false,
+            })
+            .is_err()
+        {
             tracing::error!("audit queue full or writer stopped: a record was lost");
         }
     }
@@ -841,13 +867,19 @@ fn write_loop(
                     tracing::warn!(previous_error = %was, "audit store writes again; service resumes");
                 }
                 drop(s);
+                let mut sealing = Vec::new();
                 for (i, job) in jobs.into_iter().enumerate() {
-                    let _ = job.reply.send(Ok(first + i as u64));
+                    if job.seal {
+                        sealing.push((first + i as u64, job.reply));
+                    } else {
+                        let _ = job.reply.send(Ok(first + i as u64));
+                    }
                 }
                 since_checkpoint += written;
                 if let Some(signer) = &signer
                     && (since_checkpoint >= signer.every
-                        || last_checkpoint.elapsed() >= signer.interval)
+                        || last_checkpoint.elapsed() >= signer.interval
+                        || !sealing.is_empty())
                     && let Some(handle) = db.as_ref()
                 {
                     match write_checkpoint(handle, dir, log.as_ref(), signer, next, head) {
@@ -862,6 +894,11 @@ fn write_loop(
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot write an audit checkpoint"),
                     }
+                }
+                // The record itself is durable either way; the checkpoint is
+                // a best effort (a failed one is logged above).
+                for (seq, reply) in sealing {
+                    let _ = reply.send(Ok(seq));
                 }
             }
             Err(e) => {
@@ -1027,6 +1064,39 @@ mod tests {
             .expect("insert");
         let err = check_format(&db).expect_err("newer");
         assert!(err.contains("written by a newer airgate"), "{err}");
+    }
+
+    #[test]
+    fn a_sealed_append_is_followed_by_a_durable_checkpoint_before_it_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("audit");
+        let heartbeat = Heartbeat::new();
+        let (audit, _) =
+            open_test(&store, Some(1000), false, &heartbeat, "audit-writer").expect("open");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let before = audit.state().records;
+        rt.block_on(audit.append(Event::Shutdown {
+            reason: "plain".to_owned(),
+        }))
+        .expect("append");
+        assert_eq!(audit.state().records, before + 1, "no checkpoint yet");
+        let seq = rt
+            .block_on(audit.append_sealed(Event::Shutdown {
+                reason: "stop".to_owned(),
+            }))
+            .expect("append");
+        // Answered only once the checkpoint over it is in.
+        assert_eq!(audit.state().records, seq + 2);
+        let db = audit.reader().expect("reader");
+        let stored = db
+            .get(key(seq + 1))
+            .expect("get")
+            .expect("checkpoint record");
+        let sealed = open(seq + 1, &stored).expect("opens");
+        let good = pair(1).public_key().as_ref().to_vec();
+        assert_eq!(checkpoint_valid(&sealed, &good), Some(true));
     }
 
     #[test]

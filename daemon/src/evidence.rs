@@ -54,6 +54,9 @@ pub struct PackInfo {
     pub last_seq: u64,
     /// (version, digest, accepted at) of the bundle in force as the month began.
     pub bundle_at_start: Option<(u64, String, i64)>,
+    /// Made after the month ended (else it holds the month so far).
+    #[serde(default)]
+    pub month_over: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -274,6 +277,7 @@ pub fn create(
         first_seq: run.first.unwrap_or(0),
         last_seq: run.last,
         bundle_at_start,
+        month_over: now >= month.end,
     };
     write(
         dir,

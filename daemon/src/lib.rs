@@ -613,10 +613,13 @@ fn evidence_command(
                         c.info.first_seq,
                         c.info.last_seq,
                         c.checkpoints,
-                        if c.month_covered {
-                            "wholly between signed checkpoints"
-                        } else {
-                            "NOT wholly between signed checkpoints (made before the month was over?)"
+                        match (c.month_covered, c.info.month_over) {
+                            (true, true) => "wholly between signed checkpoints",
+                            (true, false) =>
+                                "not over: its records so far are wholly between signed checkpoints",
+                            (false, true) => "NOT wholly between signed checkpoints",
+                            (false, false) =>
+                                "not over, and its last records are not yet vouched for by a checkpoint",
                         },
                         c.bundles
                     );

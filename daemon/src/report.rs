@@ -328,11 +328,14 @@ pub struct HostChain {
     pub month_last_seq: Option<u64>,
     /// The last signed checkpoint at or before the month's start.
     pub checkpoint_before: Option<CheckpointRef>,
-    /// The first signed checkpoint at or after the month's end.
+    /// The first signed checkpoint after the last record dated before the
+    /// month's end: it vouches for every record of the month (a clean stop
+    /// seals one, so it may be dated inside the month).
     pub checkpoint_after: Option<CheckpointRef>,
     pub last_checkpoint: Option<CheckpointRef>,
     /// The month lies between two signed points (genesis or a checkpoint
-    /// before it, a checkpoint after it) with every record between verified.
+    /// at or before its start, and `checkpoint_after`) with every record
+    /// between them verified.
     pub month_covered: bool,
     /// Records after the last checkpoint (not yet vouched for by one).
     pub unvouched_records: u64,
@@ -491,10 +494,14 @@ impl Tally {
                     chain.unvouched_records = 0;
                     if c.time <= self.month.start {
                         chain.checkpoint_before = Some(at.clone());
-                    } else if c.time >= self.month.end && chain.checkpoint_after.is_none() {
+                    }
+                    if chain.checkpoint_after.is_none() {
                         chain.checkpoint_after = Some(at.clone());
                     }
                     chain.last_checkpoint = Some(at);
+                } else if c.time < self.month.end {
+                    // A record of the month (or before it) not yet vouched for.
+                    chain.checkpoint_after = None;
                 }
                 if self.month.contains(c.time) {
                     chain.month_records += 1;
@@ -681,6 +688,12 @@ impl Tally {
         }
         let month = self.month;
         let mut notes = Vec::new();
+        if generated_at < month.end && generated_at > 0 {
+            notes.push(format!(
+                "the month is not over: these are its figures up to {}",
+                rfc3339(generated_at)
+            ));
+        }
 
         // Bundles in force: per host, the one at the month's start, then each accepted in it.
         let mut in_force: BTreeMap<String, (u64, Vec<Interval>)> = BTreeMap::new();

@@ -707,7 +707,7 @@ impl Daemon {
         }
         if let Err(e) = shared
             .audit
-            .append(Event::Shutdown {
+            .append_sealed(Event::Shutdown {
                 reason: "signal".to_owned(),
             })
             .await

@@ -420,7 +420,29 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     };
     assert_eq!(stated(&live), expected(&[records_b], &month_b), "{live:#}");
     assert_eq!(live["totals"]["distinct_users"], 3, "claims a, f; search x");
+    assert!(
+        live["notes"][0]
+            .as_str()
+            .expect("note")
+            .contains("not over")
+    );
     stop(d);
+    // A clean stop seals a checkpoint over the last record: the month so
+    // far is vouched for without waiting for a later run.
+    let stopped = report_json(&[
+        "--month",
+        &month_b,
+        "--state",
+        s(&state),
+        "--config",
+        s(&cfg),
+    ]);
+    assert_eq!(
+        stopped["hosts"][0]["month_covered"], true,
+        "{}",
+        stopped["hosts"][0]
+    );
+    assert_eq!(stated(&stopped), stated(&live));
 
     // Last month, from the stopped store.
     let records = export_state(&state);
