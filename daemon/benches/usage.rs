@@ -254,7 +254,7 @@ fn main() {
     let mut inputs = airgate::report::Inputs {
         hosts: vec![airgate::report::Host {
             label: "bench".to_owned(),
-            records: airgate::report::Records::Store(path.clone()),
+            records: airgate::report::Records::Store(path),
             host_key: vec![0; 32],
             bundle_at_start: None,
         }],

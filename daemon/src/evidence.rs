@@ -57,6 +57,9 @@ pub struct PackInfo {
     /// Made after the month ended (else it holds the month so far).
     #[serde(default)]
     pub month_over: bool,
+    /// Why the host's chain does not verify, if it does not.
+    #[serde(default)]
+    pub chain_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -155,7 +158,6 @@ pub fn create(
     };
     let mut tally = Tally::new(month);
     let host = &inputs.hosts[0];
-    let mut failed: Option<String> = None;
     tally.scan(host, &mut |tally, index, seq, stored, content, signed| {
         let time = content.map(|c| c.time);
         let before = time.is_some_and(|t| t <= month.start);
@@ -195,7 +197,6 @@ pub fn create(
             }
             Some(_) => {}
             None => {
-                failed.get_or_insert_with(|| format!("record {seq} is damaged"));
                 writeln!(run.export, "{}", crate::audit::damaged_line(seq, "damaged"))
                     .map_err(io(&records_path))?;
             }
@@ -205,12 +206,9 @@ pub fn create(
     run.records.sync_all().map_err(io(&records_path))?;
     run.export.flush().map_err(io(dir))?;
     let bundle_at_start = tally.bundle_at_start(0);
+    // A chain that does not verify still gets its pack (it is the evidence
+    // of the break); the report inside says where, and so does the caller.
     let report = tally.finish(&mut inputs.bundles, now);
-    if !report.chain_verified {
-        // The pack is still written: the report inside says what is broken.
-        tracing::warn!("the audit chain does not verify; the pack's report says where");
-    }
-    let _ = failed;
     let mut checkpoints = run.checkpoints.join("\n");
     checkpoints.push('\n');
     write(dir, "audit/checkpoints.txt", checkpoints.as_bytes())?;
@@ -278,6 +276,7 @@ pub fn create(
         last_seq: run.last,
         bundle_at_start,
         month_over: now >= month.end,
+        chain_error: report.hosts[0].error.clone(),
     };
     write(
         dir,

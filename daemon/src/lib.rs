@@ -597,10 +597,10 @@ fn evidence_command(
             match evidence::verify(&opened.dir, host_key.as_deref()) {
                 Ok(c) => {
                     println!(
-                        "evidence pack OK: {} of host {}{}
-  {} files match the signed manifest
-  {} audit records (seq {}-{}) verify, {} signed checkpoints; the month is {}
-  {} bundles verify against the pack's trust anchors; the report matches the records",
+                        "evidence pack OK: {} of host {}{}\n  \
+                         {} files match the signed manifest\n  \
+                         {} audit records (seq {}-{}) verify, {} signed checkpoints; the month is {}\n  \
+                         {} bundles verify against the pack's trust anchors; the report matches the records",
                         c.info.month,
                         c.host_key_sha256,
                         if c.host_key_from_pack {
@@ -648,8 +648,7 @@ fn evidence_command(
             match evidence::create(config, state, month, out, bundle::system_time_now()) {
                 Ok(info) => {
                     println!(
-                        "{}: evidence pack of {} (host {}, records {}-{})
-check it: airgate evidence verify {}",
+                        "{}: evidence pack of {} (host {}, records {}-{})\ncheck it: airgate evidence verify {}",
                         out.display(),
                         info.month,
                         info.host_key_sha256,
@@ -657,7 +656,15 @@ check it: airgate evidence verify {}",
                         info.last_seq,
                         out.display()
                     );
-                    exit::OK
+                    match &info.chain_error {
+                        None => exit::OK,
+                        Some(e) => fail(
+                            exit::AUDIT_BROKEN,
+                            &format!(
+                                "the audit chain does NOT verify ({e}); the pack records the break and will not verify"
+                            ),
+                        ),
+                    }
                 }
                 Err(e) => fail(exit::CANT_CREATE, &e),
             }
