@@ -426,6 +426,38 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
             .expect("note")
             .contains("not over")
     );
+    // A snapshot the daemon writes reads the same; its bundles come from the
+    // configuration's state directory (a snapshot holds the audit store).
+    let snap = ok(&airgate(&["audit", "snapshot", "--config", s(&cfg)]));
+    let snap_dir = snap
+        .lines()
+        .find_map(|l| l.strip_prefix("verify: airgate audit verify --state "))
+        .expect("snapshot path")
+        .to_owned();
+    let from_snapshot = report_json(&[
+        "--month",
+        &month_b,
+        "--state",
+        &snap_dir,
+        "--config",
+        s(&cfg),
+    ]);
+    assert_eq!(stated(&from_snapshot), stated(&live));
+    let signatures = |r: &Value| -> Vec<(Value, Value)> {
+        r["bundles"]
+            .as_array()
+            .expect("bundles")
+            .iter()
+            .map(|b| (b["version"].clone(), b["signature"].clone()))
+            .collect()
+    };
+    assert_eq!(signatures(&from_snapshot), signatures(&live));
+    assert!(
+        from_snapshot["bundles"][0]["signature"]
+            .as_str()
+            .expect("signature")
+            .starts_with("verified")
+    );
     stop(d);
     // A clean stop seals a checkpoint over the last record: the month so
     // far is vouched for without waiting for a later run.

@@ -145,10 +145,10 @@ fn handshake_count(d: &Daemon, result: &str) -> u64 {
 /// The count once it reaches `want` (or after 2 s): with TLS 1.3 the client
 /// can see the refusal before the server's task has counted it.
 fn handshake_count_reaching(d: &Daemon, result: &str, want: u64) -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let n = handshake_count(d, result);
-        if n >= want || std::time::Instant::now() > deadline {
+        if n >= want || Instant::now() > deadline {
             return n;
         }
         std::thread::sleep(Duration::from_millis(20));
