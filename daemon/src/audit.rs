@@ -19,7 +19,7 @@ use airgate_policy::time::Clock;
 
 use crate::bundle::SystemClock;
 use crate::heartbeat::Worker;
-use crate::keys::hex;
+use crate::keys::{hex, unhex};
 
 /// Appends waiting for the writer beyond this are refused at once.
 const QUEUE: usize = 8192;
@@ -386,16 +386,6 @@ impl SegmentCheck {
     pub fn reached(&self) -> Option<(u64, [u8; 32])> {
         self.verifier.as_ref().map(|v| (v.next(), v.head()))
     }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Signs checkpoints with the host key, every `every` records or `interval`.

@@ -172,7 +172,7 @@ pub fn create(
             run.first = None;
         }
         if run.done {
-            return Ok(true);
+            return Ok(());
         }
         writeln!(run.records, "{}", report::raw_line(seq, stored)).map_err(io(&records_path))?;
         run.first.get_or_insert(seq);
@@ -201,7 +201,7 @@ pub fn create(
                     .map_err(io(&records_path))?;
             }
         }
-        Ok(true)
+        Ok(())
     })?;
     run.records.sync_all().map_err(io(&records_path))?;
     run.export.flush().map_err(io(dir))?;
@@ -545,11 +545,7 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
     }
     let signature = read(SIGNATURE).map_err(|e| vec![e])?;
     let signature = String::from_utf8_lossy(&signature);
-    let sig = (0..signature.trim().len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(signature.trim().get(i..i + 2).unwrap_or("zz"), 16).ok())
-        .collect::<Option<Vec<u8>>>()
-        .unwrap_or_default();
+    let sig = crate::keys::unhex(signature.trim()).unwrap_or_default();
     let mut message = DOMAIN.to_vec();
     message.extend_from_slice(&manifest_bytes);
     if ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key.raw)

@@ -204,9 +204,37 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The bytes of a hex string (either case); `None` if it is empty, of odd
+/// length or not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// [`unhex`] of exactly 32 bytes (a SHA-256, an HMAC).
+pub fn unhex32(s: &str) -> Option<[u8; 32]> {
+    unhex(s)?.try_into().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_round_trips_and_bad_hex_is_none() {
+        assert_eq!(unhex("0aFF"), Some(vec![10, 255]));
+        assert_eq!(unhex(&hex(&[1, 2, 254])), Some(vec![1, 2, 254]));
+        for bad in ["", "abc", "zz", "é1"] {
+            assert_eq!(unhex(bad), None, "{bad:?}");
+        }
+        assert_eq!(unhex32(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(unhex32(&"ab".repeat(31)), None);
+    }
 
     #[test]
     fn generated_keys_read_back_and_sign_verifiably() {

@@ -350,7 +350,7 @@ fn audit_command(command: AuditCommand) -> u8 {
             {
                 let mut next = from;
                 loop {
-                    let (lines, after) = match remote_page(&c.unix.path, next) {
+                    let (lines, after) = match remote_page(&c.unix.path, next, false) {
                         Ok(p) => p,
                         Err(e) => return fail(exit::NO_DAEMON, &e),
                     };
@@ -452,7 +452,7 @@ fn audit_command(command: AuditCommand) -> u8 {
             };
             let mut out = std::io::stdout().lock();
             loop {
-                let (lines, after) = match remote_page(&socket, next) {
+                let (lines, after) = match remote_page(&socket, next, false) {
                     Ok(p) => p,
                     Err(e) => return fail(exit::NO_DAEMON, &e),
                 };
@@ -673,7 +673,7 @@ fn evidence_command(
 }
 
 /// One operator request to the daemon; an answer other than 2xx is an error.
-pub(crate) fn remote(
+fn remote(
     socket: &Path,
     method: http::Method,
     path: &str,
@@ -700,12 +700,22 @@ fn remote_status(socket: &Path) -> Result<serde_json::Value, String> {
     serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
-/// A page of export lines from `from`, and the sequence after it.
-fn remote_page(socket: &Path, from: u64) -> Result<(Vec<String>, u64), String> {
+/// A page of export lines from `from` (with `raw`, stored records as
+/// [`report::raw_line`]s), and the sequence after it.
+pub(crate) fn remote_page(
+    socket: &Path,
+    from: u64,
+    raw: bool,
+) -> Result<(Vec<String>, u64), String> {
+    let query = if raw {
+        "&limit=5000&raw=1"
+    } else {
+        "&limit=1000"
+    };
     let (headers, body) = remote(
         socket,
         http::Method::GET,
-        &format!("/admin/audit/records?from={from}&limit=1000"),
+        &format!("/admin/audit/records?from={from}{query}"),
     )?;
     let next = headers
         .get("x-airgate-next")
@@ -728,14 +738,7 @@ fn read_checkpoints(path: &Path) -> Result<Vec<(u64, [u8; 32])>, String> {
         let bad = || format!("{}:{}: expected `SEQ HASH`", path.display(), i + 1);
         let (seq, hash) = line.split_once(char::is_whitespace).ok_or_else(bad)?;
         let seq: u64 = seq.parse().map_err(|_| bad())?;
-        let hash = hash.trim();
-        if hash.len() != 64 {
-            return Err(bad());
-        }
-        let mut h = [0u8; 32];
-        for (j, b) in h.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hash[2 * j..2 * j + 2], 16).map_err(|_| bad())?;
-        }
+        let h = keys::unhex32(hash.trim()).ok_or_else(bad)?;
         out.push((seq, h));
     }
     Ok(out)

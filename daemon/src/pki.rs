@@ -260,16 +260,6 @@ pub fn crl(dir: &Path, days: i64) -> Result<PathBuf, PkiError> {
     Ok(ca.crl_path())
 }
 
-fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
 fn write_crl(ca: &Ca, key: &KeyPair, ca_pem: &str, days: i64) -> Result<(), PkiError> {
     let issuer = Issuer::from_ca_cert_pem(ca_pem, key)?;
     let revoked_text = read(&ca.revoked_path())?;
@@ -283,7 +273,7 @@ fn write_crl(ca: &Ca, key: &KeyPair, ca_pem: &str, days: i64) -> Result<(), PkiE
             path: ca.revoked_path(),
             reason: format!("line {}: expected \"SERIAL-HEX UNIX-TIME\"", i + 1),
         };
-        let serial = parse_hex(serial).ok_or_else(bad)?;
+        let serial = crate::keys::unhex(serial).ok_or_else(bad)?;
         let at: i64 = at.parse().map_err(|_| bad())?;
         revoked_certs.push(RevokedCertParams {
             serial_number: SerialNumber::from_slice(&serial),

@@ -124,9 +124,8 @@ pub type EachRecord<'a> = dyn FnMut(u64, &[u8]) -> Result<(), String> + 'a;
 /// Called by [`Tally::scan`] with each record: the tally so far, the host's
 /// index, the sequence, the stored bytes, the content (when the record's
 /// own checks pass) and whether it is a checkpoint signed by the host key.
-/// `Ok(false)` stops the scan.
 pub type Visit<'a> =
-    dyn FnMut(&Tally, usize, u64, &[u8], Option<&Content>, bool) -> Result<bool, String> + 'a;
+    dyn FnMut(&Tally, usize, u64, &[u8], Option<&Content>, bool) -> Result<(), String> + 'a;
 
 /// Where one host's records come from.
 #[derive(Clone, Debug)]
@@ -146,26 +145,14 @@ impl Records {
             Self::Live(socket) => {
                 let mut next = from;
                 loop {
-                    let (headers, body) = crate::remote(
-                        socket,
-                        http::Method::GET,
-                        &format!("/admin/audit/records?from={next}&limit=5000&raw=1"),
-                    )?;
-                    let text = String::from_utf8_lossy(&body);
-                    let mut any = false;
-                    for line in text.lines().filter(|l| !l.is_empty()) {
-                        let (seq, stored) = parse_raw_line(line)
+                    let (lines, after) = crate::remote_page(socket, next, true)?;
+                    if lines.is_empty() || after <= next {
+                        return Ok(());
+                    }
+                    for line in lines {
+                        let (seq, stored) = parse_raw_line(&line)
                             .map_err(|e| format!("the daemon sent a bad record line: {e}"))?;
                         f(seq, &stored)?;
-                        any = true;
-                    }
-                    let after = headers
-                        .get("x-airgate-next")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(next);
-                    if !any || after <= next {
-                        return Ok(());
                     }
                     next = after;
                 }
@@ -440,8 +427,7 @@ impl Tally {
 
     /// Reads and verifies one host's records, counting the month's. `each`
     /// also sees every record (with its parsed content and whether it is
-    /// a signed checkpoint), e.g. to write an evidence pack; it may stop
-    /// the scan early by returning `Ok(false)`.
+    /// a signed checkpoint), e.g. to write an evidence pack.
     pub fn scan(&mut self, host: &Host, each: &mut Visit<'_>) -> Result<&HostChain, String> {
         use sha2::Digest as _;
         let index = self.hosts.len();
@@ -469,11 +455,7 @@ impl Tally {
             month_covered: false,
             unvouched_records: 0,
         };
-        let mut stopped = false;
         let result = host.records.each(0, &mut |seq, stored| {
-            if stopped {
-                return Ok(());
-            }
             chain.records += 1;
             chain.first_seq.get_or_insert(seq);
             chain.last_seq = Some(seq);
@@ -510,10 +492,7 @@ impl Tally {
                 }
                 self.add(index, c);
             }
-            if !each(self, index, seq, stored, content.as_ref(), signed)? {
-                stopped = true;
-            }
-            Ok(())
+            each(self, index, seq, stored, content.as_ref(), signed)
         });
         result?;
         chain.signed_checkpoints = check.checkpoints;
@@ -1286,7 +1265,7 @@ pub fn local_inputs(config: &Path, state: Option<&Path>) -> Result<Inputs, Strin
 pub fn build(month: Month, inputs: &mut Inputs, now: i64) -> Result<Report, String> {
     let mut tally = Tally::new(month);
     for host in &inputs.hosts {
-        tally.scan(host, &mut |_, _, _, _, _, _| Ok(true))?;
+        tally.scan(host, &mut |_, _, _, _, _, _| Ok(()))?;
     }
     Ok(tally.finish(&mut inputs.bundles, now))
 }

@@ -144,11 +144,7 @@ pub fn run(config: &Path, out: Option<&Path>) -> Result<(), String> {
     let active = policy.active().ok_or(
         "no bundle is in force: the bill of materials lists the models of the bundle in force",
     )?;
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
-        .format(&time::format_description::well_known::Rfc3339)
-        .map_err(|e| e.to_string())?;
+    let now = crate::report::rfc3339(crate::bundle::system_time_now());
     let doc = document(&active.verified.bundle, &active.verified.digest, &now);
     let mut text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
     text.push('\n');

@@ -122,17 +122,6 @@ fn pending_key(request_id: &str) -> Vec<u8> {
     k
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 fn as_u64(v: &[u8]) -> u64 {
     <[u8; 8]>::try_from(v).map_or(0, u64::from_be_bytes)
 }
@@ -226,7 +215,7 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
                 new_tenant_user: false,
                 new_licence_users: Vec::new(),
             };
-            if let Some(user) = d.end_user.as_deref().and_then(unhex32) {
+            if let Some(user) = d.end_user.as_deref().and_then(crate::keys::unhex32) {
                 let k = user_key(USER, month, tenant, &user);
                 if o.get(&k)?.is_none() {
                     o.insert(k, seq.to_be_bytes().to_vec());
@@ -269,7 +258,7 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
             }
             // Nothing was served: the decision's counts are taken back.
             o.add(period_key(REQUESTS, p.day, &p.tenant), -1)?;
-            if let Some(user) = p.user.as_deref().and_then(unhex32) {
+            if let Some(user) = p.user.as_deref().and_then(crate::keys::unhex32) {
                 if p.new_tenant_user {
                     o.remove(user_key(USER, p.month, &p.tenant, &user));
                 }
