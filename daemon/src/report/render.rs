@@ -22,6 +22,23 @@ const PALETTE: [&str; 6] = [
     "#0969da", "#bf3989", "#1a7f37", "#9a6700", "#8250df", "#cf222e",
 ];
 
+/// The month in one sentence (numbers only: no escaping needed).
+fn summary(t: &super::Totals) -> String {
+    format!(
+        "{} decisions: {} allowed, {} refused. {} requests counted ({} cut off), {} allowed but not served. \
+         {} prompt and {} generated tokens. {} distinct users.",
+        t.decisions,
+        t.allowed,
+        t.denied,
+        t.requests,
+        t.cut_off,
+        t.not_served,
+        t.prompt_tokens,
+        t.completion_tokens,
+        t.distinct_users
+    )
+}
+
 /// HTML-escapes text and attribute values.
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -91,20 +108,7 @@ pub fn html(r: &Report) -> String {
         let _ = writeln!(h, "<p class=\"warn\">{}</p>", esc(n));
     }
     let t = &r.totals;
-    let _ = write!(
-        h,
-        "<p>{} decisions: {} allowed, {} refused. {} requests counted ({} cut off), {} allowed but not served. \
-         {} prompt and {} generated tokens. {} distinct users.</p>\n</div>\n",
-        t.decisions,
-        t.allowed,
-        t.denied,
-        t.requests,
-        t.cut_off,
-        t.not_served,
-        t.prompt_tokens,
-        t.completion_tokens,
-        t.distinct_users
-    );
+    let _ = write!(h, "<p>{}</p>\n</div>\n", summary(t));
 
     h.push_str("<h2>Licences: distinct users against thresholds</h2>\n<div class=\"charts\">\n");
     for l in r
@@ -548,19 +552,7 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(m, "- ⚠ {}", cell(n));
     }
     let t = &r.totals;
-    let _ = write!(
-        m,
-        "\n{} decisions: {} allowed, {} refused. {} requests counted ({} cut off), {} not served. {} prompt and {} generated tokens. {} distinct users.\n\n",
-        t.decisions,
-        t.allowed,
-        t.denied,
-        t.requests,
-        t.cut_off,
-        t.not_served,
-        t.prompt_tokens,
-        t.completion_tokens,
-        t.distinct_users
-    );
+    let _ = write!(m, "\n{}\n\n", summary(t));
     m.push_str("## Licences\n\n| Licence | Threshold | Distinct users | Of threshold | Review by | Attribution | Models |\n|---|---:|---:|---:|---|---|---|\n");
     for l in &r.licences {
         let _ = writeln!(

@@ -602,17 +602,7 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
 
     // The evidence pack verifies; a changed file is named; so is a missing one.
     let pack = sb.path().join("pack-a");
-    ok(&airgate(&[
-        "evidence",
-        "--month",
-        &month_a,
-        "--state",
-        s(&state),
-        "--config",
-        s(&cfg),
-        "-o",
-        s(&pack),
-    ]));
+    make_pack(&month_a, s(&state), s(&cfg), &pack);
     let verified = ok(&airgate(&["evidence", "verify", s(&pack)]));
     assert!(
         verified.contains("wholly between signed checkpoints"),
@@ -631,17 +621,7 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         s(&host_pub),
     ]));
     let tar = sb.path().join("pack-a.tar");
-    ok(&airgate(&[
-        "evidence",
-        "--month",
-        &month_a,
-        "--state",
-        s(&state),
-        "--config",
-        s(&cfg),
-        "-o",
-        s(&tar),
-    ]));
+    make_pack(&month_a, s(&state), s(&cfg), &tar);
     ok(&airgate(&["evidence", "verify", s(&tar)]));
 
     let tampered = sb.path().join("tampered");
@@ -694,13 +674,9 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
 
     // A second host of the fleet (same user secret): users a (also on the
     // first host) and g for claims, x for search, last month.
-    let sb2 = Sandbox::new();
+    let sb2 = fleet_host(&sb);
     let state2 = sb2.path().join("state");
     sb2.publish(&sb.sign("v2", &bundle(2)));
-    std::fs::create_dir_all(sb2.path().join("authority")).expect("authority");
-    for f in ["e2e-authority.pub", "e2e-authority.key"] {
-        std::fs::copy(sb.authority().join(f), sb2.path().join("authority").join(f)).expect("key");
-    }
     let (_, day10) = last_month(10);
     let d2 = start(&sb2, &secret, Some(&day10));
     d2.wait_bundle(2);
@@ -715,17 +691,7 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     stop(d2);
     let cfg2 = sb2.config_path();
     let pack2 = sb2.path().join("pack-b.tar");
-    ok(&airgate(&[
-        "evidence",
-        "--month",
-        &month_a,
-        "--state",
-        s(&state2),
-        "--config",
-        s(&cfg2),
-        "-o",
-        s(&pack2),
-    ]));
+    make_pack(&month_a, s(&state2), s(&cfg2), &pack2);
     ok(&airgate(&["evidence", "verify", s(&pack2)]));
     let merged = report_json(&["--month", &month_a, "--pack", s(&pack), "--pack", s(&pack2)]);
     let records2 = export_state(&state2);
@@ -769,30 +735,21 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     }
 
     // A pack made with another user secret does not merge.
-    let sb3 = Sandbox::new();
+    let sb3 = fleet_host(&sb);
     let secret3 = sb3.path().join("own.key");
     std::fs::write(&secret3, [9u8; 32]).expect("secret");
-    std::fs::create_dir_all(sb3.path().join("authority")).expect("authority");
-    for f in ["e2e-authority.pub", "e2e-authority.key"] {
-        std::fs::copy(sb.authority().join(f), sb3.path().join("authority").join(f)).expect("key");
-    }
     sb3.publish(&sb.sign("v2", &bundle(2)));
     let d3 = start(&sb3, &secret3, Some(&day10));
     d3.wait_bundle(2);
     assert_eq!(embed(&d3, Some("a"), MINILM, "host three"), "200");
     stop(d3);
     let pack3 = sb3.path().join("pack-c");
-    ok(&airgate(&[
-        "evidence",
-        "--month",
+    make_pack(
         &month_a,
-        "--state",
         s(&sb3.path().join("state")),
-        "--config",
         s(&sb3.config_path()),
-        "-o",
-        s(&pack3),
-    ]));
+        &pack3,
+    );
     let out = airgate(&[
         "report",
         "--month",
@@ -806,6 +763,35 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
     ]);
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("different user-hashing secret"));
+}
+
+/// `airgate evidence` of `month` from a stopped store.
+fn make_pack(month: &str, state: &str, config: &str, out: &Path) {
+    ok(&airgate(&[
+        "evidence",
+        "--month",
+        month,
+        "--state",
+        state,
+        "--config",
+        config,
+        "-o",
+        s(out),
+    ]));
+}
+
+/// Another host of the fleet: its own sandbox, trusting the same authority.
+fn fleet_host(authority: &Sandbox) -> Sandbox {
+    let sb = Sandbox::new();
+    std::fs::create_dir_all(sb.path().join("authority")).expect("authority");
+    for f in ["e2e-authority.pub", "e2e-authority.key"] {
+        std::fs::copy(
+            authority.authority().join(f),
+            sb.path().join("authority").join(f),
+        )
+        .expect("key");
+    }
+    sb
 }
 
 fn copy_dir(from: &Path, to: &Path) {
