@@ -260,6 +260,7 @@ fn main() {
         }],
         bundles: airgate::report::Bundles::default(),
         state: None,
+        config: None,
     };
     let t = Instant::now();
     let report = airgate::report::build(month, &mut inputs, now.seconds()).expect("report");

@@ -338,12 +338,13 @@ impl SegmentCheck {
         }
     }
 
-    /// Checks record `seq`; on success returns the record's own view.
+    /// Checks record `seq`; on success returns the record's own view and
+    /// whether it is a checkpoint signed by the host key.
     pub fn push<'a>(
         &mut self,
         seq: u64,
         stored: &'a [u8],
-    ) -> Result<airgate_policy::audit::Sealed<'a>, ChainError> {
+    ) -> Result<(airgate_policy::audit::Sealed<'a>, bool), ChainError> {
         let result = self.check(seq, stored);
         if let Err(e) = &result
             && self.error.is_none()
@@ -357,14 +358,14 @@ impl SegmentCheck {
         &mut self,
         seq: u64,
         stored: &'a [u8],
-    ) -> Result<airgate_policy::audit::Sealed<'a>, ChainError> {
+    ) -> Result<(airgate_policy::audit::Sealed<'a>, bool), ChainError> {
         let sealed = open(seq, stored)?;
         let signed = checkpoint_valid(&sealed, &self.key);
         if signed == Some(false) {
             return Err(ChainError::BadCheckpoint { seq });
         }
         if self.error.is_some() {
-            return Ok(sealed);
+            return Ok((sealed, signed == Some(true)));
         }
         let verifier = self.verifier.get_or_insert_with(|| {
             self.first = Some(seq);
@@ -379,7 +380,7 @@ impl SegmentCheck {
         if signed == Some(true) {
             self.checkpoints += 1;
         }
-        Ok(sealed)
+        Ok((sealed, signed == Some(true)))
     }
 
     /// The next sequence expected and the head reached.

@@ -241,7 +241,7 @@ pub fn create(
         let doc = crate::sbom::document(&b.bundle, digest, &report.generated_at);
         write(dir, "sbom.cdx.json", &pretty(&doc))?;
     }
-    if let Ok(c) = crate::config::Config::load(config) {
+    if let Some(c) = &inputs.config {
         for a in &c.trust.anchors {
             let pem = std::fs::read(&a.public_key).map_err(io(&a.public_key))?;
             write(dir, &format!("trust/{}.pub", safe_name(&a.key_id)), &pem)?;
@@ -269,7 +269,7 @@ pub fn create(
         format: FORMAT,
         month: month.name(),
         host_key_sha256: report.hosts[0].host_key_sha256.clone(),
-        user_secret_fingerprint: user_secret_fingerprint(config, &state),
+        user_secret_fingerprint: user_secret_fingerprint(inputs.config.as_ref(), &state),
         created: report.generated_at.clone(),
         generator: report.generator.clone(),
         first_seq: run.first.unwrap_or(0),
@@ -363,10 +363,9 @@ fn host_signer(state: &Path) -> Result<ring::signature::Ed25519KeyPair, String> 
 }
 
 /// The secret that hashes user ids: the configuration's fleet secret, or the host's own.
-fn user_secret_fingerprint(config: &Path, state: &Path) -> Option<String> {
-    let path = crate::config::Config::load(config)
-        .ok()
-        .and_then(|c| c.audit.user_secret)
+fn user_secret_fingerprint(config: Option<&crate::config::Config>, state: &Path) -> Option<String> {
+    let path = config
+        .and_then(|c| c.audit.user_secret.clone())
         .unwrap_or_else(|| state.join("user-hmac.key"));
     crate::gate::UserHasher::load(&path)
         .ok()
@@ -505,6 +504,8 @@ pub struct Checked {
     pub month_covered: bool,
     pub host_key_sha256: String,
     pub host_key_from_pack: bool,
+    /// The raw key the pack verified under.
+    pub host_key: Vec<u8>,
 }
 
 /// Checks an opened pack; `Err` lists every problem, each naming its file.
@@ -594,7 +595,7 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
     let month = Month::parse(&info.month).map_err(|e| vec![format!("pack.json: {e}")])?;
 
     // The records: hashes, links, checkpoint signatures; the report matches them.
-    let mut inputs = pack_inputs(&[(dir.to_owned(), info.clone(), key.raw)]);
+    let mut inputs = pack_inputs(&[(dir.to_owned(), info.clone(), key.raw.clone())]);
     let rebuilt = report::build(month, &mut inputs, 0).map_err(|e| vec![e])?;
     let chain = &rebuilt.hosts[0];
     if let Some(e) = &chain.error {
@@ -648,6 +649,7 @@ pub fn verify(dir: &Path, host_key: Option<&Path>) -> Result<Checked, Vec<String
         month_covered: chain.month_covered,
         host_key_sha256: fingerprint,
         host_key_from_pack: from_pack,
+        host_key: key.raw,
         info,
     })
 }
@@ -695,6 +697,7 @@ fn pack_inputs(packs: &[(PathBuf, PackInfo, Vec<u8>)]) -> Inputs {
         hosts,
         bundles: report::Bundles::new(dirs, Some(merged)),
         state: None,
+        config: None,
     }
 }
 
@@ -712,10 +715,7 @@ pub fn merged_report(packs: &[PathBuf], month: Option<Month>, now: i64) -> Resul
                 problems.join("\n  ")
             )
         })?;
-        let key = crate::keys::read_public_key(&o.dir.join("host.pub"))
-            .map_err(|e| e.to_string())?
-            .raw;
-        checked.push((o.dir.clone(), c.info, key));
+        checked.push((o.dir.clone(), c.info, c.host_key));
         opened.push(o);
     }
     let first = checked.first().ok_or("no packs given")?;

@@ -459,12 +459,10 @@ impl Tally {
             chain.records += 1;
             chain.first_seq.get_or_insert(seq);
             chain.last_seq = Some(seq);
-            let sealed = check.push(seq, stored).ok();
-            let content = sealed.as_ref().and_then(|s| s.parse().ok());
-            let signed = sealed
-                .as_ref()
-                .and_then(|s| crate::audit::checkpoint_valid(s, &host.host_key))
-                == Some(true);
+            let (content, signed) = match check.push(seq, stored) {
+                Ok((sealed, signed)) => (sealed.parse().ok(), signed),
+                Err(_) => (None, false),
+            };
             chain.unvouched_records += 1;
             if let Some(c) = &content {
                 if signed {
@@ -1203,6 +1201,8 @@ pub struct Inputs {
     pub bundles: Bundles,
     /// The state directory read (host key, user secret), for a local host.
     pub state: Option<PathBuf>,
+    /// Its configuration, when it could be read (trust anchors, user secret).
+    pub config: Option<crate::config::Config>,
 }
 
 /// The inputs for one host: the running daemon when its socket answers
@@ -1258,6 +1258,7 @@ pub fn local_inputs(config: &Path, state: Option<&Path>) -> Result<Inputs, Strin
         }],
         bundles: Bundles::new(archives, anchors),
         state: Some(dir),
+        config: loaded.ok(),
     })
 }
 
