@@ -363,11 +363,16 @@ fn slots_are_shared_streams_interleave_and_a_disconnect_frees_the_slot() {
     // One tenant floods (4 long streams on 2 slots: 2 generate, 2 wait); the
     // other's request gets the first slot that frees, ahead of the flood's
     // waiting ones. ignore_eos: the flood cannot end early and free slots.
+    // Each flood stream has its own length, so whichever two generate, their
+    // slots free at different steps (two freed in one step would go to the
+    // quiet tenant and a flood stream together, and their first events
+    // could arrive in either order).
     let status = |d: &Daemon| get(&d.socket, "/admin/status", &[]).json();
-    let mut long = streaming(48);
-    long["ignore_eos"] = json!(true);
-    let flood: Vec<_> = (0..4)
-        .map(|_| {
+    let flood: Vec<_> = [48, 96, 16, 24]
+        .into_iter()
+        .map(|n| {
+            let mut long = streaming(n);
+            long["ignore_eos"] = json!(true);
             let c = stream_as(None, &d.socket, &long);
             std::thread::sleep(Duration::from_millis(50));
             c
