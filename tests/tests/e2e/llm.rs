@@ -418,10 +418,13 @@ fn slots_are_shared_streams_interleave_and_a_disconnect_frees_the_slot() {
     std::thread::sleep(Duration::from_millis(300));
     c.kill().expect("kill client");
     let _ = c.wait();
+    // The bound allows for a loaded 2-core CI host (a decode step can take a
+    // second there); that the slot was freed by the disconnect, not by the
+    // stream's end, is the record's "cancelled" outcome below.
     let gone = Instant::now();
     while status(&d)["engines"][GEMMA]["load"] != 0 {
         assert!(
-            gone.elapsed() < Duration::from_secs(2),
+            gone.elapsed() < Duration::from_secs(10),
             "slot still held after the client left: {}",
             status(&d)
         );
