@@ -243,10 +243,7 @@ pub fn html(r: &Report) -> String {
     }
 
     h.push_str("<h2>Tenants</h2>\n");
-    h.push_str(&requests_chart(
-        &r.tenants,
-        r.period.from.get(..7).unwrap_or(""),
-    ));
+    h.push_str(&requests_chart(&r.tenants));
     h.push_str("<table>\n<tr><th>Tenant</th><th>Requests</th><th>Not served</th><th>Refused</th><th>Distinct users</th><th>User cap</th><th>Tokens</th><th>Refusals by reason</th></tr>\n");
     for t in &r.tenants {
         let cap = t.cap.as_ref().map_or_else(
@@ -386,49 +383,96 @@ pub fn html(r: &Report) -> String {
     h
 }
 
-/// Distinct users of a licence, day by day, against its threshold.
-fn users_chart(l: &LicenceRow) -> String {
-    let (w, hgt, left, bottom, top) = (340.0, 200.0, 40.0, 24.0, 12.0);
-    let days = l.daily_users.len().max(1);
-    let peak = l.daily_users.last().copied().unwrap_or(0);
-    let max = peak.max(l.threshold.unwrap_or(0)).max(1) as f64 * 1.1;
-    let x = |d: usize| left + (w - left - 8.0) * d as f64 / (days.max(2) - 1) as f64;
-    let y = |v: f64| top + (hgt - top - bottom) * (1.0 - v / max);
-    let mut s = format!(
-        "<figure><svg width=\"{w}\" height=\"{hgt}\" viewBox=\"0 0 {w} {hgt}\" role=\"img\" aria-label=\"{}\">\n",
-        esc(&format!("distinct users of {} by day", l.id))
-    );
-    let _ = writeln!(
-        s,
-        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#8c959f\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#8c959f\"/>",
-        hgt - bottom,
-        w - 8.0,
-        hgt - bottom,
-        hgt - bottom
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">0</text>",
-        left - 4.0,
-        top + 4.0,
-        max.floor(),
-        left - 4.0,
-        hgt - bottom
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"{left}\" y=\"{}\" font-size=\"10\">day 1</text><text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">day {days}</text>",
-        hgt - 8.0,
-        w - 8.0,
-        hgt - 8.0
-    );
-    if let Some(t) = l.threshold {
-        let ty = y(t as f64);
+/// A chart's drawing area: its size, margins and value scale (zero at the
+/// bottom, a tenth above the largest value at the top).
+struct Frame {
+    w: f64,
+    h: f64,
+    left: f64,
+    max: f64,
+}
+
+impl Frame {
+    const TOP: f64 = 12.0;
+    const BOTTOM: f64 = 24.0;
+    const RIGHT_MARGIN: f64 = 8.0;
+
+    fn new(w: f64, h: f64, left: f64, largest: u64) -> Self {
+        Self {
+            w,
+            h,
+            left,
+            max: largest.max(1) as f64 * 1.1,
+        }
+    }
+
+    fn right(&self) -> f64 {
+        self.w - Self::RIGHT_MARGIN
+    }
+
+    /// The y of the value axis' zero.
+    fn base(&self) -> f64 {
+        self.h - Self::BOTTOM
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        Self::TOP + (self.base() - Self::TOP) * (1.0 - v / self.max)
+    }
+
+    /// Height in pixels of a value.
+    fn height(&self, v: f64) -> f64 {
+        (self.base() - Self::TOP) * v / self.max
+    }
+
+    /// Opens the figure and draws both axes with the value axis' bounds.
+    fn open(&self, label: &str) -> String {
+        let (w, h, left, base, right) = (self.w, self.h, self.left, self.base(), self.right());
+        let mut s = format!(
+            "<figure><svg width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{}\">\n",
+            esc(label)
+        );
         let _ = writeln!(
             s,
-            "<line x1=\"{left}\" y1=\"{ty:.1}\" x2=\"{}\" y2=\"{ty:.1}\" stroke=\"#cf222e\" stroke-dasharray=\"5 3\"/><text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#cf222e\" text-anchor=\"end\">threshold {t}</text>",
-            w - 8.0,
-            w - 10.0,
+            "<line x1=\"{left}\" y1=\"{base}\" x2=\"{right}\" y2=\"{base}\" stroke=\"#8c959f\"/><line x1=\"{left}\" y1=\"{}\" x2=\"{left}\" y2=\"{base}\" stroke=\"#8c959f\"/>",
+            Self::TOP
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">{}</text><text x=\"{}\" y=\"{base}\" font-size=\"10\" text-anchor=\"end\">0</text>",
+            left - 4.0,
+            Self::TOP + 4.0,
+            self.max.floor(),
+            left - 4.0
+        );
+        s
+    }
+
+    /// A label under the day axis.
+    fn day_label(&self, x: f64, anchor: &str, text: &str) -> String {
+        format!(
+            "<text x=\"{x:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"{anchor}\">{text}</text>\n",
+            self.h - 8.0
+        )
+    }
+}
+
+/// Distinct users of a licence, day by day, against its threshold.
+fn users_chart(l: &LicenceRow) -> String {
+    let days = l.daily_users.len().max(1);
+    let peak = l.daily_users.last().copied().unwrap_or(0);
+    let f = Frame::new(340.0, 200.0, 40.0, peak.max(l.threshold.unwrap_or(0)));
+    let x = |d: usize| f.left + (f.right() - f.left) * d as f64 / (days.max(2) - 1) as f64;
+    let mut s = f.open(&format!("distinct users of {} by day", l.id));
+    s.push_str(&f.day_label(f.left, "start", "day 1"));
+    s.push_str(&f.day_label(f.right(), "end", &format!("day {days}")));
+    if let Some(t) = l.threshold {
+        let ty = f.y(t as f64);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{}\" y1=\"{ty:.1}\" x2=\"{}\" y2=\"{ty:.1}\" stroke=\"#cf222e\" stroke-dasharray=\"5 3\"/><text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#cf222e\" text-anchor=\"end\">threshold {t}</text>",
+            f.left,
+            f.right(),
+            f.right() - 2.0,
             ty - 3.0
         );
     }
@@ -436,7 +480,7 @@ fn users_chart(l: &LicenceRow) -> String {
         .daily_users
         .iter()
         .enumerate()
-        .map(|(d, v)| format!("{:.1},{:.1}", x(d), y(*v as f64)))
+        .map(|(d, v)| format!("{:.1},{:.1}", x(d), f.y(*v as f64)))
         .collect();
     let _ = writeln!(
         s,
@@ -455,13 +499,12 @@ fn users_chart(l: &LicenceRow) -> String {
 }
 
 /// Requests per tenant per day, as stacked bars.
-fn requests_chart(tenants: &[TenantRow], _month: &str) -> String {
+fn requests_chart(tenants: &[TenantRow]) -> String {
     let shown: Vec<&TenantRow> = tenants.iter().filter(|t| t.requests > 0).collect();
     if shown.is_empty() {
         return "<p>No requests were counted this month.</p>\n".to_owned();
     }
     let days = shown[0].daily_requests.len().max(1);
-    let (w, hgt, left, bottom, top) = (720.0, 220.0, 44.0, 24.0, 12.0);
     let totals: Vec<u64> = (0..days)
         .map(|d| {
             shown
@@ -470,51 +513,39 @@ fn requests_chart(tenants: &[TenantRow], _month: &str) -> String {
                 .sum()
         })
         .collect();
-    let max = totals.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
-    let slot = (w - left - 8.0) / days as f64;
+    let f = Frame::new(
+        720.0,
+        220.0,
+        44.0,
+        totals.iter().copied().max().unwrap_or(0),
+    );
+    let slot = (f.right() - f.left) / days as f64;
     let bar = (slot * 0.8).max(1.0);
-    let scale = (hgt - top - bottom) / max;
-    let mut s = format!(
-        "<figure><svg width=\"{w}\" height=\"{hgt}\" viewBox=\"0 0 {w} {hgt}\" role=\"img\" aria-label=\"requests per tenant per day\">\n"
-    );
-    let _ = writeln!(
-        s,
-        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#8c959f\"/><text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\">0</text>",
-        hgt - bottom,
-        w - 8.0,
-        hgt - bottom,
-        left - 4.0,
-        top + 4.0,
-        max.floor(),
-        left - 4.0,
-        hgt - bottom
-    );
+    let mut s = f.open("requests per tenant per day");
     for d in 0..days {
-        let mut base = hgt - bottom;
+        let mut base = f.base();
         for (i, t) in shown.iter().enumerate() {
             let v = t.daily_requests.get(d).copied().unwrap_or(0);
             if v == 0 {
                 continue;
             }
-            let height = v as f64 * scale;
+            let height = f.height(v as f64);
             base -= height;
             let _ = writeln!(
                 s,
                 "<rect x=\"{:.1}\" y=\"{base:.1}\" width=\"{bar:.1}\" height=\"{height:.1}\" fill=\"{}\"><title>{} day {}: {v}</title></rect>",
-                left + slot * d as f64 + (slot - bar) / 2.0,
+                f.left + slot * d as f64 + (slot - bar) / 2.0,
                 PALETTE[i % PALETTE.len()],
                 esc(&t.id),
                 d + 1
             );
         }
         if d == 0 || (d + 1) % 5 == 0 {
-            let _ = writeln!(
-                s,
-                "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{}</text>",
-                left + slot * (d as f64 + 0.5),
-                hgt - 8.0,
-                d + 1
-            );
+            s.push_str(&f.day_label(
+                f.left + slot * (d as f64 + 0.5),
+                "middle",
+                &(d + 1).to_string(),
+            ));
         }
     }
     s.push_str("</svg><figcaption class=\"legend\">Requests per tenant per day: ");
