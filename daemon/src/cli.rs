@@ -85,7 +85,7 @@ pub enum Command {
     /// socket), a stopped store or snapshot (--state), or evidence packs
     /// of one or more hosts (--pack, repeatable: users counted once).
     Report {
-        /// The month (YYYY-MM, UTC).
+        /// The month (YYYY-MM, UTC; or `last`, `this`).
         #[arg(long)]
         month: String,
         #[arg(long, value_enum, default_value = "html")]
@@ -109,12 +109,17 @@ pub enum Command {
     Evidence {
         #[command(subcommand)]
         command: Option<EvidenceCommand>,
-        /// The month (YYYY-MM, UTC).
+        /// The month (YYYY-MM, UTC; or `last`, `this`).
         #[arg(long)]
         month: Option<String>,
         /// A new directory, or a file ending in .tar.
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "into")]
         out: Option<PathBuf>,
+        /// Write DIR/airgate-evidence-YYYY-MM.tar, unless that pack exists
+        /// already (then nothing is written and the exit status is 0): what
+        /// the monthly timer runs.
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
         /// Read this state directory directly (a stopped daemon's).
         #[arg(long)]
         state: Option<PathBuf>,

@@ -127,9 +127,9 @@ pub fn create(
         }
     }
     let as_tar = out.extension().is_some_and(|e| e == "tar");
-    if out.exists() && !as_tar {
+    if out.exists() {
         return Err(format!(
-            "{}: already exists (an evidence pack is written to a new directory)",
+            "{}: already exists (an evidence pack is never overwritten)",
             out.display()
         ));
     }
@@ -298,11 +298,28 @@ pub fn create(
         builder.append_dir_all(".", dir).map_err(io(&tmp))?;
         let file = builder.into_inner().map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, out).map_err(io(out))?;
+        // A link, not a rename: a pack that appeared meanwhile is kept.
+        match std::fs::hard_link(&tmp, out) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(format!(
+                    "{}: already exists (an evidence pack is never overwritten)",
+                    out.display()
+                ));
+            }
+            // File systems without hard links (removable media).
+            Err(_) => std::fs::rename(&tmp, out).map_err(io(out))?,
+        }
     } else {
         let kept = staging.keep();
         std::fs::rename(&kept, out).map_err(io(out))?;
     }
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(io(parent))?;
     Ok(info)
 }
 

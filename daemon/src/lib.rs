@@ -103,12 +103,13 @@ pub fn run_cli(cli: Cli) -> u8 {
             command,
             month,
             out,
+            into,
             state,
             config,
         } => evidence_command(
             command,
             month.as_deref(),
-            out.as_deref(),
+            (out.as_deref(), into.as_deref()),
             state.as_deref(),
             &config,
         ),
@@ -530,11 +531,11 @@ fn report_command(
         eprintln!("airgate report: {e}");
         code
     };
-    let month = match report::Month::parse(month) {
+    let now = bundle::system_time_now();
+    let month = match report::Month::resolve(month, now) {
         Ok(m) => m,
         Err(e) => return fail(exit::CONFIG, &e),
     };
-    let now = bundle::system_time_now();
     let built = if packs.is_empty() {
         report::local_inputs(config, state)
             .and_then(|mut inputs| report::build(month, &mut inputs, now))
@@ -580,7 +581,7 @@ fn report_command(
 fn evidence_command(
     command: Option<cli::EvidenceCommand>,
     month: Option<&str>,
-    out: Option<&Path>,
+    (out, into): (Option<&Path>, Option<&Path>),
     state: Option<&Path>,
     config: &Path,
 ) -> u8 {
@@ -635,17 +636,33 @@ fn evidence_command(
             }
         }
         None => {
-            let (Some(month), Some(out)) = (month, out) else {
-                return fail(
-                    exit::CONFIG,
-                    &"give --month YYYY-MM and -o DIR|FILE.tar (or `evidence verify PACK`)",
-                );
+            let usage = "give --month YYYY-MM and -o DIR|FILE.tar or --into DIR (or `evidence verify PACK`)";
+            let Some(month) = month else {
+                return fail(exit::CONFIG, &usage);
             };
-            let month = match report::Month::parse(month) {
+            let now = bundle::system_time_now();
+            let month = match report::Month::resolve(month, now) {
                 Ok(m) => m,
                 Err(e) => return fail(exit::CONFIG, &e),
             };
-            match evidence::create(config, state, month, out, bundle::system_time_now()) {
+            let named;
+            let out = match (out, into) {
+                (Some(out), _) => out,
+                (None, Some(dir)) => {
+                    named = dir.join(format!("airgate-evidence-{}.tar", month.name()));
+                    if named.exists() {
+                        println!(
+                            "{}: the pack of {} was written before; left as it is",
+                            named.display(),
+                            month.name()
+                        );
+                        return exit::OK;
+                    }
+                    &named
+                }
+                (None, None) => return fail(exit::CONFIG, &usage),
+            };
+            match evidence::create(config, state, month, out, now) {
                 Ok(info) => {
                     println!(
                         "{}: evidence pack of {} (host {}, records {}-{})\ncheck it: airgate evidence verify {}",

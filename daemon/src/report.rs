@@ -55,6 +55,17 @@ impl Month {
         crate::usage::parse_month(s).map(Self::of_index)
     }
 
+    /// `YYYY-MM`, or `this` / `last` (the month, UTC, of `now` or the one
+    /// before it): what a monthly timer asks for.
+    pub fn resolve(s: &str, now: i64) -> Result<Self, String> {
+        let current = crate::usage::month_index(now);
+        match s {
+            "this" => Ok(Self::of_index(current)),
+            "last" => Ok(Self::of_index(current.saturating_sub(1))),
+            _ => Self::parse(s).map_err(|e| format!("{e}, or \"this\" or \"last\"")),
+        }
+    }
+
     pub fn of_index(index: u32) -> Self {
         let start = |m: u32| {
             Date {
@@ -1295,6 +1306,12 @@ mod tests {
         assert_eq!(dec.day(dec.end - 1), 30);
         assert!(Month::parse("2026-13").is_err());
         assert!(Month::parse("26-01").is_err());
+        // The first second of a month: "last" is the one that just ended.
+        let jan = Month::parse("2027-01").expect("month").start;
+        assert_eq!(Month::resolve("last", jan), Ok(dec));
+        assert_eq!(Month::resolve("this", jan - 1), Ok(dec));
+        assert_eq!(Month::resolve("2024-02", jan), Ok(m));
+        assert!(Month::resolve("previous", jan).is_err());
     }
 
     #[test]

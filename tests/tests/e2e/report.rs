@@ -620,9 +620,48 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         "--host-key",
         s(&host_pub),
     ]));
-    let tar = sb.path().join("pack-a.tar");
-    make_pack(&month_a, s(&state), s(&cfg), &tar);
+    // What the monthly timer runs: last month's pack as a .tar named by
+    // the month, written once; a second run leaves it, -o never overwrites.
+    let packs = sb.path().join("packs");
+    std::fs::create_dir(&packs).expect("packs dir");
+    let by_timer = |packs: &Path| {
+        airgate(&[
+            "evidence",
+            "--month",
+            "last",
+            "--into",
+            s(packs),
+            "--state",
+            s(&state),
+            "--config",
+            s(&cfg),
+        ])
+    };
+    ok(&by_timer(&packs));
+    let tar = packs.join(format!("airgate-evidence-{month_a}.tar"));
     ok(&airgate(&["evidence", "verify", s(&tar)]));
+    let written = std::fs::read(&tar).expect("pack");
+    let again = ok(&by_timer(&packs));
+    assert!(again.contains("written before"), "{again}");
+    let out = airgate(&[
+        "evidence",
+        "--month",
+        &month_a,
+        "--state",
+        s(&state),
+        "--config",
+        s(&cfg),
+        "-o",
+        s(&tar),
+    ]);
+    assert_eq!(out.status.code(), Some(73), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never overwritten"));
+    assert_eq!(std::fs::read(&tar).expect("pack"), written);
+    assert_eq!(
+        std::fs::read_dir(&packs).expect("packs").count(),
+        1,
+        "no temporary left"
+    );
 
     let tampered = sb.path().join("tampered");
     copy_dir(&pack, &tampered);
