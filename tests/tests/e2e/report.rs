@@ -87,7 +87,7 @@ fn config(sb: &Sandbox, secret: &Path) -> String {
 }
 
 /// The clock offset that puts the daemon at `day` 12:00 UTC of last month.
-fn last_month(day: u8) -> (String, String) {
+pub(crate) fn last_month(day: u8) -> (String, String) {
     let now = time::OffsetDateTime::now_utc();
     let first = now.date().replace_day(1).expect("first of the month");
     let prev = first.previous_day().expect("a day before");

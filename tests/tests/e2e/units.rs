@@ -19,7 +19,13 @@ fn repo_file(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-const UNITS: [&str; 3] = ["airgate.service", "airgate.socket", "airgate-tls.socket"];
+const UNITS: [&str; 5] = [
+    "airgate.service",
+    "airgate.socket",
+    "airgate-tls.socket",
+    "airgate-evidence.service",
+    "airgate-evidence.timer",
+];
 
 /// The units with ExecStart pointing at the binary under test (verify checks it exists).
 fn units_in(sb: &Sandbox) -> Vec<PathBuf> {
@@ -55,23 +61,29 @@ fn unit_files_pass_systemd_analyze_verify() {
 #[test]
 fn service_exposure_is_at_most_2_0() {
     let sb = Sandbox::new();
-    let service = &units_in(&sb)[0];
-    // --threshold is in tenths: 20 means an overall exposure of 2.0.
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--threshold=20", "--no-pager"])
-        .arg(service)
-        .output()
-        .expect("systemd-analyze");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let overall = stdout
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .unwrap_or("(no overall line)");
-    println!("{overall}");
-    assert!(
-        out.status.success(),
-        "exposure above 2.0: {overall}\n{stdout}"
-    );
+    let services: Vec<PathBuf> = units_in(&sb)
+        .into_iter()
+        .filter(|u| u.extension().is_some_and(|e| e == "service"))
+        .collect();
+    assert_eq!(services.len(), 2, "the daemon and the evidence pack");
+    for service in &services {
+        // --threshold is in tenths: 20 means an overall exposure of 2.0.
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--threshold=20", "--no-pager"])
+            .arg(service)
+            .output()
+            .expect("systemd-analyze");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let overall = stdout
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or("(no overall line)");
+        println!("{overall}");
+        assert!(
+            out.status.success(),
+            "exposure above 2.0: {overall}\n{stdout}"
+        );
+    }
 }
 
 fn id_of(file: &Path, name: &str) -> u32 {
@@ -111,6 +123,7 @@ fn sysusers_and_tmpfiles_create_the_user_and_tight_directories() {
         ("etc/airgate", 0o750, 0, airgate),
         ("var/lib/airgate", 0o700, airgate, airgate),
         ("var/lib/airgate/inbox", 0o730, airgate, airgate),
+        ("var/lib/airgate-evidence", 0o700, 0, 0),
     ] {
         let meta = std::fs::metadata(root.join(dir)).expect(dir);
         assert_eq!(meta.permissions().mode() & 0o7777, mode, "{dir} mode");
@@ -301,4 +314,70 @@ async fn started_the_way_the_unit_starts_it() {
         "{}",
         d.stderr()
     );
+}
+
+/// What airgate-evidence.service runs (its ExecStart, with the paths moved
+/// into a sandbox), against a running daemon whose log began last month:
+/// last month's pack, read over the admin socket, verified, written once.
+#[test]
+fn the_evidence_unit_packs_last_month_once_from_the_running_daemon() {
+    let sb = Sandbox::new();
+    let (month, offset) = crate::report::last_month(10);
+    let failpoint = format!("clock-offset={offset}");
+    let mut d = Daemon::start(
+        &sb,
+        &sb.config("", ""),
+        &[("AIRGATE_FAILPOINTS", failpoint.as_str())],
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    let d = Daemon::start(&sb, &sb.config("", ""), &[]);
+
+    let unit =
+        std::fs::read_to_string(repo_file("systemd/airgate-evidence.service")).expect("unit");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let packs = sb.path().join("evidence");
+    std::fs::create_dir(&packs).expect("evidence dir");
+    let args: Vec<String> = exec
+        .split_whitespace()
+        .map(|a| match a {
+            "/usr/bin/airgate" => airgate_bin().display().to_string(),
+            "/var/lib/airgate-evidence" => packs.display().to_string(),
+            "/etc/airgate/airgate.toml" => sb.config_path().display().to_string(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let run = || {
+        let out = Command::new(&args[0])
+            .args(&args[1..])
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = run();
+    let pack = packs.join(format!("airgate-evidence-{month}.tar"));
+    assert!(pack.exists(), "{said}");
+    let out = Command::new(airgate_bin())
+        .args(["evidence", "verify"])
+        .arg(&pack)
+        .arg("--host-key")
+        .arg(sb.path().join("state/host.pub"))
+        .output()
+        .expect("verify");
+    let verified = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        verified.contains(&format!("evidence pack OK: {month}"))
+            && verified.contains("the month is wholly between signed checkpoints"),
+        "{verified}"
+    );
+    let written = std::fs::read(&pack).expect("pack");
+    assert!(run().contains("written before"));
+    assert_eq!(std::fs::read(&pack).expect("pack"), written);
+    assert_eq!(std::fs::read_dir(&packs).expect("dir").count(), 1);
+    drop(d);
 }
