@@ -101,6 +101,79 @@ struct Run {
     done: bool,
 }
 
+/// What [`create`] made.
+pub struct Made {
+    pub info: PackInfo,
+    /// The month lies wholly between signed checkpoints.
+    pub month_covered: bool,
+}
+
+/// What `airgate evidence --into DIR` did.
+pub enum Monthly {
+    /// The pack was written under its month's name.
+    Written(PathBuf, Made),
+    /// A pack of that month was there already; it was left as it is.
+    Exists(PathBuf),
+    /// The month's last records are not yet vouched for by a signed
+    /// checkpoint: nothing was written (try again once one is sealed).
+    NotYetVouched,
+}
+
+/// `airgate evidence --month M --into DIR`, for a month that is over:
+/// `DIR/airgate-evidence-M.tar`, written once, and only when the month is
+/// vouched for through its end (or its chain is broken: that pack is the
+/// evidence of the break).
+pub fn create_into(
+    config: &Path,
+    state: Option<&Path>,
+    month: Month,
+    dir: &Path,
+    now: i64,
+) -> Result<Monthly, String> {
+    let named = dir.join(format!("airgate-evidence-{}.tar", month.name()));
+    if named.exists() {
+        return Ok(Monthly::Exists(named));
+    }
+    let pending = dir.join(format!(".airgate-evidence-{}.pending.tar", month.name()));
+    match std::fs::remove_file(&pending) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&pending)(e)),
+    }
+    let made = create(config, state, month, &pending, now)?;
+    if made.info.chain_error.is_none() && !made.month_covered {
+        let _ = std::fs::remove_file(&pending);
+        return Ok(Monthly::NotYetVouched);
+    }
+    let placed = place(&pending, &named);
+    let _ = std::fs::remove_file(&pending);
+    sync_dir(dir)?;
+    Ok(if placed? {
+        Monthly::Written(named, made)
+    } else {
+        Monthly::Exists(named)
+    })
+}
+
+/// Puts the finished file `tmp` at `out` unless something is there: a
+/// link, not a rename, so a pack that appeared meanwhile is kept. Returns
+/// whether it was placed.
+fn place(tmp: &Path, out: &Path) -> Result<bool, String> {
+    match std::fs::hard_link(tmp, out) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        // File systems without hard links (removable media).
+        Err(_) if out.exists() => Ok(false),
+        Err(_) => std::fs::rename(tmp, out).map(|()| true).map_err(io(out)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
 /// `airgate evidence --month M -o OUT`: the pack of this host's month, read
 /// from the running daemon or a stopped store. OUT is a directory, or a
 /// file ending in `.tar`.
@@ -110,7 +183,7 @@ pub fn create(
     month: Month,
     out: &Path,
     now: i64,
-) -> Result<PackInfo, String> {
+) -> Result<Made, String> {
     let mut inputs = report::local_inputs(config, state)?;
     let state = inputs
         .state
@@ -209,6 +282,7 @@ pub fn create(
     // A chain that does not verify still gets its pack (it is the evidence
     // of the break); the report inside says where, and so does the caller.
     let report = tally.finish(&mut inputs.bundles, now);
+    let month_covered = report.hosts[0].month_covered;
     let mut checkpoints = run.checkpoints.join("\n");
     checkpoints.push('\n');
     write(dir, "audit/checkpoints.txt", checkpoints.as_bytes())?;
@@ -298,29 +372,23 @@ pub fn create(
         builder.append_dir_all(".", dir).map_err(io(&tmp))?;
         let file = builder.into_inner().map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
-        // A link, not a rename: a pack that appeared meanwhile is kept.
-        match std::fs::hard_link(&tmp, out) {
-            Ok(()) => {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(format!(
-                    "{}: already exists (an evidence pack is never overwritten)",
-                    out.display()
-                ));
-            }
-            // File systems without hard links (removable media).
-            Err(_) => std::fs::rename(&tmp, out).map_err(io(out))?,
+        let placed = place(&tmp, out);
+        let _ = std::fs::remove_file(&tmp);
+        if !placed? {
+            return Err(format!(
+                "{}: already exists (an evidence pack is never overwritten)",
+                out.display()
+            ));
         }
     } else {
         let kept = staging.keep();
         std::fs::rename(&kept, out).map_err(io(out))?;
     }
-    std::fs::File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(io(parent))?;
-    Ok(info)
+    sync_dir(parent)?;
+    Ok(Made {
+        info,
+        month_covered,
+    })
 }
 
 /// The model manifest of a bundle, as `models.json` lists it.

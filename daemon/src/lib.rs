@@ -645,25 +645,45 @@ fn evidence_command(
                 Ok(m) => m,
                 Err(e) => return fail(exit::CONFIG, &e),
             };
-            let named;
-            let out = match (out, into) {
-                (Some(out), _) => out,
+            let made = match (out, into) {
+                (Some(out), _) => evidence::create(config, state, month, out, now)
+                    .map(|made| (out.to_owned(), made)),
                 (None, Some(dir)) => {
-                    named = dir.join(format!("airgate-evidence-{}.tar", month.name()));
-                    if named.exists() {
-                        println!(
-                            "{}: the pack of {} was written before; left as it is",
-                            named.display(),
-                            month.name()
+                    if now < month.end {
+                        return fail(
+                            exit::CONFIG,
+                            &format!(
+                                "{} is not over: --into writes a month's final pack (-o writes one of the month so far)",
+                                month.name()
+                            ),
                         );
-                        return exit::OK;
                     }
-                    &named
+                    match evidence::create_into(config, state, month, dir, now) {
+                        Ok(evidence::Monthly::Written(path, made)) => Ok((path, made)),
+                        Ok(evidence::Monthly::Exists(path)) => {
+                            println!(
+                                "{}: the pack of {} was written before; left as it is",
+                                path.display(),
+                                month.name()
+                            );
+                            return exit::OK;
+                        }
+                        Ok(evidence::Monthly::NotYetVouched) => {
+                            return fail(
+                                exit::NO_DAEMON,
+                                &format!(
+                                    "the last records of {} are not yet vouched for by a signed checkpoint (the daemon seals one within audit.checkpoint_interval of them, or at a clean stop): nothing written; try again later",
+                                    month.name()
+                                ),
+                            );
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 (None, None) => return fail(exit::CONFIG, &usage),
             };
-            match evidence::create(config, state, month, out, now) {
-                Ok(info) => {
+            match made {
+                Ok((out, evidence::Made { info, .. })) => {
                     println!(
                         "{}: evidence pack of {} (host {}, records {}-{})\ncheck it: airgate evidence verify {}",
                         out.display(),

@@ -317,24 +317,21 @@ async fn started_the_way_the_unit_starts_it() {
 }
 
 /// What airgate-evidence.service runs (its ExecStart, with the paths moved
-/// into a sandbox), against a running daemon whose log began last month:
-/// last month's pack, read over the admin socket, verified, written once.
+/// into a sandbox) on a host whose log began last month: while no signed
+/// checkpoint vouches for the month's last records (the daemon was killed)
+/// nothing is written and it exits 75 (the unit runs it again); once one
+/// does, last month's pack, read from the running daemon over the admin
+/// socket, verifies, and a second run leaves it as it is.
 #[test]
 fn the_evidence_unit_packs_last_month_once_from_the_running_daemon() {
     let sb = Sandbox::new();
     let (month, offset) = crate::report::last_month(10);
     let failpoint = format!("clock-offset={offset}");
-    let mut d = Daemon::start(
-        &sb,
-        &sb.config("", ""),
-        &[("AIRGATE_FAILPOINTS", failpoint.as_str())],
-    );
-    d.signal(Signal::SIGTERM);
-    assert_eq!(d.wait_exit(Duration::from_secs(20)).code(), Some(0));
-    let d = Daemon::start(&sb, &sb.config("", ""), &[]);
+    let last_month = [("AIRGATE_FAILPOINTS", failpoint.as_str())];
 
     let unit =
         std::fs::read_to_string(repo_file("systemd/airgate-evidence.service")).expect("unit");
+    assert!(unit.contains("\nRestartForceExitStatus=75\n"), "{unit}");
     let exec = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
@@ -351,16 +348,34 @@ fn the_evidence_unit_packs_last_month_once_from_the_running_daemon() {
         })
         .collect();
     let run = || {
-        let out = Command::new(&args[0])
+        Command::new(&args[0])
             .args(&args[1..])
             .output()
-            .expect("run");
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .expect("run")
     };
-    let said = run();
+    let listed = || std::fs::read_dir(&packs).expect("dir").count();
+
+    // Killed: no checkpoint after last month's records.
+    let mut d = Daemon::start(&sb, &sb.config("", ""), &last_month);
+    d.signal(Signal::SIGKILL);
+    let _ = d.wait_exit(Duration::from_secs(20));
+    let out = run();
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not yet vouched for"),
+        "{out:?}"
+    );
+    assert_eq!(listed(), 0, "nothing written, no temporary left");
+
+    // A clean stop seals a checkpoint over them; then the daemon runs on.
+    let mut d = Daemon::start(&sb, &sb.config("", ""), &last_month);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)).code(), Some(0));
+    let d = Daemon::start(&sb, &sb.config("", ""), &[]);
+    let out = run();
+    assert!(out.status.success(), "{out:?}");
     let pack = packs.join(format!("airgate-evidence-{month}.tar"));
-    assert!(pack.exists(), "{said}");
+    assert!(pack.exists(), "{out:?}");
     let out = Command::new(airgate_bin())
         .args(["evidence", "verify"])
         .arg(&pack)
@@ -376,8 +391,22 @@ fn the_evidence_unit_packs_last_month_once_from_the_running_daemon() {
         "{verified}"
     );
     let written = std::fs::read(&pack).expect("pack");
-    assert!(run().contains("written before"));
+    let again = run();
+    assert!(
+        again.status.success() && String::from_utf8_lossy(&again.stdout).contains("written before"),
+        "{again:?}"
+    );
     assert_eq!(std::fs::read(&pack).expect("pack"), written);
-    assert_eq!(std::fs::read_dir(&packs).expect("dir").count(), 1);
+    assert_eq!(listed(), 1);
+    // This month is not over: --into refuses it (-o writes one so far).
+    let out = Command::new(airgate_bin())
+        .args(["evidence", "--month", "this", "--into"])
+        .arg(&packs)
+        .arg("--config")
+        .arg(sb.config_path())
+        .output()
+        .expect("this month");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(listed(), 1);
     drop(d);
 }
