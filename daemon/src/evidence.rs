@@ -111,7 +111,7 @@ pub struct Made {
 /// What `airgate evidence --into DIR` did.
 pub enum Monthly {
     /// The pack was written under its month's name.
-    Written(PathBuf, Made),
+    Written(PathBuf, Box<Made>),
     /// A pack of that month was there already; it was left as it is.
     Exists(PathBuf),
     /// The month's last records are not yet vouched for by a signed
@@ -149,7 +149,7 @@ pub fn create_into(
     let _ = std::fs::remove_file(&pending);
     sync_dir(dir)?;
     Ok(if placed? {
-        Monthly::Written(named, made)
+        Monthly::Written(named, Box::new(made))
     } else {
         Monthly::Exists(named)
     })

@@ -659,7 +659,7 @@ fn evidence_command(
                         );
                     }
                     match evidence::create_into(config, state, month, dir, now) {
-                        Ok(evidence::Monthly::Written(path, made)) => Ok((path, made)),
+                        Ok(evidence::Monthly::Written(path, made)) => Ok((path, *made)),
                         Ok(evidence::Monthly::Exists(path)) => {
                             println!(
                                 "{}: the pack of {} was written before; left as it is",
