@@ -442,7 +442,11 @@ fn the_report_and_evidence_pack_match_the_records_over_two_months_and_two_hosts(
         "--config",
         s(&cfg),
     ]);
-    assert_eq!(stated(&from_snapshot), stated(&live));
+    assert_eq!(
+        stated(&from_snapshot),
+        stated(&live),
+        "snapshot {from_snapshot:#}\nlive {live:#}"
+    );
     let signatures = |r: &Value| -> Vec<(Value, Value)> {
         r["bundles"]
             .as_array()
