@@ -116,6 +116,8 @@ fn write_log(dir: &std::path::Path, now: i64) {
             &mut batch,
             Event::Completion {
                 request_id: id,
+                // The genesis is record 0; each user's decision is 1 + 2n.
+                decision_seq: Some(Some(1 + 2 * n as u64)),
                 outcome: "completed".to_owned(),
                 detail: String::new(),
                 prompt_tokens: 20,

@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tracing::Instrument;
 
-use airgate_policy::admission::Admission as _;
 use airgate_policy::audit::Event;
 use airgate_policy::bundle::Kind;
 use airgate_policy::decision::Reason;
@@ -423,20 +422,13 @@ async fn dispatch(
             // The body is read and parsed before policy, so a malformed
             // request gets its own clear error whatever the policy state.
             let body = read_json_body(req, limit).await?;
-            // Embeddings' own checks first: they name the parameter.
-            let embed = match kind {
-                Kind::Embedding => Some(crate::openai::parse_embeddings(&body)?),
-                _ => None,
-            };
-            let ask = gate::ask_from_body(kind, &body).map_err(ApiError::BadRequest)?;
-            let generate = match kind {
-                Kind::Chat | Kind::Completion => Some(crate::openai::parse(kind, &body)?),
-                _ => None,
-            };
+            let request = crate::openai::parse_request(kind, &body)?;
+            drop(body);
+            let ask = gate::Ask::from_request(kind, &request);
             let started = Instant::now();
             let decided = gate::admit(shared, conn, id.as_str(), route_of(&path), &headers, &ask)?;
             let decided = gate::guard(shared, conn, decided, &ask.prompt).await;
-            let admitted = durable_decision(shared, id, ask.model, decided).await?;
+            let admitted = durable_decision(shared, id, ask.model, decided, started).await?;
             tracing::info!(
                 tenant = %admitted.allow.tenant,
                 model = %admitted.allow.model,
@@ -446,11 +438,14 @@ async fn dispatch(
             );
             // A truncating budget grants a total: the prompt as the model
             // counts it and the generation must fit in it.
-            let r = &admitted.ticket.reservation;
-            let budget = (r.truncate && r.tokens_per_day.is_some()).then_some(r.tokens);
-            let served = Served::new(shared, id, admitted.ticket, started);
-            match generate {
-                Some(g) => {
+            let budget = admitted
+                .served
+                .reservation()
+                .filter(|r| r.truncate && r.tokens_per_day.is_some())
+                .map(|r| r.tokens);
+            let served = admitted.served;
+            match request.work {
+                crate::openai::Work::Generate(g) => {
                     generate_text(
                         shared,
                         id,
@@ -465,12 +460,8 @@ async fn dispatch(
                     )
                     .await
                 }
-                None => {
-                    let request = embed.unwrap_or(crate::openai::Embeddings {
-                        texts: Vec::new(),
-                        base64: false,
-                    });
-                    embeddings(shared, served, &admitted.allow.model, request).await
+                crate::openai::Work::Embed(e) => {
+                    embeddings(shared, served, &admitted.allow.model, e).await
                 }
             }
         }
@@ -584,37 +575,86 @@ async fn dispatch(
     }
 }
 
+/// A request whose allow is durable: what was granted, and the [`Served`]
+/// that will close it.
+struct Past {
+    bundle: Arc<crate::bundle::Active>,
+    allow: airgate_policy::decision::Allow,
+    max_tokens: u32,
+    served: Served,
+}
+
 /// Fail closed: nothing is answered, not even a denial, before the
-/// decision record is durable. Returns the admission, or the error to answer.
+/// decision record is durable. Returns the request past policy, or the
+/// error to answer.
+///
+/// The record is made durable by a task of its own, which the client going
+/// away does not cancel: an allow whose record reached the disk always gets
+/// its completion (`cancelled`, if nobody waits for the answer any more),
+/// and its reservation is released either way.
 async fn durable_decision(
     shared: &Arc<Shared>,
     id: &RequestId,
     model: &str,
     decided: gate::Decided,
-) -> Result<gate::Admitted, ApiError> {
-    let durable = shared
-        .audit
-        .append(Event::Decision(Box::new(decided.record)))
-        .await;
-    let durable = match durable {
-        Err(e) if shared.config().audit.fail_open => {
-            tracing::warn!(
-                AIRGATE_EVENT = "audit_fail_open",
-                AIRGATE_REQUEST_ID = id.as_str(),
-                error = %e,
-                "serving WITHOUT a durable decision record (audit.fail_open)"
-            );
+    started: Instant,
+) -> Result<Past, ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task_shared = Arc::clone(shared);
+    let task_id = id.clone();
+    tokio::spawn(async move {
+        let gate::Decided {
+            record,
+            outcome,
+            unrecorded,
+        } = decided;
+        let durable = if unrecorded {
+            task_shared.metrics.denials_unrecorded.inc();
             Ok(0)
+        } else {
+            task_shared
+                .audit
+                .append(Event::Decision(Box::new(record)))
+                .await
+        };
+        let durable = match durable {
+            Err(e) if task_shared.config().audit.fail_open => {
+                tracing::warn!(
+                    AIRGATE_EVENT = "audit_fail_open",
+                    AIRGATE_REQUEST_ID = task_id.as_str(),
+                    error = %e,
+                    "serving WITHOUT a durable decision record (audit.fail_open)"
+                );
+                Ok(None)
+            }
+            other => other.map(Some),
+        };
+        if let Err((Ok(Some(seq)), Ok(admitted))) = tx.send((durable, outcome)) {
+            Served::new(
+                &task_shared,
+                &task_id,
+                admitted.reserved,
+                Some(seq),
+                started,
+            )
+            .finish(
+                "cancelled",
+                "the client went away before its decision was durable",
+            );
         }
-        other => other,
-    };
-    match (decided.outcome, durable) {
-        (Ok(a), Err(e)) => {
-            shared.admission.release(a.ticket);
-            Err(ApiError::AuditUnavailable(e.to_string()))
-        }
-        (Err(_), Err(e)) => Err(ApiError::AuditUnavailable(e.to_string())),
-        (Ok(a), Ok(_)) => Ok(a),
+    });
+    let (durable, outcome) = rx
+        .await
+        .map_err(|_| ApiError::AuditUnavailable("the audit task ended".to_owned()))?;
+    match (outcome, durable) {
+        // The reservation is released as the admission drops.
+        (Ok(_), Err(e)) | (Err(_), Err(e)) => Err(ApiError::AuditUnavailable(e.to_string())),
+        (Ok(a), Ok(seq)) => Ok(Past {
+            bundle: a.bundle,
+            allow: a.allow,
+            max_tokens: a.max_tokens,
+            served: Served::new(shared, id, a.reserved, seq, started),
+        }),
         (Err(refused), Ok(_)) => {
             let e = ApiError::from(refused);
             if let ApiError::Denied { reason, rule, .. } = &e {
@@ -635,15 +675,19 @@ async fn durable_decision(
 
 /// A request past policy: the reservation it holds and what it has used.
 /// Whatever way it ends (answered, failed, the client gone and the future
-/// dropped), one completion record is written and the reservation is
-/// committed with the tokens actually processed, or released if none were.
+/// dropped), one completion record is written, naming its decision by the
+/// decision record's sequence, and the reservation is committed with the
+/// tokens actually processed, or released if none were.
 struct Served {
     shared: Arc<Shared>,
     request_id: String,
+    /// The decision record's audit sequence (none when it was not made
+    /// durable, under `audit.fail_open`).
+    decision_seq: Option<u64>,
     /// Set once the request reaches a model (for the token metrics).
     model: Option<String>,
     first_text: bool,
-    ticket: Option<airgate_policy::admission::Ticket>,
+    reserved: Option<gate::Reserved>,
     started: Instant,
     prompt_tokens: u32,
     completion_tokens: u32,
@@ -652,24 +696,34 @@ struct Served {
     served: bool,
 }
 
+/// Longest completion detail kept in a record.
+const MAX_DETAIL_BYTES: usize = 1024;
+
 impl Served {
     fn new(
         shared: &Arc<Shared>,
         id: &RequestId,
-        ticket: airgate_policy::admission::Ticket,
+        reserved: gate::Reserved,
+        decision_seq: Option<u64>,
         started: Instant,
     ) -> Self {
         Self {
             shared: Arc::clone(shared),
             request_id: id.as_str().to_owned(),
+            decision_seq,
             model: None,
             first_text: false,
-            ticket: Some(ticket),
+            reserved: Some(reserved),
             started,
             prompt_tokens: 0,
             completion_tokens: 0,
             served: false,
         }
+    }
+
+    /// What admission reserved for the request.
+    fn reservation(&self) -> Option<&airgate_policy::decision::Reservation> {
+        self.reserved.as_ref().map(|r| &r.ticket().reservation)
     }
 
     fn finish(mut self, outcome: &'static str, detail: &str) {
@@ -694,7 +748,7 @@ impl Served {
     }
 
     fn close(&mut self, outcome: &'static str, detail: &str) {
-        let Some(ticket) = self.ticket.take() else {
+        let Some(reserved) = self.reserved.take() else {
             return;
         };
         if let Some(model) = &self.model {
@@ -720,14 +774,15 @@ impl Served {
         let used = u64::from(self.prompt_tokens) + u64::from(self.completion_tokens);
         let served = self.served || used > 0;
         if served {
-            self.shared.admission.commit(ticket, used);
+            reserved.commit(used);
         } else {
-            self.shared.admission.release(ticket);
+            reserved.release();
         }
         self.shared.audit.record(Event::Completion {
             request_id: self.request_id.clone(),
+            decision_seq: Some(self.decision_seq),
             outcome: outcome.to_owned(),
-            detail: detail.to_owned(),
+            detail: crate::bounded::clip(detail, MAX_DETAIL_BYTES).into_owned(),
             prompt_tokens: u64::from(self.prompt_tokens),
             completion_tokens: u64::from(self.completion_tokens),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -1373,8 +1428,8 @@ async fn kserve_infer(
     // nothing is answered before it is (fail closed), and a result whose
     // record failed is thrown away.
     let Some((model, checked)) = model.zip(checked).filter(|_| decided.outcome.is_ok()) else {
-        let admitted = durable_decision(shared, id, name, decided).await?;
-        Served::new(shared, id, admitted.ticket, started).finish("error", "model not loaded");
+        let admitted = durable_decision(shared, id, name, decided, started).await?;
+        admitted.served.finish("error", "model not loaded");
         return Err(ApiError::ModelNotLoaded {
             model: name.to_owned(),
             why: shared
@@ -1384,10 +1439,10 @@ async fn kserve_infer(
         });
     };
     let (admitted, ran) = tokio::join!(
-        durable_decision(shared, id, name, decided),
+        durable_decision(shared, id, name, decided, started),
         model.run(checked.tensors)
     );
-    let mut served = Served::new(shared, id, admitted?.ticket, started);
+    let mut served = admitted?.served;
     served.model = Some(name.to_owned());
     let outputs = match ran {
         Ok(o) => o,

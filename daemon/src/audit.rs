@@ -10,11 +10,12 @@
 //! When writing fails the store is degraded: appends are refused with the
 //! error until a batch succeeds again, which ends the degradation by itself.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use airgate_policy::audit::{ChainError, Content, Event, Verifier, ZERO, key, open, seal};
+use airgate_policy::audit::{ChainError, Content, Event, Joins, Verifier, ZERO, key, open, seal};
 use airgate_policy::time::Clock;
 
 use crate::bundle::SystemClock;
@@ -34,6 +35,8 @@ pub enum AuditError {
     Broken(ChainError),
     #[error("audit store cannot write: {0}")]
     Unavailable(String),
+    #[error("a {kind} record of {bytes} bytes was refused: records are at most {MAX_RECORD_BYTES}")]
+    TooLarge { kind: String, bytes: usize },
 }
 
 struct Job {
@@ -68,28 +71,32 @@ pub struct Audit {
 }
 
 /// Keeps a tenant's records: its decisions, and the completions of those
-/// requests (which carry no tenant of their own). Feed records in order.
+/// decisions (which carry no tenant of their own), joined by the decision's
+/// sequence (older completions by request id). Feed records in order.
 #[derive(Default)]
 pub struct TenantFilter {
     tenant: String,
-    requests: std::collections::HashSet<String>,
+    decisions: HashSet<u64>,
+    requests: HashSet<String>,
 }
 
 impl TenantFilter {
     pub fn new(tenant: &str) -> Self {
         Self {
             tenant: tenant.to_owned(),
-            requests: std::collections::HashSet::new(),
+            ..Self::default()
         }
     }
 
-    pub fn keep(&mut self, event: &Event) -> bool {
-        match event {
-            Event::Decision(d) if d.tenant.as_deref() == Some(self.tenant.as_str()) => {
+    pub fn keep(&mut self, seq: u64, event: &Event) -> bool {
+        match (event, event.joins()) {
+            (Event::Decision(d), _) if d.tenant.as_deref() == Some(self.tenant.as_str()) => {
+                self.decisions.insert(seq);
                 self.requests.insert(d.request_id.clone());
                 true
             }
-            Event::Completion { request_id, .. } => self.requests.contains(request_id),
+            (_, Some(Joins::Seq(s))) => self.decisions.contains(&s),
+            (_, Some(Joins::RequestId(id))) => self.requests.contains(id),
             _ => false,
         }
     }
@@ -415,6 +422,77 @@ fn now() -> i64 {
     SystemClock.now().seconds()
 }
 
+/// The largest stored record, header included. Far under sled's blob
+/// threshold (a quarter of its 512 KiB segment) for one record; a leaf node
+/// of many records can still cross it, which is why [`Syncer`] also syncs
+/// the blob files sled writes (sled itself never does).
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// What makes a flushed sled batch durable: one fdatasync of sled's log
+/// file, and an fsync of every blob file that appeared since the last
+/// batch (sled writes a node too large for a segment into `blobs/` with no
+/// sync at all) and of the directory holding them.
+#[derive(Default)]
+struct Syncer {
+    log: Option<std::fs::File>,
+    blobs: HashSet<std::ffi::OsString>,
+}
+
+impl Syncer {
+    fn sync(&mut self, dir: &Path) -> std::io::Result<()> {
+        let Some(log) = &self.log else {
+            // New files (a reopened store): the whole tree, once.
+            fsync_tree(dir)?;
+            let f = std::fs::File::open(dir.join("db"))?;
+            f.sync_data()?;
+            self.log = Some(f);
+            self.blobs = blob_names(dir)?;
+            return Ok(());
+        };
+        log.sync_data()?;
+        let now = blob_names(dir)?;
+        let mut new = false;
+        for name in now.difference(&self.blobs) {
+            std::fs::File::open(dir.join("blobs").join(name))?.sync_data()?;
+            new = true;
+        }
+        if new {
+            std::fs::File::open(dir.join("blobs"))?.sync_all()?;
+        }
+        self.blobs = now;
+        Ok(())
+    }
+}
+
+fn blob_names(dir: &Path) -> std::io::Result<HashSet<std::ffi::OsString>> {
+    match std::fs::read_dir(dir.join("blobs")) {
+        Ok(entries) => entries.map(|e| e.map(|e| e.file_name())).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Seals nothing: encodes a record's content, refusing one over
+/// [`MAX_RECORD_BYTES`] (every caller-supplied field is bounded before it
+/// gets here, so this is a last line, not a filter).
+fn encode(event: Event) -> Result<Vec<u8>, AuditError> {
+    let kind = event_kind(&event);
+    let content = Content { time: now(), event }.encode();
+    let bytes = content.len() + airgate_policy::audit::HEADER;
+    if bytes > MAX_RECORD_BYTES {
+        return Err(AuditError::TooLarge { kind, bytes });
+    }
+    Ok(content)
+}
+
+/// The `kind` tag of an event, as the export names it.
+fn event_kind(event: &Event) -> String {
+    serde_json::to_value(event)
+        .ok()
+        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// How a store is opened.
 #[derive(Debug, Clone, Copy)]
 pub struct OpenOptions<'a> {
@@ -589,7 +667,7 @@ impl Audit {
     }
 
     async fn append_job(&self, event: Event, seal: bool) -> Result<u64, AuditError> {
-        let content = Content { time: now(), event }.encode();
+        let content = encode(event)?;
         let (reply, wait) = tokio::sync::oneshot::channel();
         match self.tx.try_send(Job {
             content,
@@ -615,7 +693,19 @@ impl Audit {
 
     /// Appends without waiting (events that gate nothing, e.g. a bundle refused).
     pub fn record(&self, event: Event) {
-        let content = Content { time: now(), event }.encode();
+        let content = match encode(event) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "audit record refused");
+                // What was refused is itself recorded, small.
+                match encode(Event::AuditDegraded {
+                    error: e.to_string(),
+                }) {
+                    Ok(c) => c,
+                    Err(_) => return,
+                }
+            }
+        };
         let (reply, _) = tokio::sync::oneshot::channel();
         if self
             .tx
@@ -767,7 +857,7 @@ fn write_loop(
     // after a failure the handle is dropped and the store reopened at the
     // next batch: service resumes by itself once the disk takes writes.
     let mut db = Some(db);
-    let mut log: Option<std::fs::File> = None;
+    let mut syncer = Syncer::default();
     loop {
         worker.idle();
         let Ok(first) = rx.recv() else {
@@ -819,18 +909,7 @@ fn write_loop(
             .apply_batch(batch)
             .and_then(|()| handle.flush().map(drop))
             .map_err(|e| e.to_string())
-            .and_then(|()| {
-                let synced = match &log {
-                    Some(f) => f.sync_data(),
-                    None => fsync_tree(dir).and_then(|()| {
-                        let f = std::fs::File::open(dir.join("db"))?;
-                        f.sync_data()?;
-                        log = Some(f);
-                        Ok(())
-                    }),
-                };
-                synced.map_err(|e| e.to_string())
-            });
+            .and_then(|()| syncer.sync(dir).map_err(|e| e.to_string()));
         worker.progress();
         let written = jobs.len() as u64;
         match result {
@@ -873,7 +952,7 @@ fn write_loop(
                         || !sealing.is_empty())
                     && let Some(handle) = db.as_ref()
                 {
-                    match write_checkpoint(handle, dir, log.as_ref(), signer, next, head) {
+                    match write_checkpoint(handle, dir, &mut syncer, signer, next, head) {
                         Ok(h) => {
                             next += 1;
                             head = h;
@@ -896,7 +975,7 @@ fn write_loop(
                 // Every handle must go for the file lock to be released.
                 *reader.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 db = None;
-                log = None;
+                syncer = Syncer::default();
                 fail_batch(state, jobs, &e);
             }
         }
@@ -907,7 +986,7 @@ fn write_loop(
 fn write_checkpoint(
     db: &sled::Db,
     dir: &Path,
-    log: Option<&std::fs::File>,
+    syncer: &mut Syncer,
     signer: &CheckpointSigner,
     next: u64,
     head: [u8; 32],
@@ -929,11 +1008,7 @@ fn write_checkpoint(
     let (stored, h) = seal(next, &head, &content);
     db.insert(key(next), stored).map_err(|e| e.to_string())?;
     db.flush().map_err(|e| e.to_string())?;
-    match log {
-        Some(f) => f.sync_data(),
-        None => fsync_tree(dir),
-    }
-    .map_err(|e| e.to_string())?;
+    syncer.sync(dir).map_err(|e| e.to_string())?;
     // The journal keeps a copy off the store: what `audit verify
     // --checkpoints` compares against after truncation or rewriting.
     tracing::info!(

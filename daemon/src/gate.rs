@@ -16,9 +16,13 @@ use airgate_policy::admission::{Admission, Ticket};
 use airgate_policy::assertion::verify_user_assertion;
 use airgate_policy::audit::DecisionRecord;
 use airgate_policy::bundle::{Kind, UserIdentity};
-use airgate_policy::decision::{Allow, Decision, Deny, Reason, RequestFacts, UserKey, decide};
+use airgate_policy::decision::{
+    Allow, Decision, Deny, Reason, RequestFacts, UserKey, decide, decide_use,
+};
 use http::HeaderMap;
 use serde_json::Value;
+
+use crate::bounded::clip;
 
 use crate::bundle::Active;
 use crate::connection::Conn;
@@ -33,6 +37,11 @@ pub const ASSERTION_HEADER: &str = "airgate-user-assertion";
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
 /// Longest end-user id accepted, in bytes.
 const MAX_USER_BYTES: usize = 256;
+/// Longest model name or purpose kept: longer ones are clipped (no
+/// manifest id or purpose is this long, so a clipped one matches nothing).
+const MAX_NAME_BYTES: usize = 256;
+/// Longest transport identity (as JSON) a record keeps.
+const MAX_IDENTITY_BYTES: usize = 4096;
 
 /// Keyed hashing of end-user ids.
 pub struct UserHasher {
@@ -129,93 +138,82 @@ pub enum Refused {
     },
 }
 
+/// A reservation admission took, owned from the moment it is taken:
+/// committed with the tokens used, or released — explicitly, or by being
+/// dropped, however the request ends (the client gone during guard scoring,
+/// while its decision is made durable, or mid-inference).
+pub struct Reserved {
+    admission: Arc<crate::usage::Usage>,
+    ticket: Option<Ticket>,
+}
+
+impl Reserved {
+    pub fn new(admission: Arc<crate::usage::Usage>, ticket: Ticket) -> Self {
+        Self {
+            admission,
+            ticket: Some(ticket),
+        }
+    }
+
+    /// What was reserved.
+    pub fn ticket(&self) -> &Ticket {
+        // Set at construction; taken only by the methods that consume self.
+        self.ticket
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a Reserved holds its ticket"))
+    }
+
+    /// The request was served: count `tokens` instead of the estimate.
+    pub fn commit(mut self, tokens: u64) {
+        if let Some(ticket) = self.ticket.take() {
+            self.admission.commit(ticket, tokens);
+        }
+    }
+
+    /// Nothing was served: give back everything the reservation took.
+    pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.admission.release(ticket);
+        }
+    }
+}
+
 /// A request that may be served: its decision and the reservation taken for it.
 pub struct Admitted {
     pub bundle: Arc<Active>,
     pub allow: Allow,
-    pub ticket: Ticket,
+    pub reserved: Reserved,
     /// The bound on generated tokens the decision was made with.
     pub max_tokens: u32,
 }
 
-/// Parses the fields every OpenAI-style request shares.
-pub fn ask_from_body(kind: Kind, body: &Value) -> Result<Ask<'_>, String> {
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .filter(|m| !m.is_empty())
-        .ok_or("\"model\" (a non-empty string) is required")?;
-    let text = |v: &Value| -> Result<String, String> {
-        match v {
-            Value::String(s) => Ok(s.clone()),
-            Value::Array(items) => {
-                let mut out = Vec::new();
-                for item in items {
-                    match item {
-                        Value::String(s) => out.push(s.clone()),
-                        Value::Object(part) => {
-                            if let Some(t) = part.get("text").and_then(Value::as_str) {
-                                out.push(t.to_owned());
-                            }
-                        }
-                        _ => return Err("content parts must be strings or objects".to_owned()),
-                    }
-                }
-                Ok(out.join("\n"))
-            }
-            Value::Null => Ok(String::new()),
-            _ => Err("expected a string or an array".to_owned()),
+impl<'a> Ask<'a> {
+    /// What an OpenAI request contributes: the one parse's fields and the
+    /// text the model will be given.
+    pub fn from_request(kind: Kind, request: &'a crate::openai::Request) -> Self {
+        Self {
+            kind,
+            model: &request.model,
+            prompt: request.policy_text(),
+            max_tokens: request.max_tokens,
+            openai_user: request.user.as_deref(),
         }
-    };
-    let prompt = match kind {
-        Kind::Chat => {
-            let messages = body
-                .get("messages")
-                .and_then(Value::as_array)
-                .filter(|m| !m.is_empty())
-                .ok_or("\"messages\" (a non-empty array) is required")?;
-            let mut parts = Vec::with_capacity(messages.len());
-            for (i, m) in messages.iter().enumerate() {
-                let content = m.get("content").unwrap_or(&Value::Null);
-                parts.push(text(content).map_err(|e| format!("messages[{i}].content: {e}"))?);
-            }
-            parts.join("\n")
-        }
-        Kind::Completion => {
-            text(body.get("prompt").unwrap_or(&Value::Null)).map_err(|e| format!("prompt: {e}"))?
-        }
-        _ => text(body.get("input").unwrap_or(&Value::Null)).map_err(|e| format!("input: {e}"))?,
-    };
-    let max_tokens = match body
-        .get("max_completion_tokens")
-        .or_else(|| body.get("max_tokens"))
-    {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n > 0)
-                .ok_or("max_tokens must be a positive integer")?,
-        ),
-    };
-    let openai_user = match body.get("user") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(u)) => Some(u.as_str()),
-        Some(_) => return Err("\"user\" must be a string".to_owned()),
-    };
-    Ok(Ask {
-        kind,
-        model,
-        prompt,
-        max_tokens,
-        openai_user,
-    })
+    }
 }
 
 /// A request that reached policy: the record to make durable, and what was decided.
 pub struct Decided {
     pub record: DecisionRecord,
     pub outcome: Result<Admitted, Refused>,
+    /// A denial past its principal's allowance of recorded denials
+    /// (crate::denials): answered, counted, not written.
+    pub unrecorded: bool,
 }
 
 /// Decides a request and, if allowed, takes its reservation. The bundle is
@@ -236,13 +234,20 @@ pub fn admit(
     let now = shared.policy.now();
     let b = &bundle.verified.bundle;
 
+    // Caller-chosen strings are bounded before policy and the record see
+    // them: an over-long one keeps a prefix and its length, and matches no
+    // manifest id or purpose (crate::bounded).
     let purpose = match headers.get(PURPOSE_HEADER) {
         None => None,
-        Some(v) => Some(
+        Some(v) => Some(clip(
             v.to_str()
                 .map_err(|_| Refused::BadRequest(format!("{PURPOSE_HEADER} is not text")))?,
-        ),
+            MAX_NAME_BYTES,
+        )),
     };
+    let purpose = purpose.as_deref();
+    let model_name = clip(ask.model, MAX_NAME_BYTES);
+    let ask_model = model_name.as_ref();
     let tenant = b
         .tenant_map
         .resolve(&conn.identity)
@@ -297,7 +302,7 @@ pub fn admit(
     let prompt_tokens = u32::try_from(ask.prompt.len().div_ceil(4)).unwrap_or(u32::MAX);
     let facts = RequestFacts {
         identity: &conn.identity,
-        model: ask.model,
+        model: ask_model,
         kind: ask.kind,
         purpose,
         end_user,
@@ -308,14 +313,21 @@ pub fn admit(
     shared.admission.observe(now);
     let decision = decide(b, shared.admission.as_ref(), &facts, now);
     // The record says what was decided, against which bundle, for whom.
-    let model = b.models.get(ask.model);
+    let model = b.models.get(ask_model);
+    let mut identity = DecisionRecord::identity_value(&conn.identity);
+    // A local user in thousands of groups, or a certificate with hundreds
+    // of names: the record keeps a bounded prefix of what it was.
+    let identity_text = identity.to_string();
+    if identity_text.len() > MAX_IDENTITY_BYTES {
+        identity = Value::String(clip(&identity_text, MAX_IDENTITY_BYTES).into_owned());
+    }
     let mut record = DecisionRecord {
         request_id: request_id.to_owned(),
-        identity: DecisionRecord::identity_value(&conn.identity),
+        identity,
         tenant: tenant.map(|t| t.id.to_string()),
         end_user: end_user.map(|u| crate::keys::hex(&u.0)),
         route: route.to_owned(),
-        model: ask.model.to_owned(),
+        model: ask_model.to_owned(),
         model_files: model.map_or_else(Vec::new, |m| {
             m.files
                 .iter()
@@ -344,9 +356,15 @@ pub fn admit(
                     .admission
                     .retry_after(&t.id, deny.reason, &t.limits, now)
             });
+            let unrecorded = crate::denials::before_limits(deny.reason)
+                && !shared.denials.record(
+                    &crate::denials::principal(&conn.identity),
+                    std::time::Instant::now(),
+                );
             return Ok(Decided {
                 record,
                 outcome: Err(Refused::Denied { deny, retry_after }),
+                unrecorded,
             });
         }
         Decision::Allow(allow) => allow,
@@ -354,6 +372,8 @@ pub fn admit(
     record.purpose = Some(allow.purpose.clone());
     match shared.admission.reserve(allow.reservation.clone(), now) {
         Ok(ticket) => {
+            let reserved = Reserved::new(Arc::clone(&shared.admission), ticket);
+            let ticket = reserved.ticket();
             // A guarded request is counted once its guard has spoken.
             if tenant.is_none_or(|t| t.content.guard.is_none()) {
                 count(shared, "allow", "allowed");
@@ -377,9 +397,10 @@ pub fn admit(
                 outcome: Ok(Admitted {
                     bundle,
                     allow,
-                    ticket,
+                    reserved,
                     max_tokens,
                 }),
+                unrecorded: false,
             })
         }
         Err(refusal) => {
@@ -396,6 +417,7 @@ pub fn admit(
                     },
                     retry_after: refusal.retry_after,
                 }),
+                unrecorded: false,
             })
         }
     }
@@ -440,65 +462,65 @@ pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &
         prompt_tokens: 0,
         max_tokens: 1,
     };
-    let verdict: Result<f32, (Reason, String)> =
-        match decide(b, shared.admission.as_ref(), &facts, now) {
-            Decision::Deny(d) => Err((
-                d.reason,
-                format!("guard model {:?} may not be used: {}", g.model, d.rule),
+    // The guard's use is decided for the tenant, the manifest, the purpose
+    // and the licence; not for limits: the request's own reservation holds
+    // them already, and deciding them again would count it against itself.
+    let verdict: Result<f32, (Reason, String)> = match decide_use(b, &facts, now) {
+        Err(d) => Err((
+            d.reason,
+            format!("guard model {:?} may not be used: {}", g.model, d.rule),
+        )),
+        Ok(()) => match shared.models.get_onnx(&g.model) {
+            None => Err((
+                Reason::GuardUnavailable,
+                format!("guard model {:?} is not loaded", g.model),
             )),
-            Decision::Allow(_) => match shared.models.get_onnx(&g.model) {
-                None => Err((
-                    Reason::GuardUnavailable,
-                    format!("guard model {:?} is not loaded", g.model),
-                )),
-                Some(model) => {
-                    let started = std::time::Instant::now();
-                    let delay = shared.failpoints.guard_delay.unwrap_or_default();
-                    let scored = tokio::time::timeout(
-                        std::time::Duration::from_millis(g.timeout_ms),
-                        async {
-                            tokio::time::sleep(delay).await;
-                            model.classify(prompt.to_owned()).await
-                        },
-                    )
+            Some(model) => {
+                let started = std::time::Instant::now();
+                let delay = shared.failpoints.guard_delay.unwrap_or_default();
+                let scored =
+                    tokio::time::timeout(std::time::Duration::from_millis(g.timeout_ms), async {
+                        tokio::time::sleep(delay).await;
+                        model.classify(prompt.to_owned()).await
+                    })
                     .await;
-                    shared
-                        .metrics
-                        .guard_latency
-                        .get_or_create(&crate::metrics::ModelLabels {
-                            model: g.model.clone(),
-                        })
-                        .observe(started.elapsed().as_secs_f64());
-                    let index = b
-                        .models
-                        .get(&g.model)
-                        .and_then(|m| m.labels.iter().position(|l| *l == g.label));
-                    match (scored, index) {
-                        (Err(_), _) => Err((
-                            Reason::GuardUnavailable,
-                            format!(
-                                "guard model {:?} did not answer within {} ms",
-                                g.model, g.timeout_ms
-                            ),
-                        )),
-                        (Ok(Err(e)), _) => Err((
-                            Reason::GuardUnavailable,
-                            format!("guard model {:?} failed: {e}", g.model),
-                        )),
-                        (Ok(Ok(probs)), Some(i)) if i < probs.len() => Ok(probs[i]),
-                        (Ok(Ok(probs)), _) => Err((
-                            Reason::GuardUnavailable,
-                            format!(
-                                "guard model {:?} gave {} scores; label {:?} has none",
-                                g.model,
-                                probs.len(),
-                                g.label
-                            ),
-                        )),
-                    }
+                shared
+                    .metrics
+                    .guard_latency
+                    .get_or_create(&crate::metrics::ModelLabels {
+                        model: g.model.clone(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+                let index = b
+                    .models
+                    .get(&g.model)
+                    .and_then(|m| m.labels.iter().position(|l| *l == g.label));
+                match (scored, index) {
+                    (Err(_), _) => Err((
+                        Reason::GuardUnavailable,
+                        format!(
+                            "guard model {:?} did not answer within {} ms",
+                            g.model, g.timeout_ms
+                        ),
+                    )),
+                    (Ok(Err(e)), _) => Err((
+                        Reason::GuardUnavailable,
+                        format!("guard model {:?} failed: {e}", g.model),
+                    )),
+                    (Ok(Ok(probs)), Some(i)) if i < probs.len() => Ok(probs[i]),
+                    (Ok(Ok(probs)), _) => Err((
+                        Reason::GuardUnavailable,
+                        format!(
+                            "guard model {:?} gave {} scores; label {:?} has none",
+                            g.model,
+                            probs.len(),
+                            g.label
+                        ),
+                    )),
                 }
-            },
-        };
+            }
+        },
+    };
     let denial = match verdict {
         Ok(score) => {
             decided.record.guard_score = Some(score);
@@ -522,7 +544,7 @@ pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &
     else {
         unreachable!("checked above");
     };
-    shared.admission.release(admitted.ticket);
+    admitted.reserved.release();
     count(shared, "deny", reason.code());
     decided.record.decision = "deny".to_owned();
     decided.record.reason = reason.code().to_owned();

@@ -8,11 +8,13 @@
 pub mod api;
 pub mod audit;
 pub mod authority;
+pub mod bounded;
 pub mod bundle;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod denials;
 pub mod evidence;
 pub mod exit;
 pub mod failpoint;
@@ -362,6 +364,10 @@ fn audit_command(command: AuditCommand) -> u8 {
                         let record = serde_json::from_str::<serde_json::Value>(&line).ok();
                         // Damaged records (no time, no event) are always shown.
                         let damaged = record.as_ref().is_some_and(|v| v.get("damaged").is_some());
+                        let v_seq = record
+                            .as_ref()
+                            .and_then(|v| v["seq"].as_u64())
+                            .unwrap_or(u64::MAX);
                         if record
                             .as_ref()
                             .and_then(|v| v["time"].as_i64())
@@ -374,7 +380,7 @@ fn audit_command(command: AuditCommand) -> u8 {
                         {
                             let keep = record
                                 .and_then(|v| serde_json::from_value(v["event"].clone()).ok())
-                                .is_some_and(|e| f.keep(&e));
+                                .is_some_and(|e| f.keep(v_seq, &e));
                             if !keep {
                                 continue;
                             }
@@ -408,7 +414,7 @@ fn audit_command(command: AuditCommand) -> u8 {
                             continue;
                         }
                         if let Some(f) = filter.as_mut()
-                            && !f.keep(&content.event)
+                            && !f.keep(seq, &content.event)
                         {
                             continue;
                         }

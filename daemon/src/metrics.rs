@@ -90,6 +90,8 @@ pub struct Metrics {
     pub clock_behind_floor: Gauge,
     pub mirror_polls: Family<ResultLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
+    /// Denials answered without a record (crate::denials).
+    pub denials_unrecorded: Counter,
     pub tokens: Family<TokenLabels, Counter>,
     pub generations: Family<GenerationLabels, Counter>,
     pub time_to_first_token: HistogramFamily<ModelLabels>,
@@ -158,6 +160,7 @@ impl Metrics {
             clock_behind_floor: Gauge::default(),
             mirror_polls: Family::default(),
             decisions: Family::default(),
+            denials_unrecorded: Counter::default(),
             tokens: Family::default(),
             generations: Family::default(),
             time_to_first_token: Family::new_with_constructor(latency_histogram),
@@ -189,6 +192,11 @@ impl Metrics {
             "connections_closed",
             "Connections ended, by listener and how (closed, error, header_timeout, aborted)",
             m.connections_closed.clone(),
+        );
+        registry.register(
+            "denials_unrecorded",
+            "Denials of unknown callers or models answered without a decision record, past the per-principal allowance",
+            m.denials_unrecorded.clone(),
         );
         registry.register(
             "http_requests",

@@ -10,6 +10,14 @@ use crate::llm::Sampling;
 
 /// Most stop sequences a request may give (OpenAI's limit).
 const MAX_STOP: usize = 4;
+/// Longest model name a request may give: no manifest id is longer.
+pub const MAX_MODEL_BYTES: usize = 256;
+/// Most messages a chat request may carry. Each one costs the template and
+/// the tokenizer a pass; a conversation longer than this does not fit any
+/// context airgate serves anyway.
+pub const MAX_MESSAGES: usize = 4096;
+/// Most content parts one message may carry.
+const MAX_CONTENT_PARTS: usize = 256;
 
 /// A parameter the request got wrong, named as OpenAI's `param`.
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +67,23 @@ fn flag(body: &Value, key: &'static str) -> Result<bool, ParamError> {
     }
 }
 
+/// A message's content as the model's template receives it: a string, or
+/// text parts concatenated as they are (nothing inserted between them, so
+/// "forb" + "idden" is "forbidden" to policy exactly as to the model).
 fn content_text(v: &Value, param: &'static str) -> Result<String, ParamError> {
     match v {
         Value::String(s) => Ok(s.clone()),
         Value::Null => Ok(String::new()),
         Value::Array(parts) => {
+            if parts.len() > MAX_CONTENT_PARTS {
+                return Err(bad(
+                    param,
+                    format!(
+                        "a message has {} content parts; at most {MAX_CONTENT_PARTS} are accepted",
+                        parts.len()
+                    ),
+                ));
+            }
             let mut out = String::new();
             for part in parts {
                 match (part.get("type").and_then(Value::as_str), part.get("text")) {
@@ -71,7 +91,10 @@ fn content_text(v: &Value, param: &'static str) -> Result<String, ParamError> {
                     (Some(other), _) => {
                         return Err(bad(
                             param,
-                            format!("content parts of type {other:?} are not supported; only text"),
+                            format!(
+                                "content parts of type {:?} are not supported; only text",
+                                crate::bounded::clip(other, 64)
+                            ),
                         ));
                     }
                     _ => {
@@ -91,8 +114,105 @@ fn content_text(v: &Value, param: &'static str) -> Result<String, ParamError> {
     }
 }
 
-/// Parses a chat or completion request body.
-pub fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
+/// An OpenAI request parsed once. What policy decides on (the model, the
+/// bound on generated tokens, the end user and [`Request::policy_text`]) and
+/// what the engine is given come from this one value, so they cannot disagree.
+#[derive(Debug)]
+pub struct Request {
+    pub model: String,
+    /// The request's bound on generated tokens, if it names one.
+    pub max_tokens: Option<u32>,
+    /// The OpenAI `user` field, if sent.
+    pub user: Option<String>,
+    pub work: Work,
+}
+
+/// What the request asks the engine to do.
+#[derive(Debug)]
+pub enum Work {
+    Generate(Generate),
+    Embed(Embeddings),
+}
+
+impl Request {
+    /// The text content rules and the guard check: every message's content
+    /// exactly as the chat template receives it (system, developer and
+    /// assistant turns included), one message per line; the completion
+    /// prompt as the model gets it; or the embedding inputs, one per line.
+    pub fn policy_text(&self) -> String {
+        match &self.work {
+            Work::Generate(g) if g.kind == Kind::Chat => {
+                let mut out =
+                    String::with_capacity(g.messages.iter().map(|(_, c)| c.len() + 1).sum());
+                for (i, (_, content)) in g.messages.iter().enumerate() {
+                    if i > 0 {
+                        out.push('\n');
+                    }
+                    out.push_str(content);
+                }
+                out
+            }
+            Work::Generate(g) => g.prompt.clone(),
+            Work::Embed(e) => e.texts.join("\n"),
+        }
+    }
+}
+
+/// Parses a `/v1/chat/completions`, `/v1/completions` or `/v1/embeddings`
+/// body: the fields every request shares, then its own.
+pub fn parse_request(kind: Kind, body: &Value) -> Result<Request, ParamError> {
+    if !body.is_object() {
+        return Err(bad("body", "the request body must be a JSON object"));
+    }
+    // Embeddings' own checks first: they name the parameter.
+    let work = match kind {
+        Kind::Embedding => Work::Embed(parse_embeddings(body)?),
+        _ => Work::Generate(parse(kind, body)?),
+    };
+    let model = match body.get("model") {
+        Some(Value::String(m)) if m.is_empty() => {
+            return Err(bad("model", "\"model\" (a non-empty string) is required"));
+        }
+        Some(Value::String(m)) if m.len() > MAX_MODEL_BYTES => {
+            return Err(bad(
+                "model",
+                format!(
+                    "\"model\" is {} bytes; a model id is at most {MAX_MODEL_BYTES}",
+                    m.len()
+                ),
+            ));
+        }
+        Some(Value::String(m)) => m.clone(),
+        _ => return Err(bad("model", "\"model\" (a non-empty string) is required")),
+    };
+    let max_tokens = match body
+        .get("max_completion_tokens")
+        .filter(|v| !v.is_null())
+        .or_else(|| body.get("max_tokens"))
+    {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad("max_tokens", "max_tokens must be a positive integer"))?,
+        ),
+    };
+    let user = match body.get("user") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(u.clone()),
+        Some(_) => return Err(bad("user", "\"user\" must be a string")),
+    };
+    Ok(Request {
+        model,
+        max_tokens,
+        user,
+        work,
+    })
+}
+
+/// Parses a chat or completion request body's own fields.
+fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
     if !body.is_object() {
         return Err(bad("body", "the request body must be a JSON object"));
     }
@@ -205,6 +325,15 @@ pub fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
                 .and_then(Value::as_array)
                 .filter(|m| !m.is_empty())
                 .ok_or_else(|| bad("messages", "messages (a non-empty array) is required"))?;
+            if list.len() > MAX_MESSAGES {
+                return Err(bad(
+                    "messages",
+                    format!(
+                        "{} messages given; at most {MAX_MESSAGES} are accepted",
+                        list.len()
+                    ),
+                ));
+            }
             let mut messages = Vec::with_capacity(list.len());
             for m in list {
                 let role = match m.get("role").and_then(Value::as_str) {
@@ -214,7 +343,8 @@ pub fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
                         return Err(bad(
                             "messages",
                             format!(
-                                "role {other:?} is not supported (system, developer, user, assistant)"
+                                "role {:?} is not supported (system, developer, user, assistant)",
+                                crate::bounded::clip(other, 64)
                             ),
                         ));
                     }
@@ -322,6 +452,67 @@ mod tests {
             .expect("one string");
         assert_eq!(c.prompt, "once");
     }
+
+    /// What policy checks is what the model is given: content parts are
+    /// joined alike for both, and every role's content is included.
+    #[test]
+    fn policy_sees_the_text_the_engine_gets() {
+        let r = parse_request(
+            Kind::Chat,
+            &json!({"model": "m", "messages": [
+                {"role": "system", "content": "be terse"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "forb"}, {"type": "text", "text": "idden"}]},
+                {"role": "developer", "content": "x"}]}),
+        )
+        .expect("valid");
+        let Work::Generate(g) = &r.work else {
+            panic!("a chat request generates");
+        };
+        assert_eq!(g.messages[1].1, "forbidden");
+        assert_eq!(r.policy_text(), "be terse\nforbidden\nx");
+        for (_, content) in &g.messages {
+            assert!(r.policy_text().contains(content.as_str()));
+        }
+        let e = parse_request(
+            Kind::Embedding,
+            &json!({"model": "e", "input": ["forb", "idden"]}),
+        )
+        .expect("valid");
+        assert_eq!(e.policy_text(), "forb\nidden");
+    }
+
+    #[test]
+    fn counts_and_sizes_are_bounded() {
+        let many: Vec<_> = (0..=MAX_MESSAGES)
+            .map(|_| json!({"role": "user", "content": "hi"}))
+            .collect();
+        let e = parse_request(Kind::Chat, &json!({"model": "m", "messages": many}))
+            .expect_err("too many messages");
+        assert_eq!(e.param, "messages");
+        let e = parse_request(
+            Kind::Chat,
+            &json!({"model": "m".repeat(MAX_MODEL_BYTES + 1),
+                    "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .expect_err("model too long");
+        assert_eq!(e.param, "model");
+        let parts: Vec<_> = (0..=MAX_CONTENT_PARTS)
+            .map(|_| json!({"type": "text", "text": "a"}))
+            .collect();
+        let e = parse_request(
+            Kind::Chat,
+            &json!({"model": "m", "messages": [{"role": "user", "content": parts}]}),
+        )
+        .expect_err("too many parts");
+        assert_eq!(e.param, "messages");
+        let e = parse_request(
+            Kind::Chat,
+            &json!({"model": "m", "messages": [{"role": "x".repeat(1 << 20), "content": "hi"}]}),
+        )
+        .expect_err("bad role");
+        assert!(e.message.len() < 512, "the error quotes a bounded prefix");
+    }
 }
 
 /// Most texts one `/v1/embeddings` request may carry (OpenAI's limit).
@@ -335,7 +526,7 @@ pub struct Embeddings {
     pub base64: bool,
 }
 
-pub fn parse_embeddings(body: &Value) -> Result<Embeddings, ParamError> {
+fn parse_embeddings(body: &Value) -> Result<Embeddings, ParamError> {
     let texts = match body.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if !items.is_empty() => {

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use airgate_policy::audit::{Content, Event};
+use airgate_policy::audit::{Content, Event, Joins};
 use airgate_policy::bundle::Bundle;
 use airgate_policy::bundle::verify::{TrustAnchors, decode_unverified, verify_signed};
 use airgate_policy::time::Date;
@@ -399,7 +399,11 @@ struct HostState {
 /// Counts records of one month, across hosts.
 pub struct Tally {
     month: Month,
-    pending: HashMap<(usize, String), Pending>,
+    /// Allowed requests waiting for their completion, by (host, decision seq).
+    pending: HashMap<(usize, u64), Pending>,
+    /// For completions from before they named their decision's sequence:
+    /// (host, request id) -> decision seq.
+    pending_by_id: HashMap<(usize, String), u64>,
     models: BTreeMap<String, ModelTally>,
     tenants: BTreeMap<String, TenantTally>,
     licence_users: BTreeMap<String, BTreeMap<(String, String), usize>>,
@@ -418,6 +422,7 @@ impl Tally {
         Self {
             month,
             pending: HashMap::new(),
+            pending_by_id: HashMap::new(),
             models: BTreeMap::new(),
             tenants: BTreeMap::new(),
             licence_users: BTreeMap::new(),
@@ -499,7 +504,7 @@ impl Tally {
                     chain.month_first_seq.get_or_insert(seq);
                     chain.month_last_seq = Some(seq);
                 }
-                self.add(index, c);
+                self.add(index, seq, c);
             }
             each(self, index, seq, stored, content.as_ref(), signed)
         });
@@ -536,7 +541,7 @@ impl Tally {
         self.hosts.get(host).map_or(0, |h| h.pending)
     }
 
-    fn add(&mut self, host: usize, content: &Content) {
+    fn add(&mut self, host: usize, seq: u64, content: &Content) {
         let month = self.month;
         let before = content.time < month.start;
         let within = month.contains(content.time);
@@ -578,8 +583,9 @@ impl Tally {
                 }
                 self.allowed += 1;
                 self.hosts[host].pending += 1;
+                self.pending_by_id.insert((host, d.request_id.clone()), seq);
                 self.pending.insert(
-                    (host, d.request_id.clone()),
+                    (host, seq),
                     Pending {
                         host,
                         model: d.model.clone(),
@@ -597,9 +603,23 @@ impl Tally {
                 served,
                 ..
             } if !before => {
-                let Some(p) = self.pending.remove(&(host, request_id.clone())) else {
+                // Joined by the decision's sequence, never by the caller's id
+                // (which two requests may share); older records by their id.
+                let decision = match content.event.joins() {
+                    Some(Joins::Seq(s)) => Some(s),
+                    Some(Joins::RequestId(id)) => {
+                        self.pending_by_id.get(&(host, id.to_owned())).copied()
+                    }
+                    _ => None,
+                };
+                let Some(p) = decision.and_then(|s| self.pending.remove(&(host, s))) else {
                     return;
                 };
+                if let Some(s) = decision
+                    && self.pending_by_id.get(&(host, request_id.clone())) == Some(&s)
+                {
+                    self.pending_by_id.remove(&(host, request_id.clone()));
+                }
                 self.hosts[host].pending -= 1;
                 let used = prompt_tokens.saturating_add(*completion_tokens);
                 if served.unwrap_or(used > 0) {

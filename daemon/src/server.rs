@@ -41,6 +41,8 @@ pub struct Shared {
     pub admission: Arc<crate::usage::Usage>,
     usage_opened: crate::usage::Opened,
     pub users: UserHasher,
+    /// Recorded denials of unknown callers, per principal (crate::denials).
+    pub denials: crate::denials::DenialLimiter,
     pub audit: Audit,
     audit_opened: crate::audit::Opened,
     /// The GGUF models loaded for the bundle in force.
@@ -430,6 +432,7 @@ impl Daemon {
                 admission: usage,
                 usage_opened,
                 users,
+                denials: crate::denials::DenialLimiter::new(),
                 rescan: tokio::sync::Notify::new(),
                 mirror_status: Mutex::new(None),
                 tls: ArcSwapOption::from(tls.map(Arc::new)),
@@ -599,6 +602,8 @@ impl Daemon {
             background.clone(),
         ));
         let retention = tokio::spawn(run_retention(Arc::clone(&shared), background.clone()));
+        let denial_summary =
+            tokio::spawn(run_denial_summary(Arc::clone(&shared), background.clone()));
         let mirror = shared
             .config()
             .policy
@@ -705,6 +710,7 @@ impl Daemon {
             abort.cancel();
             connections.wait().await;
         }
+        record_unrecorded_denials(&shared);
         if let Err(e) = shared
             .audit
             .append_sealed(Event::Shutdown {
@@ -718,6 +724,7 @@ impl Daemon {
         let _ = probe.await;
         let _ = poller.await;
         let _ = retention.await;
+        let _ = denial_summary.await;
         if let Some(m) = mirror {
             let _ = m.await;
         }
@@ -925,6 +932,32 @@ async fn run_retention(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
+    }
+}
+
+/// Writes what went unrecorded (crate::denials) since the last summary.
+fn record_unrecorded_denials(shared: &Shared) {
+    if let Some(s) = shared.denials.take_summary() {
+        tracing::warn!(
+            AIRGATE_EVENT = "denials_unrecorded",
+            denials = s.denials,
+            principals = s.principals,
+            "denials of unknown callers or models answered without a record each"
+        );
+        shared.audit.record(Event::DenialsUnrecorded {
+            denials: s.denials,
+            principals: s.principals,
+        });
+    }
+}
+
+async fn run_denial_summary(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(crate::denials::SUMMARY_EVERY) => {}
+        }
+        record_unrecorded_denials(&shared);
     }
 }
 

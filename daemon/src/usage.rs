@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use airgate_policy::admission::{Admission, MemoryAdmission, Refusal, Restored, Ticket};
-use airgate_policy::audit::{Content, Event};
+use airgate_policy::audit::{Content, Event, Joins};
 use airgate_policy::bundle::{Bundle, Limits};
 use airgate_policy::decision::{Reason, Reservation, UsageView, UserKey};
 use airgate_policy::identity::TenantId;
@@ -38,7 +38,10 @@ use crate::heartbeat::Worker;
 /// The tree beside the audit records.
 pub const TREE: &str = "usage";
 /// On-disk format of the tree; a newer airgate reads older formats.
-pub const FORMAT: u32 = 1;
+/// Format 2: pending requests are keyed by their decision's sequence (1:
+/// by request id). Pending entries live only between two starts, so a
+/// format-1 tree is format 2 once its pending entries are cleared at start.
+pub const FORMAT: u32 = 2;
 const K_FORMAT: &[u8] = b"!format";
 /// The next audit sequence the fold will read.
 const K_NEXT: &[u8] = b"!next";
@@ -54,7 +57,12 @@ const TOKENS: u8 = b'T'; // day, tenant -> u64
 const REQUESTS: u8 = b'Q'; // day, tenant -> u64 (admitted and served)
 const DENIALS: u8 = b'D'; // day, tenant -> u64
 const WARNED: u8 = b'W'; // month, scope\0id\0permille
-const PENDING: u8 = b'P'; // request id -> Pending (allowed, not completed)
+const PENDING: u8 = b'S'; // decision seq (u64 BE) -> Pending (allowed, not completed)
+// Completions from before they named their decision's sequence join by
+// request id: request id -> decision seq; and, folded by those versions,
+// request id -> Pending. Like PENDING, cleared at every start.
+const PENDING_BY_ID: u8 = b'I';
+const LEGACY_PENDING: u8 = b'P';
 
 /// Month index of an instant: year * 12 + month - 1 (UTC).
 pub fn month_index(time: i64) -> u32 {
@@ -116,8 +124,14 @@ fn user_key(tag: u8, period: u32, scope: &str, user: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-fn pending_key(request_id: &str) -> Vec<u8> {
+fn pending_key(decision_seq: u64) -> Vec<u8> {
     let mut k = vec![PENDING];
+    k.extend_from_slice(&decision_seq.to_be_bytes());
+    k
+}
+
+fn id_key(tag: u8, request_id: &str) -> Vec<u8> {
+    let mut k = vec![tag];
     k.extend_from_slice(request_id.as_bytes());
     k
 }
@@ -138,6 +152,9 @@ fn split_key(k: &[u8]) -> Option<(u32, &str, &[u8])> {
 /// An allowed request whose completion has not been folded yet.
 #[derive(Debug, Serialize, Deserialize)]
 struct Pending {
+    /// The caller's request id (absent in entries of format 1's fold).
+    #[serde(default)]
+    request_id: String,
     tenant: String,
     user: Option<String>,
     month: u32,
@@ -208,6 +225,7 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
             }
             o.add(period_key(REQUESTS, day, tenant), 1)?;
             let mut pending = Pending {
+                request_id: d.request_id.clone(),
                 tenant: tenant.to_owned(),
                 user: d.end_user.clone(),
                 month,
@@ -230,25 +248,41 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
                 }
             }
             o.insert(
-                pending_key(&d.request_id),
+                pending_key(seq),
                 serde_json::to_vec(&pending).unwrap_or_default(),
+            );
+            o.insert(
+                id_key(PENDING_BY_ID, &d.request_id),
+                seq.to_be_bytes().to_vec(),
             );
         }
         Event::Completion {
-            request_id,
             prompt_tokens,
             completion_tokens,
             served,
             ..
         } => {
-            let k = pending_key(request_id);
+            // The decision is found by its sequence: a caller's id, which
+            // two requests may share, never decides whose counts change.
+            let k = match content.event.joins() {
+                Some(Joins::Seq(s)) => pending_key(s),
+                Some(Joins::RequestId(id)) => match o.get(&id_key(PENDING_BY_ID, id))? {
+                    Some(s) => pending_key(as_u64(&s)),
+                    None => id_key(LEGACY_PENDING, id),
+                },
+                Some(Joins::Nothing) | None => return Ok(()),
+            };
             let Some(p) = o
                 .get(&k)?
                 .and_then(|v| serde_json::from_slice::<Pending>(&v).ok())
             else {
                 return Ok(());
             };
-            o.remove(k);
+            o.remove(k.clone());
+            let by_id = id_key(PENDING_BY_ID, &p.request_id);
+            if o.get(&by_id)?.as_deref() == k.get(1..) {
+                o.remove(by_id);
+            }
             let used = prompt_tokens.saturating_add(*completion_tokens);
             if served.unwrap_or(used > 0) {
                 return o.add(
@@ -360,6 +394,10 @@ pub fn open_tree(db: &sled::Db) -> Result<sled::Tree, String> {
                 return Err(format!(
                     "the usage store has format {found}; this airgate reads up to {FORMAT} (was a newer airgate run here?)"
                 ));
+            }
+            if found < FORMAT {
+                tree.insert(K_FORMAT, &FORMAT.to_be_bytes())
+                    .map_err(|e| e.to_string())?;
             }
         }
     }
@@ -507,6 +545,14 @@ impl Usage {
         for k in tree.scan_prefix([PENDING]).keys().flatten() {
             batch.remove(k);
             unfinished += 1;
+        }
+        for tag in [PENDING_BY_ID, LEGACY_PENDING] {
+            for k in tree.scan_prefix([tag]).keys().flatten() {
+                if tag == LEGACY_PENDING {
+                    unfinished += 1;
+                }
+                batch.remove(k);
+            }
         }
         tree.apply_batch(batch)
             .map_err(|e| unavailable(e.to_string()))?;

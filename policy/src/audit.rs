@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 use crate::identity::Identity;
 
 const DOMAIN: &[u8] = b"airgate-audit-v1\0";
-const HEADER: usize = 4 + 8 + 32 + 32;
+/// Bytes a stored record adds to its content.
+pub const HEADER: usize = 4 + 8 + 32 + 32;
 
 /// The hash the genesis record links to.
 pub const ZERO: [u8; 32] = [0; 32];
@@ -84,7 +85,19 @@ pub enum Event {
         key_sha256: String,
     },
     Completion {
+        /// The caller's correlation id; never used to find the decision.
         request_id: String,
+        /// The audit sequence of the decision this completes: the join key.
+        /// `None`: a record from before the field, which readers join by
+        /// request id as those versions did; `Some(None)` (stored as null):
+        /// its decision was never made durable (`audit.fail_open`) and it
+        /// joins nothing.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            deserialize_with = "present"
+        )]
+        decision_seq: Option<Option<u64>>,
         /// `completed`, `cancelled` or `error`.
         outcome: String,
         detail: String,
@@ -149,12 +162,63 @@ pub enum Event {
         /// Counts that differed from what the store held, in words.
         differences: Vec<String>,
     },
+    /// Denials of unknown callers or models answered without a record of
+    /// their own (past each principal's allowance), since the last such
+    /// summary: how many, from how many principals.
+    DenialsUnrecorded {
+        denials: u64,
+        principals: u64,
+    },
     /// Records before `first_kept` (a checkpoint) were deleted by retention.
     AuditPruned {
         first_kept: u64,
         removed: u64,
         retention_days: u64,
     },
+}
+
+/// A field that may be absent (`None`), null (`Some(None)`) or set: serde
+/// maps null and absent alike for a plain `Option`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// How a completion names its decision (see `Event::Completion`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Joins<'a> {
+    /// The decision record at this sequence.
+    Seq(u64),
+    /// A record from before completions named their decision's sequence:
+    /// the pending decision with this request id.
+    RequestId(&'a str),
+    /// Its decision was never durable: nothing to join.
+    Nothing,
+}
+
+impl Event {
+    /// For a completion, the decision it completes.
+    pub fn joins(&self) -> Option<Joins<'_>> {
+        match self {
+            Self::Completion {
+                decision_seq: Some(Some(seq)),
+                ..
+            } => Some(Joins::Seq(*seq)),
+            Self::Completion {
+                decision_seq: Some(None),
+                ..
+            } => Some(Joins::Nothing),
+            Self::Completion {
+                decision_seq: None,
+                request_id,
+                ..
+            } => Some(Joins::RequestId(request_id)),
+            _ => None,
+        }
+    }
 }
 
 /// The JSON content of a record: its time and event.

@@ -502,11 +502,21 @@ impl WireBundle {
             let mut files = Vec::new();
             let mut roles = BTreeSet::new();
             for f in m.files {
-                if f.name.is_empty() || f.name.contains('/') || f.name.starts_with('.') {
+                // A NUL cuts a path short in every C call that opens it; other
+                // controls hide in logs and listings. Like ids, names are bounded.
+                if f.name.is_empty()
+                    || f.name.len() > 255
+                    || f.name.contains('/')
+                    || f.name.starts_with('.')
+                    || f.name.chars().any(char::is_control)
+                {
                     return Err(invalid(
                         "model",
                         &m.id,
-                        format!("file name {:?} must be a plain file name", f.name),
+                        format!(
+                            "file name {:?} must be a plain file name (1 to 255 bytes, no '/', no leading '.', no control characters)",
+                            f.name
+                        ),
                     ));
                 }
                 if !roles.insert(f.role.clone()) {
@@ -800,7 +810,11 @@ fn compile_content(tenant: &str, wire: WireContentRules) -> Result<ContentRules,
             .map_err(|e| invalid("tenant", tenant, format!("deny_regex {pattern:?}: {e}")))?;
         deny_regex.push(re);
     }
-    if wire.deny_literals.iter().any(String::is_empty) {
+    if wire
+        .deny_literals
+        .iter()
+        .any(|l| crate::content::fold(l).is_empty())
+    {
         return Err(invalid(
             "tenant",
             tenant,
@@ -811,7 +825,7 @@ fn compile_content(tenant: &str, wire: WireContentRules) -> Result<ContentRules,
         deny_literals: wire
             .deny_literals
             .into_iter()
-            .map(|l| l.to_lowercase())
+            .map(|l| crate::content::fold(&l))
             .collect(),
         deny_regex,
         max_prompt_chars: wire.max_prompt_chars,

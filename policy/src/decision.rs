@@ -201,66 +201,82 @@ fn deny(reason: Reason, rule: impl Into<String>, tenant: Option<&TenantId>) -> D
     })
 }
 
-/// Decides a request against the active bundle. See the module docs.
-pub fn decide(
-    bundle: &Bundle,
-    usage: &dyn UsageView,
-    facts: &RequestFacts<'_>,
+/// What a request may use, before any limit: its tenant, the model, the
+/// purpose, and the licence obligations that come with the model.
+struct Use<'b> {
+    tenant_id: &'b TenantId,
+    tenant: &'b crate::bundle::Tenant,
+    model: &'b crate::bundle::Model,
+    purpose: &'b str,
+    obligations: Vec<Obligation>,
+}
+
+/// Identity, manifest, the tenant's models, the model's kinds, the purpose
+/// and the licences' review dates: whether the request may use the model at
+/// all, whatever it costs.
+fn check_use<'b>(
+    bundle: &'b Bundle,
+    facts: &RequestFacts<'b>,
     now: UnixTime,
-) -> Decision {
+) -> Result<Use<'b>, Deny> {
+    let deny = |reason, rule: String, tenant: Option<&TenantId>| Deny {
+        reason,
+        rule,
+        tenant: tenant.cloned(),
+    };
     let tenant_id = match bundle.tenant_map.resolve(facts.identity) {
         Ok(t) => t,
         Err(TenantLookupError::NoTenant) => {
-            return deny(
+            return Err(deny(
                 Reason::UnknownIdentity,
-                "identity matches no tenant of the bundle",
+                "identity matches no tenant of the bundle".to_owned(),
                 None,
-            );
+            ));
         }
         Err(e @ TenantLookupError::Ambiguous(_)) => {
-            return deny(Reason::AmbiguousIdentity, e.to_string(), None);
+            return Err(deny(Reason::AmbiguousIdentity, e.to_string(), None));
         }
     };
     let Some(tenant) = bundle.tenants.get(tenant_id) else {
-        return deny(
+        return Err(deny(
             Reason::UnknownIdentity,
-            "tenant of the identity map is missing",
+            "tenant of the identity map is missing".to_owned(),
             None,
-        );
+        ));
     };
     let t = Some(tenant_id);
 
     let Some(model) = bundle.models.get(facts.model) else {
-        return deny(
+        return Err(deny(
             Reason::ModelNotInManifest,
             format!("model {:?} is not in the manifest", facts.model),
             t,
-        );
+        ));
     };
     if !tenant.models.contains(facts.model) {
-        return deny(
+        return Err(deny(
             Reason::ModelNotAllowed,
             format!("tenant {tenant_id} may not use model {:?}", facts.model),
             t,
-        );
+        ));
     }
     if !model.kinds.contains(&facts.kind) {
-        return deny(
+        return Err(deny(
             Reason::ModelKindMismatch,
             format!(
                 "model {:?} does not serve {:?} requests",
                 facts.model, facts.kind
             ),
             t,
-        );
+        ));
     }
     let purpose = facts.purpose.unwrap_or(&tenant.default_purpose);
     if !tenant.purposes.contains(purpose) {
-        return deny(
+        return Err(deny(
             Reason::PurposeNotDeclared,
             format!("purpose {purpose:?} is not declared by tenant {tenant_id}"),
             t,
-        );
+        ));
     }
 
     let mut obligations = Vec::new();
@@ -270,11 +286,11 @@ pub fn decide(
         if today > licence.review_by {
             match licence.after_review {
                 ReviewAction::Refuse => {
-                    return deny(
+                    return Err(deny(
                         Reason::LicenceReviewOverdue,
                         format!("licence {id} was due for review by {}", licence.review_by),
                         t,
-                    );
+                    ));
                 }
                 ReviewAction::Flag => obligations.push(Obligation::ReviewOverdue {
                     licence: id.clone(),
@@ -288,6 +304,42 @@ pub fn decide(
             });
         }
     }
+    Ok(Use {
+        tenant_id,
+        tenant,
+        model,
+        purpose,
+        obligations,
+    })
+}
+
+/// Whether a request may use a model at all — tenant, manifest, kinds,
+/// purpose, licence review — with no limit, cap or content rule applied.
+/// For a model a request uses on the side of another (a guard), whose
+/// limits the request's own reservation already holds: deciding it with
+/// [`decide`] would count the request against itself.
+pub fn decide_use(bundle: &Bundle, facts: &RequestFacts<'_>, now: UnixTime) -> Result<(), Deny> {
+    check_use(bundle, facts, now).map(drop)
+}
+
+/// Decides a request against the active bundle. See the module docs.
+pub fn decide(
+    bundle: &Bundle,
+    usage: &dyn UsageView,
+    facts: &RequestFacts<'_>,
+    now: UnixTime,
+) -> Decision {
+    let Use {
+        tenant_id,
+        tenant,
+        model,
+        purpose,
+        mut obligations,
+    } = match check_use(bundle, facts, now) {
+        Ok(u) => u,
+        Err(d) => return Decision::Deny(d),
+    };
+    let t = Some(tenant_id);
 
     let needs_user = tenant.user_cap.is_some()
         || !matches!(tenant.user_identity, UserIdentity::OpenaiUser)
@@ -309,22 +361,23 @@ pub fn decide(
             );
         }
     }
-    if !tenant.content.deny_literals.is_empty() {
-        let lowered = facts.prompt.to_lowercase();
-        if let Some(lit) = tenant
-            .content
+    let content = &tenant.content;
+    // Rules see the prompt as sent and in its folded form (crate::content):
+    // an evasive spelling of a literal or of what a pattern matches is caught.
+    let folded = (!content.deny_literals.is_empty() || !content.deny_regex.is_empty())
+        .then(|| crate::content::fold(facts.prompt));
+    if let Some(folded) = &folded
+        && let Some(lit) = content
             .deny_literals
             .iter()
-            .find(|l| lowered.contains(l.as_str()))
-        {
-            return deny(Reason::ContentRule, format!("deny_literal {lit:?}"), t);
-        }
+            .find(|l| folded.contains(l.as_str()))
+    {
+        return deny(Reason::ContentRule, format!("deny_literal {lit:?}"), t);
     }
-    if let Some(re) = tenant
-        .content
+    if let Some(re) = content
         .deny_regex
         .iter()
-        .find(|re| re.is_match(facts.prompt))
+        .find(|re| re.is_match(facts.prompt) || folded.as_deref().is_some_and(|f| re.is_match(f)))
     {
         return deny(
             Reason::ContentRule,

@@ -11,6 +11,7 @@ pub mod admission;
 pub mod assertion;
 pub mod audit;
 pub mod bundle;
+pub mod content;
 pub mod decision;
 pub mod identity;
 pub mod time;

@@ -75,6 +75,7 @@ fn decision(id: &str, tenant: &str, user: Option<u8>, licences: &[&str], allow: 
 fn completion(id: &str, prompt: u64, generated: u64) -> Event {
     Event::Completion {
         request_id: id.to_owned(),
+        decision_seq: None,
         outcome: "completed".to_owned(),
         detail: String::new(),
         prompt_tokens: prompt,
@@ -123,6 +124,73 @@ fn served_users_count_under_every_licence_and_released_ones_are_taken_back() {
         0,
         "every request completed"
     );
+}
+
+fn completion_of(seq: u64, id: &str, prompt: u64, generated: u64) -> Event {
+    match completion(id, prompt, generated) {
+        Event::Completion {
+            request_id,
+            outcome,
+            detail,
+            prompt_tokens,
+            completion_tokens,
+            duration_ms,
+            served,
+            ..
+        } => Event::Completion {
+            request_id,
+            decision_seq: Some(Some(seq)),
+            outcome,
+            detail,
+            prompt_tokens,
+            completion_tokens,
+            duration_ms,
+            served,
+        },
+        other => other,
+    }
+}
+
+#[test]
+fn a_shared_request_id_cannot_make_a_served_user_vanish() {
+    // Two requests with one caller-chosen id (X-Request-Id, or a trace id
+    // shared by parallel calls): user 1's is served, a decoy of user 2
+    // with the same id is not. Joined by the decision's sequence, user 1
+    // stays counted and only the decoy's user is taken back.
+    let mut log = Log::new();
+    let t = NOV_END - 3600;
+    log.push(t, decision("same", "claims", Some(1), &["L"], true)); // seq 0
+    log.push(t, decision("same", "claims", Some(2), &["L"], true)); // seq 1
+    log.push(t, completion_of(1, "same", 0, 0)); // the decoy: nothing served
+    log.push(t, completion_of(0, "same", 10, 5));
+    // A completion whose decision was never durable (fail-open) joins nothing.
+    log.push(
+        t,
+        Event::Completion {
+            request_id: "same".to_owned(),
+            decision_seq: Some(None),
+            outcome: "completed".to_owned(),
+            detail: String::new(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            duration_ms: 1,
+            served: Some(false),
+        },
+    );
+    let tree = log.tree();
+    catch_up(&log.db, &tree, log.next).expect("fold");
+    let nov = month_index(t);
+    assert_eq!(users_in(&tree, USER, nov).get("claims"), Some(&1));
+    assert!(
+        tree.get(user_key(USER, nov, "claims", &[1; 32]))
+            .expect("get")
+            .is_some()
+    );
+    assert_eq!(users_in(&tree, LICENCE_USER, nov).get("L"), Some(&1));
+    assert_eq!(per_day_in(&tree, TOKENS, nov).get("claims"), Some(&15));
+    assert_eq!(per_day_in(&tree, REQUESTS, nov).get("claims"), Some(&1));
+    assert_eq!(tree.scan_prefix([PENDING]).count(), 0);
+    assert_eq!(tree.scan_prefix([PENDING_BY_ID]).count(), 0);
 }
 
 #[test]
@@ -189,7 +257,14 @@ fn a_store_of_a_newer_format_is_refused_and_months_parse_strictly() {
     tree.insert(K_FORMAT, &(FORMAT + 1).to_be_bytes())
         .expect("insert");
     let err = open_tree(&log.db).expect_err("newer format");
-    assert!(err.contains("format 2"), "{err}");
+    assert!(err.contains(&format!("format {}", FORMAT + 1)), "{err}");
+    // A format-1 tree (pending requests keyed by request id) is taken up.
+    tree.insert(K_FORMAT, &1u32.to_be_bytes()).expect("insert");
+    let tree = open_tree(&log.db).expect("older format");
+    assert_eq!(
+        tree.get(K_FORMAT).expect("get").as_deref(),
+        Some(&FORMAT.to_be_bytes()[..])
+    );
     assert_eq!(
         parse_month("2026-11").map(month_name),
         Ok("2026-11".to_owned())

@@ -13,6 +13,7 @@ fn content(i: u64) -> Vec<u8> {
     } else {
         Event::Completion {
             request_id: format!("r{i}"),
+            decision_seq: None,
             outcome: "completed".to_owned(),
             detail: String::new(),
             prompt_tokens: i,

@@ -172,6 +172,21 @@ fn cross_checks_refuse_naming_the_problem() {
             "must be a plain file name",
         ),
         (
+            "NUL in file name",
+            edit(|v| v["models"][2]["files"][0]["name"] = json!("model.gguf\u{0}.txt")),
+            "must be a plain file name",
+        ),
+        (
+            "control character in file name",
+            edit(|v| v["models"][2]["files"][0]["name"] = json!("model\u{1b}[2J.gguf")),
+            "must be a plain file name",
+        ),
+        (
+            "deny literal of nothing but invisible characters",
+            edit(|v| v["tenants"][0]["content"] = json!({"deny_literals": ["\u{200b}\u{ad}"]})),
+            "an empty deny_literal would deny everything",
+        ),
+        (
             "unknown parent",
             edit(|v| v["models"][1]["derived_from"] = json!("llama-9000")),
             "derived from \"llama-9000\", which is not in the manifest",
