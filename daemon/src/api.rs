@@ -129,6 +129,10 @@ pub enum ApiError {
     ContextExceeded { tokens: usize, context: u32 },
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// A run bigger than this server runs at once (batch × sequence, or
+    /// the activation estimate); the request must shrink, not be retried.
+    #[error("{0}")]
+    TooLarge(#[from] crate::onnx::TooLarge),
     #[error("the model failed: {0}")]
     Engine(String),
     #[error("not serving: the audit record could not be made durable ({0})")]
@@ -173,6 +177,7 @@ impl ApiError {
             Self::InvalidParam(_) => (StatusCode::BAD_REQUEST, "invalid_parameter"),
             Self::ContextExceeded { .. } => (StatusCode::BAD_REQUEST, "context_length_exceeded"),
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
             Self::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "engine_error"),
             Self::AuditUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
         }
@@ -841,6 +846,10 @@ async fn embeddings(
             served.finish("error", &e);
             return Err(ApiError::Overloaded(e));
         }
+        Err(crate::onnx::RunError::TooLarge(e)) => {
+            served.finish("error", &e.to_string());
+            return Err(ApiError::TooLarge(e));
+        }
         Err(crate::onnx::RunError::Failed(e)) => {
             served.finish("error", &e);
             return Err(ApiError::Engine(e));
@@ -1402,10 +1411,15 @@ async fn kserve_infer(
     let user = kserve::user_of(&doc).map_err(ApiError::BadRequest)?;
     let model = shared.models.get_onnx(name);
     let checked = match &model {
-        Some(m) => Some(
-            kserve::check(&doc, tail, &m.inputs, &m.outputs, m.max_elements)
-                .map_err(ApiError::BadRequest)?,
-        ),
+        Some(m) => {
+            let checked = kserve::check(&doc, tail, &m.inputs, &m.outputs, m.max_elements)
+                .map_err(ApiError::BadRequest)?;
+            // What tract would hold for these shapes, bounded like the
+            // shapes themselves: before policy, 413.
+            let shapes: Vec<&[usize]> = checked.tensors.iter().map(|t| t.shape()).collect();
+            m.check_activations(&shapes)?;
+            Some(checked)
+        }
         None => None,
     };
     let ask = gate::Ask {
@@ -1450,6 +1464,10 @@ async fn kserve_infer(
             let e = format!("{n} requests are running or waiting for model {name:?}");
             served.finish("error", &e);
             return Err(ApiError::Overloaded(e));
+        }
+        Err(crate::onnx::RunError::TooLarge(e)) => {
+            served.finish("error", &e.to_string());
+            return Err(ApiError::TooLarge(e));
         }
         Err(crate::onnx::RunError::Failed(e)) => {
             served.finish("error", &e);

@@ -50,6 +50,12 @@ pub struct OnnxConfig {
     pub queue: u32,
     /// Largest input tensor accepted, in elements.
     pub max_tensor_elements: u64,
+    /// Most tokens one text request (embeddings, a guard's prompt) may run:
+    /// batch × padded sequence; more get 413.
+    pub max_batch_tokens: u64,
+    /// Most activation memory one run may be estimated to hold, bytes
+    /// (tract's plan at its busiest step); more get 413.
+    pub max_run_bytes: u64,
 }
 
 impl Default for OnnxConfig {
@@ -61,6 +67,8 @@ impl Default for OnnxConfig {
             .unwrap_or(1),
             queue: 16,
             max_tensor_elements: 16 << 20,
+            max_batch_tokens: crate::onnx::DEFAULT_MAX_BATCH_TOKENS,
+            max_run_bytes: crate::onnx::DEFAULT_MAX_RUN_BYTES,
         }
     }
 }
@@ -692,6 +700,12 @@ fn parse_root(
                 max_tensor_elements: s
                     .optional(errors, "max_tensor_elements", integer_between(1, 1 << 40))
                     .unwrap_or(d.max_tensor_elements),
+                max_batch_tokens: s
+                    .optional(errors, "max_batch_tokens", integer_between(1, 1 << 32))
+                    .unwrap_or(d.max_batch_tokens),
+                max_run_bytes: s
+                    .optional(errors, "max_run_bytes", integer_between(1 << 20, 1 << 44))
+                    .unwrap_or(d.max_run_bytes),
             };
             s.finish(errors);
             o

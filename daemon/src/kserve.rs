@@ -222,49 +222,13 @@ pub fn check(
                 })
             })
             .collect::<Result<_, _>>()?;
-        let expected = spec.wire_shape();
-        if shape.len() != spec.shape.len() {
-            return Err(format!(
-                "input {name:?}: shape {shape:?} has rank {}, the model expects {expected:?}",
-                shape.len()
-            ));
-        }
-        let mut count: u64 = 1;
-        for (i, (got, want)) in shape.iter().zip(&spec.shape).enumerate() {
-            match want {
-                Dim::Fixed(n) if *got != *n as u64 => {
-                    return Err(format!(
-                        "input {name:?}: dimension {i} is {got}, the model expects {n} (shape {expected:?})"
-                    ));
-                }
-                Dim::Symbol(sym) => match symbols.iter().find(|(s, _, _)| s == sym) {
-                    Some((_, v, other)) if v != got => {
-                        return Err(format!(
-                            "input {name:?}: dimension {i} ({sym}) is {got}, but input {other:?} gives {sym} = {v}"
-                        ));
-                    }
-                    Some(_) => {}
-                    None => symbols.push((sym.clone(), *got, name.clone())),
-                },
-                Dim::Fixed(_) => {}
-            }
-            count = count.saturating_mul(*got);
-        }
-        if count > max_elements {
-            return Err(format!(
-                "input {name:?}: shape {shape:?} holds {} elements; the limit is {max_elements} (onnx.max_tensor_elements)",
-                if count == u64::MAX {
-                    "too many".to_owned()
-                } else {
-                    count.to_string()
-                }
-            ));
-        }
+        let count =
+            check_shape(spec, &shape, &mut symbols, max_elements).map_err(|e| e.to_string())?;
+        // Every dimension is at most `count` now, so it fits.
         let dims: Vec<usize> = shape
             .iter()
             .map(|d| usize::try_from(*d).unwrap_or(usize::MAX))
             .collect();
-        let count = usize::try_from(count).unwrap_or(usize::MAX);
         let tensor = match (blobs.iter().find(|(n, _)| *n == name.as_str()), input.data) {
             (Some((_, bytes)), _) => from_bytes(name, datatype, &dims, count, bytes)?,
             (None, Some(data)) => from_json(name, datatype, &dims, count, data)?,
@@ -283,6 +247,139 @@ pub fn check(
         outputs,
         user: user_of(request)?,
     })
+}
+
+/// A declared shape that does not fit the model's input, or this server.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("input {input:?}: shape {shape:?} has rank {}, the model expects {expected:?}", .shape.len())]
+    Rank {
+        input: String,
+        shape: Vec<u64>,
+        expected: Vec<i64>,
+    },
+    #[error(
+        "input {input:?}: dimension {axis} is {got}, the model expects {want} (shape {expected:?})"
+    )]
+    Fixed {
+        input: String,
+        axis: usize,
+        got: u64,
+        want: usize,
+        expected: Vec<i64>,
+    },
+    #[error(
+        "input {input:?}: dimension {axis} ({symbol}) is {got}, but input {other:?} gives {symbol} = {value}"
+    )]
+    Symbol {
+        input: String,
+        axis: usize,
+        symbol: String,
+        got: u64,
+        other: String,
+        value: u64,
+    },
+    /// `count` is the product of the non-zero dimensions; `None` when it
+    /// overflows 64 bits.
+    #[error(
+        "input {input:?}: shape {shape:?} holds {}; the limit is {limit} (onnx.max_tensor_elements)",
+        elements(.count, .shape)
+    )]
+    TooManyElements {
+        input: String,
+        shape: Vec<u64>,
+        count: Option<u64>,
+        limit: u64,
+    },
+    #[error(
+        "input {input:?}: shape {shape:?} holds no elements; a tensor with a 0 dimension is not run"
+    )]
+    Empty { input: String, shape: Vec<u64> },
+}
+
+fn elements(count: &Option<u64>, shape: &[u64]) -> String {
+    let aside = if shape.contains(&0) {
+        " (its 0 dimensions aside)"
+    } else {
+        ""
+    };
+    match count {
+        Some(n) => format!("{n} elements{aside}"),
+        None => format!("too many elements{aside}"),
+    }
+}
+
+/// `shape` as sent for `spec`: its rank, each fixed dimension, each
+/// symbol the same as where it appeared before (`symbols`: the symbol, its
+/// value, the input that gave it), the product of its non-zero dimensions
+/// (so each dimension too) at most `max_elements`, multiplied with
+/// overflow checks, and not empty: a 0 dimension is refused (400) rather
+/// than handed to tract, whose operators are not all defined on empty
+/// tensors, and whatever the other dimensions claim it never counts as
+/// small. Returns the element count.
+fn check_shape(
+    spec: &TensorSpec,
+    shape: &[u64],
+    symbols: &mut Vec<(String, u64, String)>,
+    max_elements: u64,
+) -> Result<usize, ShapeError> {
+    let input = &spec.name;
+    if shape.len() != spec.shape.len() {
+        return Err(ShapeError::Rank {
+            input: input.clone(),
+            shape: shape.to_vec(),
+            expected: spec.wire_shape(),
+        });
+    }
+    for (axis, (got, want)) in shape.iter().zip(&spec.shape).enumerate() {
+        match want {
+            Dim::Fixed(n) if *got != *n as u64 => {
+                return Err(ShapeError::Fixed {
+                    input: input.clone(),
+                    axis,
+                    got: *got,
+                    want: *n,
+                    expected: spec.wire_shape(),
+                });
+            }
+            Dim::Fixed(_) => {}
+            Dim::Symbol(sym) => match symbols.iter().find(|(s, _, _)| s == sym) {
+                Some((_, value, other)) if value != got => {
+                    return Err(ShapeError::Symbol {
+                        input: input.clone(),
+                        axis,
+                        symbol: sym.clone(),
+                        got: *got,
+                        other: other.clone(),
+                        value: *value,
+                    });
+                }
+                Some(_) => {}
+                None => symbols.push((sym.clone(), *got, input.clone())),
+            },
+        }
+    }
+    let count = shape
+        .iter()
+        .filter(|d| **d != 0)
+        .try_fold(1u64, |n, d| n.checked_mul(*d));
+    let too_many = || ShapeError::TooManyElements {
+        input: input.clone(),
+        shape: shape.to_vec(),
+        count,
+        limit: max_elements,
+    };
+    let count = match count {
+        Some(n) if n <= max_elements => usize::try_from(n).map_err(|_| too_many())?,
+        _ => return Err(too_many()),
+    };
+    if shape.contains(&0) {
+        return Err(ShapeError::Empty {
+            input: input.clone(),
+            shape: shape.to_vec(),
+        });
+    }
+    Ok(count)
 }
 
 fn wanted_outputs(
@@ -329,7 +426,8 @@ fn wanted_outputs(
 
 /// Row-major elements of `data`, flat or nested, without recursion.
 fn flatten<'a>(name: &str, data: &'a Value, count: usize) -> Result<Vec<&'a Value>, String> {
-    let mut out = Vec::with_capacity(count);
+    // Grown as elements are found: a shape's claim alone reserves little.
+    let mut out = Vec::with_capacity(count.min(1 << 16));
     let mut stack = vec![data];
     while let Some(v) = stack.pop() {
         match v {

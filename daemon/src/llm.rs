@@ -663,6 +663,9 @@ impl Loader {
             self.onnx.max_tensor_elements,
         )?;
         model.release = Some(Box::new(release));
+        // Before the tokenizer: it is held to these.
+        model.max_batch_tokens = self.onnx.max_batch_tokens;
+        model.max_run_bytes = self.onnx.max_run_bytes;
         if let Some(t) = tokenizer {
             model.set_tokenizer(t)?;
         }

@@ -1,18 +1,29 @@
 //! ONNX models through tract: loaded and optimised once (symbolic batch and
 //! sequence dimensions stay symbolic), run on a bounded pool of blocking
 //! threads. A request beyond the pool and its queue is refused at once
-//! (503), never queued without bound.
+//! (503), never queued without bound; a run holds its place in the pool
+//! until tract returns, whether or not anyone still waits for its answer.
 //!
 //! Tensors come in already checked against the model's declared inputs
-//! (see `kserve`): tract never sees a wrong datatype, rank or size.
+//! (see `kserve`): tract never sees a wrong datatype, rank or size. What a
+//! run may cost is bounded here: text batches by batch × padded sequence
+//! (`onnx.max_batch_tokens`), every run by the activation memory its plan
+//! would hold at its busiest step (`onnx.max_run_bytes`), estimated from the
+//! plan's symbolic shapes before tract starts.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike as _;
+
+/// Default `onnx.max_batch_tokens`: batch × padded sequence per text request.
+pub const DEFAULT_MAX_BATCH_TOKENS: u64 = 32_768;
+/// Default `onnx.max_run_bytes`: one run's estimated activation memory.
+pub const DEFAULT_MAX_RUN_BYTES: u64 = 1 << 30;
 
 /// A KServe v2 datatype that tract can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,13 +174,18 @@ pub struct OnnxModel {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     plan: Plan,
-    running: tokio::sync::Semaphore,
-    in_system: AtomicUsize,
-    capacity: usize,
+    footprint: Footprint,
+    pool: Pool,
     pub workers: usize,
     pub memory_bytes: u64,
     /// Largest input tensor accepted, in elements.
     pub max_elements: u64,
+    /// Most tokens (batch × padded sequence) one text request may run;
+    /// set before `set_tokenizer`, which holds the tokenizer to it.
+    pub max_batch_tokens: u64,
+    /// Most activation memory one run may be estimated to hold, bytes; set
+    /// before `set_tokenizer`, which holds one longest text to it.
+    pub max_run_bytes: u64,
     /// Gives the model's memory back to the budget when it is dropped.
     pub(crate) release: Option<Box<dyn Send + Sync>>,
     /// The manifest's `tokenizer` file (a Hugging Face tokenizer.json): text
@@ -190,8 +206,46 @@ pub struct Embedded {
 pub enum RunError {
     #[error("{0} requests are running or waiting for this model")]
     Overloaded(usize),
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     #[error("{0}")]
     Failed(String),
+}
+
+/// A run refused before tract starts: bigger than this server runs at once.
+/// The request must change (fewer or shorter inputs), not be retried.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TooLarge {
+    #[error(
+        "{batch} texts padded to {seq} tokens are {tokens} tokens; the limit is {limit} per request (onnx.max_batch_tokens): send fewer or shorter texts"
+    )]
+    Tokens {
+        batch: usize,
+        seq: usize,
+        tokens: u64,
+        limit: u64,
+    },
+    #[error(
+        "this run would hold {} of activations; the limit is {} MiB per request (onnx.max_run_bytes): send fewer or smaller inputs",
+        about_mib(.bytes),
+        mib(.limit)
+    )]
+    Activations {
+        /// The estimate; `None` when it does not fit in 64 bits.
+        bytes: Option<u64>,
+        limit: u64,
+    },
+}
+
+fn mib(bytes: &u64) -> u64 {
+    *bytes >> 20
+}
+
+fn about_mib(bytes: &Option<u64>) -> String {
+    match bytes {
+        Some(b) => format!("about {} MiB", b.div_ceil(1 << 20)),
+        None => "more than 2^64 bytes".to_owned(),
+    }
 }
 
 fn err(e: &anyhow::Error) -> String {
@@ -250,25 +304,43 @@ impl OnnxModel {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| format!("{shown}: tract could not optimise it: {}", err(&e)))?;
+        let footprint = Footprint::of(&plan)
+            .map_err(|e| format!("{shown}: tract's plan could not be measured: {}", err(&e)))?;
         let workers = workers.max(1);
         Ok(Self {
             id: id.to_owned(),
             inputs,
             outputs,
             plan,
-            running: tokio::sync::Semaphore::new(workers),
-            in_system: AtomicUsize::new(0),
-            capacity: workers + queue,
+            footprint,
+            pool: Pool::new(workers, queue),
             workers,
             memory_bytes,
             max_elements,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_run_bytes: DEFAULT_MAX_RUN_BYTES,
             release: None,
             tokenizer: None,
         })
     }
 
+    /// The activation memory a run on inputs of these shapes (in declared
+    /// order) would hold at its busiest step, estimated from the plan;
+    /// refused beyond `max_run_bytes`. Cheap: one pass over the plan.
+    pub fn check_activations(&self, shapes: &[&[usize]]) -> Result<u64, TooLarge> {
+        match self.footprint.peak_bytes(shapes) {
+            Some(bytes) if bytes <= self.max_run_bytes => Ok(bytes),
+            bytes => Err(TooLarge::Activations {
+                bytes,
+                limit: self.max_run_bytes,
+            }),
+        }
+    }
+
     /// Reads a tokenizer.json; batches are padded to their longest text and
-    /// truncated as the file says (512 tokens when it does not).
+    /// truncated as the file says (512 tokens when it does not). One text
+    /// of that length must fit `max_batch_tokens` and `max_run_bytes`, so a
+    /// single text (the guard's prompt) is never refused for its length.
     pub fn set_tokenizer(&mut self, path: &Path) -> Result<(), String> {
         let mut t = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| format!("{}: not a tokenizer.json: {e}", path.display()))?;
@@ -294,13 +366,31 @@ impl OnnxModel {
                 ));
             }
         }
+        let longest = t.get_truncation().map_or(512, |t| t.max_length);
+        if longest as u64 > self.max_batch_tokens {
+            return Err(format!(
+                "{}: the tokenizer truncates texts at {longest} tokens, more than onnx.max_batch_tokens ({}) lets one request run",
+                path.display(),
+                self.max_batch_tokens
+            ));
+        }
+        let shape = [1, longest];
+        let shapes = vec![&shape[..]; self.inputs.len()];
+        self.check_activations(&shapes).map_err(|e| {
+            format!(
+                "{}: one text of {longest} tokens (where the tokenizer truncates): {e}",
+                path.display()
+            )
+        })?;
         self.tokenizer = Some(t);
         Ok(())
     }
 
     /// The model's inputs for `texts`: tokenized as a batch, padded to its
     /// longest, each declared input (input_ids, attention_mask,
-    /// token_type_ids) filled; also the mask and the padded length.
+    /// token_type_ids) filled; also the mask and the padded length. A batch
+    /// over `max_batch_tokens` or `max_run_bytes` is refused before anything
+    /// is padded or run.
     fn text_inputs(&self, texts: &[String]) -> Result<(Vec<Tensor>, Vec<i64>, usize), RunError> {
         let failed = |e: String| RunError::Failed(e);
         let tokenizer = self
@@ -317,6 +407,18 @@ impl OnnxModel {
             .max()
             .unwrap_or(0)
             .max(1);
+        let tokens = (batch as u64).saturating_mul(seq as u64);
+        if tokens > self.max_batch_tokens {
+            return Err(TooLarge::Tokens {
+                batch,
+                seq,
+                tokens,
+                limit: self.max_batch_tokens,
+            }
+            .into());
+        }
+        let shape = [batch, seq];
+        self.check_activations(&vec![&shape[..]; self.inputs.len()])?;
         let (mut ids, mut mask, mut types) = (Vec::new(), Vec::new(), Vec::new());
         let padded = |values: &[u32]| {
             let pad = seq - values.len();
@@ -429,33 +531,20 @@ impl OnnxModel {
 
     /// Requests running or waiting.
     pub fn load_now(&self) -> usize {
-        self.in_system.load(Ordering::Relaxed)
+        self.pool.load_now()
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.pool.capacity
     }
 
-    /// `work` on the blocking pool: at most `workers` at once, `queue` more
-    /// waiting, anything beyond refused at once (never an unbounded queue).
+    /// `work` on the model's pool (see `Pool::run`).
     async fn pooled<T: Send + 'static>(
         self: &Arc<Self>,
         work: impl FnOnce(&Self) -> Result<T, RunError> + Send + 'static,
     ) -> Result<T, RunError> {
-        let before = self.in_system.fetch_add(1, Ordering::AcqRel);
-        let _leave = Leave(&self.in_system);
-        if before >= self.capacity {
-            return Err(RunError::Overloaded(before));
-        }
-        let _permit = self
-            .running
-            .acquire()
-            .await
-            .map_err(|e| RunError::Failed(e.to_string()))?;
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || work(&me))
-            .await
-            .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
+        self.pool.run(move || work(&me)).await
     }
 
     /// Runs the model on checked inputs (in declared order), on the pool.
@@ -474,10 +563,195 @@ impl OnnxModel {
     }
 }
 
-struct Leave<'a>(&'a AtomicUsize);
+/// A bounded pool for blocking work: at most `workers` run at once, `queue`
+/// more wait, anything beyond is refused at once (never an unbounded queue).
+struct Pool {
+    running: Arc<Semaphore>,
+    /// Requests running or waiting: each `Seat` alive.
+    in_system: Arc<AtomicUsize>,
+    capacity: usize,
+}
 
-impl Drop for Leave<'_> {
+impl Pool {
+    fn new(workers: usize, queue: usize) -> Self {
+        Self {
+            running: Arc::new(Semaphore::new(workers)),
+            in_system: Arc::new(AtomicUsize::new(0)),
+            capacity: workers.saturating_add(queue),
+        }
+    }
+
+    fn load_now(&self) -> usize {
+        self.in_system.load(Ordering::Relaxed)
+    }
+
+    /// Runs `work` on a blocking thread once a worker is free. The seat and
+    /// the permit move into the work: a caller that goes away (a client
+    /// that disconnects, the guard's timeout) frees its place while it
+    /// waits, but a run that has started holds both until tract returns,
+    /// so abandoned runs cannot pile up beyond `workers`.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, RunError> + Send + 'static,
+    ) -> Result<T, RunError> {
+        let seat = Seat::take(&self.in_system, self.capacity)?;
+        let permit: OwnedSemaphorePermit = Arc::clone(&self.running)
+            .acquire_owned()
+            .await
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            // The seat goes first (tuple order), so whoever gets the permit
+            // next already finds the count down.
+            let held = (seat, permit);
+            let out = work();
+            drop(held);
+            out
+        })
+        .await
+        .map_err(|e| RunError::Failed(format!("the inference thread failed: {e}")))?
+    }
+}
+
+/// One request counted against a pool's capacity until it is dropped.
+struct Seat(Arc<AtomicUsize>);
+
+impl Seat {
+    fn take(count: &Arc<AtomicUsize>, capacity: usize) -> Result<Self, RunError> {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        let seat = Self(Arc::clone(count));
+        if before >= capacity {
+            return Err(RunError::Overloaded(before));
+        }
+        Ok(seat)
+    }
+}
+
+impl Drop for Seat {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// What a run holds, step by step, as tract's plan runs it: each step's
+/// outputs in bytes (symbolic in the model's input dimensions), and the
+/// earlier steps whose outputs tract lets go once that step has run.
+/// Weights (constants) are not counted: they are the model's own memory.
+struct Footprint {
+    /// Per step, the bytes of its outputs.
+    bytes: Vec<TDim>,
+    /// Per step, the steps whose outputs are dropped after it.
+    frees: Vec<Vec<usize>>,
+    /// Per model input, the symbol each axis is, where it is one.
+    inputs: Vec<Vec<Option<Symbol>>>,
+}
+
+impl Footprint {
+    fn of(plan: &TypedRunnableModel) -> TractResult<Self> {
+        let model = plan.model();
+        let order = plan.order_without_consts();
+        let mut step_of = vec![None; model.nodes().len()];
+        for (step, node) in order.iter().enumerate() {
+            step_of[*node] = Some(step);
+        }
+        // As tract's flush lists: a value is dropped after the last step
+        // that reads it; the model's outputs, and values nothing reads,
+        // are kept to the end.
+        let mut last_read = vec![0usize; order.len()];
+        for (step, node) in order.iter().enumerate() {
+            for input in &model.node(*node).inputs {
+                if let Some(s) = step_of[input.node] {
+                    last_read[s] = step;
+                }
+            }
+        }
+        for output in model.output_outlets()? {
+            if let Some(s) = step_of[output.node] {
+                last_read[s] = order.len();
+            }
+        }
+        let mut frees = vec![Vec::new(); order.len()];
+        for (s, at) in last_read.iter().enumerate() {
+            if *at != 0 && *at < order.len() {
+                frees[*at].push(s);
+            }
+        }
+        let bytes = order
+            .iter()
+            .map(|node| {
+                model
+                    .node(*node)
+                    .outputs
+                    .iter()
+                    .map(|o| o.fact.mem_size())
+                    .sum::<TDim>()
+            })
+            .collect();
+        let inputs = model
+            .input_outlets()?
+            .iter()
+            .map(|o| -> TractResult<Vec<Option<Symbol>>> {
+                Ok(model
+                    .outlet_fact(*o)?
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        TDim::Sym(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect())
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        Ok(Self {
+            bytes,
+            frees,
+            inputs,
+        })
+    }
+
+    /// The most bytes alive at any step for inputs of these shapes; `None`
+    /// when that does not fit in 64 bits.
+    fn peak_bytes(&self, shapes: &[&[usize]]) -> Option<u64> {
+        let mut values = SymbolValues::default();
+        for (symbols, shape) in self.inputs.iter().zip(shapes) {
+            for (symbol, n) in symbols.iter().zip(shape.iter()) {
+                if let Some(s) = symbol {
+                    values.set(s, i64::try_from(*n).ok()?);
+                }
+            }
+        }
+        let bytes = self
+            .bytes
+            .iter()
+            .map(|b| eval_bytes(b, &values))
+            .collect::<Option<Vec<u64>>>()?;
+        peak(&bytes, &self.frees)
+    }
+}
+
+/// A step's bytes for these symbol values: `None` when it overflows, 0 when
+/// it names a symbol only the run itself sets (a data-dependent size,
+/// which cannot be known before the run).
+fn eval_bytes(bytes: &TDim, values: &SymbolValues) -> Option<u64> {
+    match bytes.maybe_eval_to_i64(values) {
+        Some(n) => Some(u64::try_from(n).unwrap_or(0)),
+        None if bytes.symbols().iter().any(|s| values.get(s).is_none()) => Some(0),
+        None => None,
+    }
+}
+
+/// The most bytes alive at once when each step adds its own and then drops
+/// those `frees` names (its inputs live while it runs).
+fn peak(bytes: &[u64], frees: &[Vec<usize>]) -> Option<u64> {
+    let (mut live, mut most) = (0u64, 0u64);
+    for (step, b) in bytes.iter().enumerate() {
+        live = live.checked_add(*b)?;
+        most = most.max(live);
+        for s in frees.get(step).into_iter().flatten() {
+            live = live.saturating_sub(bytes.get(*s).copied().unwrap_or(0));
+        }
+    }
+    Some(most)
+}
+
+#[cfg(test)]
+mod tests;

@@ -342,3 +342,32 @@ fn bundle_mirror() {
         );
     }
 }
+
+#[test]
+fn onnx_run_bounds() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(
+        c.onnx.max_batch_tokens,
+        crate::onnx::DEFAULT_MAX_BATCH_TOKENS
+    );
+    assert_eq!(c.onnx.max_run_bytes, crate::onnx::DEFAULT_MAX_RUN_BYTES);
+    let c = parse(&format!(
+        "{MINIMAL}[onnx]\nmax_batch_tokens = 4096\nmax_run_bytes = 268435456\n"
+    ))
+    .expect("valid");
+    assert_eq!(c.onnx.max_batch_tokens, 4096);
+    assert_eq!(c.onnx.max_run_bytes, 256 << 20);
+    let errors = parse(&format!(
+        "{MINIMAL}[onnx]\nmax_batch_tokens = 0\nmax_run_bytes = 1024\n"
+    ))
+    .expect_err("out of range");
+    for w in [
+        "onnx.max_batch_tokens: 0 is out of range",
+        "onnx.max_run_bytes: 1024 is out of range",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(w)),
+            "missing {w:?} in {errors:#?}"
+        );
+    }
+}

@@ -470,6 +470,11 @@ fn malformed_inputs_get_a_400_naming_the_problem() {
             "holds too many elements",
         ),
         (
+            "zero dimension",
+            json!({"inputs": [input("a", "FP32", json!([0, 4]), json!([])), ok_b]}),
+            "holds no elements",
+        ),
+        (
             "negative dimension",
             json!({"inputs": [input("a", "FP32", json!([-1, 4]), json!([])), ok_b]}),
             "not a size",
