@@ -2,7 +2,8 @@
 //! body limits, and the one mapping from request-path errors to HTTP.
 //!
 //! Handlers never see raw bytes they did not ask for: bodies are read through
-//! a size limit and parsed once, here at the edge.
+//! the body bounds (size, deadline, the daemon-wide budget; see `body`) and
+//! parsed once, here at the edge.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::json;
 use tracing::Instrument;
@@ -22,6 +23,7 @@ use airgate_policy::audit::Event;
 use airgate_policy::bundle::Kind;
 use airgate_policy::decision::Reason;
 
+use crate::body::{BodyError, Buffered};
 use crate::connection::{Conn, InFlight};
 use crate::gate;
 use crate::metrics::{RequestLabels, RouteLabels};
@@ -101,10 +103,8 @@ pub enum ApiError {
     },
     #[error("operators only: connect as uid 0 or as a member of a configured admin group")]
     NotOperator,
-    #[error("request body exceeds the limit of {limit} bytes")]
-    BodyTooLarge { limit: u64 },
-    #[error("error reading the request body: {0}")]
-    BodyRead(String),
+    #[error(transparent)]
+    Body(#[from] BodyError),
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("content-type must be application/json")]
@@ -160,8 +160,16 @@ impl ApiError {
             Self::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::NotOperator => (StatusCode::FORBIDDEN, "not_operator"),
-            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
-            Self::BodyRead(_) => (StatusCode::BAD_REQUEST, "body_read_error"),
+            Self::Body(BodyError::TooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+            }
+            // Larger than every body together may be: no retry can succeed.
+            Self::Body(BodyError::OverBudget { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "body_over_budget")
+            }
+            Self::Body(BodyError::Busy) => (StatusCode::SERVICE_UNAVAILABLE, "body_budget_busy"),
+            Self::Body(BodyError::Timeout { .. }) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            Self::Body(BodyError::Read(_)) => (StatusCode::BAD_REQUEST, "body_read_error"),
             Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::NotServing(_) => (StatusCode::SERVICE_UNAVAILABLE, "policy_unavailable"),
@@ -229,12 +237,19 @@ impl ApiError {
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            // The rest of an oversized body is never read: tell an HTTP/1 client
+            // The rest of a refused body is never read: tell an HTTP/1 client
             // the connection ends here (HTTP/2 resets just the stream).
-            Self::BodyTooLarge { .. } if version < Version::HTTP_2 => {
+            Self::Body(e) if version < Version::HTTP_2 => {
+                let headers = response.headers_mut();
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                if matches!(e, BodyError::Busy) {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+            }
+            Self::Body(BodyError::Busy) => {
                 response
                     .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -423,11 +438,12 @@ async fn dispatch(
                 _ => Kind::Embedding,
             };
             let headers = req.headers().clone();
-            let limit = shared.config().limits.max_body_bytes;
             // The body is read and parsed before policy, so a malformed
             // request gets its own clear error whatever the policy state.
-            let body = read_json_body(req, limit).await?;
+            let body = read_json_body(shared, req).await?;
             let request = crate::openai::parse_request(kind, &body)?;
+            // Everything the model needs has been taken from the parsed body:
+            // its charge on the body budget ends here, not with the generation.
             drop(body);
             let ask = gate::Ask::from_request(kind, &request);
             let started = Instant::now();
@@ -1227,45 +1243,46 @@ fn require_operator(shared: &Shared, conn: &Conn) -> Result<(), ApiError> {
     }
 }
 
-/// Reads a JSON body through the size limit. A declared Content-Length over
-/// the limit is refused before a byte is read; a chunked body is cut off as
-/// soon as it passes the limit.
-async fn read_json_body(req: Request<Incoming>, limit: u64) -> Result<serde_json::Value, ApiError> {
+/// Reads a JSON body (see [`read_body`]) and parses it, charging the body
+/// budget for the parsed document first: the charge lives as long as the
+/// returned value.
+async fn read_json_body(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Buffered<serde_json::Value>, ApiError> {
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    let bytes = read_body(req, limit).await?;
+    let mut bytes = read_body(shared, req).await?;
     if !is_json {
         return Err(ApiError::NotJson);
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    bytes.charge_json(bytes.len())?;
+    bytes.try_map(|b| serde_json::from_slice(&b).map_err(|e| ApiError::InvalidJson(e.to_string())))
 }
 
-/// The whole body, up to `limit` bytes.
-async fn read_body(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
+/// The whole body, under the configured body bounds. A declared
+/// Content-Length over the limit is refused before a byte is read; a chunked
+/// body is cut off as soon as it passes the limit; a body that does not keep
+/// up `limits.min_upload_bytes_per_sec` is cut off `limits.body_read_timeout`
+/// after its bytes were due.
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Buffered<Bytes>, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(ApiError::BodyTooLarge { limit });
-    }
-    let limited = Limited::new(
-        req.into_body(),
-        usize::try_from(limit).unwrap_or(usize::MAX),
-    );
-    let bytes = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(ApiError::BodyTooLarge { limit });
-        }
-        Err(e) => return Err(ApiError::BodyRead(e.to_string())),
+    let config = shared.config();
+    let limits = &config.limits;
+    let rules = crate::body::Rules {
+        limit: limits.max_body_bytes,
+        timeout: limits.body_read_timeout,
+        min_bytes_per_sec: limits.min_upload_bytes_per_sec,
     };
-    Ok(bytes)
+    Ok(crate::body::read(req.into_body(), declared, rules, &shared.bodies).await?)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1400,13 +1417,16 @@ async fn kserve_infer(
 ) -> Result<Response<ResponseBody>, ApiError> {
     use crate::kserve;
     let headers = req.headers().clone();
-    let limit = shared.config().limits.max_body_bytes;
-    let body = read_body(req, limit).await?;
+    let mut body = read_body(shared, req).await?;
     // The request is checked against the model before policy, so a
     // malformed one gets its own clear error whatever the policy state.
     let header_length = headers
         .get(kserve::HEADER_LENGTH)
         .map(|v| v.to_str().unwrap_or("?"));
+    // The JSON header is charged for its parsed form; the tensor tail is
+    // bytes, and charged as such.
+    let json_len = kserve::json_len(body.len(), header_length).map_err(ApiError::BadRequest)?;
+    body.charge_json(json_len)?;
     let (doc, tail) = kserve::split_body(&body, header_length).map_err(ApiError::BadRequest)?;
     let user = kserve::user_of(&doc).map_err(ApiError::BadRequest)?;
     let model = shared.models.get_onnx(name);

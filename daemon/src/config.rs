@@ -234,22 +234,48 @@ pub struct Limits {
     pub max_headers: usize,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
+    /// A body's bytes must arrive within this, plus the time each byte
+    /// received buys at `min_upload_bytes_per_sec`: a request that declares
+    /// a body and sends none cannot hold its connection past it.
+    pub body_read_timeout: Duration,
+    pub min_upload_bytes_per_sec: u64,
+    /// Bytes that all request bodies together may hold at once, as received
+    /// and (JSON) as parsed; bodies over it are refused, not queued.
+    pub max_buffered_body_bytes: u64,
     pub idle_timeout: Duration,
-    pub max_connections: usize,
+    /// Connection slots per listener: a flood on one (the network) cannot
+    /// take the slots of the other (local tenants and operators).
+    pub max_connections_unix: usize,
+    pub max_connections_tls: usize,
+    /// Slots on the Unix socket beyond `max_connections_unix` that only
+    /// operators may take, so a socket full of tenants still lets one in.
+    pub operator_reserve: usize,
     pub http2_max_concurrent_streams: u32,
     pub http2_max_pending_accept_reset_streams: usize,
     pub http2_max_local_error_reset_streams: usize,
 }
 
+/// The body budget when none is configured: room for a few of the largest
+/// JSON bodies, and never less than one.
+fn default_buffered_body_bytes(max_body_bytes: u64) -> u64 {
+    (256_u64 << 20).max(max_body_bytes.saturating_mul(crate::body::JSON_CHARGE))
+}
+
 impl Default for Limits {
     fn default() -> Self {
+        let max_body_bytes = 4 * 1024 * 1024;
         Self {
             header_read_timeout: Duration::from_secs(10),
             max_headers: 64,
             max_header_bytes: 16 * 1024,
-            max_body_bytes: 4 * 1024 * 1024,
+            max_body_bytes,
+            body_read_timeout: Duration::from_secs(30),
+            min_upload_bytes_per_sec: 64 * 1024,
+            max_buffered_body_bytes: default_buffered_body_bytes(max_body_bytes),
             idle_timeout: Duration::from_secs(60),
-            max_connections: 1024,
+            max_connections_unix: 1024,
+            max_connections_tls: 1024,
+            operator_reserve: 8,
             http2_max_concurrent_streams: 64,
             http2_max_pending_accept_reset_streams: 32,
             http2_max_local_error_reset_streams: 256,
@@ -450,6 +476,42 @@ fn parse_root(
 
     let limits = match root.section(errors, "limits", false) {
         Some(mut s) => {
+            // The key from before budgets were per listener: both budgets,
+            // unless a listener's own key is set.
+            let both = s
+                .optional(errors, "max_connections", integer_between(1, 1 << 20))
+                .map(to_usize);
+            let connections = |s: &mut Section<'_>, errors: &mut Vec<FieldError>, key, default| {
+                s.optional(errors, key, integer_between(1, 1 << 20))
+                    .map(to_usize)
+                    .or(both)
+                    .unwrap_or(default)
+            };
+            let max_body_bytes = s
+                .optional(errors, "max_body_bytes", integer_between(1, 1 << 34))
+                .unwrap_or(defaults.max_body_bytes);
+            let max_buffered_body_bytes = match s.optional(
+                errors,
+                "max_buffered_body_bytes",
+                integer_between(1 << 20, 1 << 40),
+            ) {
+                Some(budget) => {
+                    // One body of the largest size must fit, parsed, or it
+                    // could never be served.
+                    let least = max_body_bytes.saturating_mul(crate::body::JSON_CHARGE);
+                    if budget < least {
+                        errors.push(FieldError {
+                            path: s.key_path("max_buffered_body_bytes"),
+                            message: format!(
+                                "{budget} is less than one largest JSON body takes parsed ({} x limits.max_body_bytes = {least})",
+                                crate::body::JSON_CHARGE
+                            ),
+                        });
+                    }
+                    budget
+                }
+                None => default_buffered_body_bytes(max_body_bytes),
+            };
             let l = Limits {
                 header_read_timeout: s
                     .optional(
@@ -464,9 +526,22 @@ fn parse_root(
                 max_header_bytes: s
                     .optional(errors, "max_header_bytes", integer_between(8192, 1 << 20))
                     .map_or(defaults.max_header_bytes, to_usize),
-                max_body_bytes: s
-                    .optional(errors, "max_body_bytes", integer_between(1, 1 << 34))
-                    .unwrap_or(defaults.max_body_bytes),
+                max_body_bytes,
+                body_read_timeout: s
+                    .optional(
+                        errors,
+                        "body_read_timeout",
+                        duration_between(Duration::from_millis(100), Duration::from_secs(3600)),
+                    )
+                    .unwrap_or(defaults.body_read_timeout),
+                min_upload_bytes_per_sec: s
+                    .optional(
+                        errors,
+                        "min_upload_bytes_per_sec",
+                        integer_between(1, 1 << 30),
+                    )
+                    .unwrap_or(defaults.min_upload_bytes_per_sec),
+                max_buffered_body_bytes,
                 idle_timeout: s
                     .optional(
                         errors,
@@ -474,9 +549,21 @@ fn parse_root(
                         duration_between(Duration::from_millis(100), Duration::from_secs(86400)),
                     )
                     .unwrap_or(defaults.idle_timeout),
-                max_connections: s
-                    .optional(errors, "max_connections", integer_between(1, 1 << 20))
-                    .map_or(defaults.max_connections, to_usize),
+                max_connections_unix: connections(
+                    &mut s,
+                    errors,
+                    "max_connections_unix",
+                    defaults.max_connections_unix,
+                ),
+                max_connections_tls: connections(
+                    &mut s,
+                    errors,
+                    "max_connections_tls",
+                    defaults.max_connections_tls,
+                ),
+                operator_reserve: s
+                    .optional(errors, "operator_reserve", integer_between(0, 1024))
+                    .map_or(defaults.operator_reserve, to_usize),
                 http2_max_concurrent_streams: s
                     .optional(
                         errors,

@@ -6,6 +6,13 @@
 //! keep-alive requests, which would make idle_timeout meaningless, and the
 //! HTTP/1-vs-2 detection has no timeout at all; so both clocks are kept here,
 //! fed by the bytes the connection reads and the requests it dispatches.
+//!
+//! An HTTP/2 peer's control frames (PING, WINDOW_UPDATE, SETTINGS) are bytes
+//! read too, and hyper's keep-alive only closes peers that stop answering, so
+//! an HTTP/2 connection's idleness counts from its last request, whatever
+//! frames arrive; and one told to close that does not (it need not answer the
+//! shutdown PING) is cut. While a request is in flight these clocks are off:
+//! its body's own deadline (see `body`) bounds it.
 
 use std::io;
 use std::pin::Pin;
@@ -40,6 +47,8 @@ struct Activity {
     epoch: Instant,
     /// Millisecond timestamps (since `epoch`) plus one; zero means "not set".
     last_read: AtomicU64,
+    /// When the last request ended (or the connection began).
+    settled: AtomicU64,
     head_started: AtomicU64,
     in_flight: AtomicUsize,
     requests: AtomicU64,
@@ -51,6 +60,7 @@ impl Activity {
         let a = Self {
             epoch: Instant::now(),
             last_read: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
@@ -59,6 +69,7 @@ impl Activity {
         // A new connection owes its first request head within the header timeout.
         a.head_started.store(a.now(), Ordering::Release);
         a.last_read.store(a.now(), Ordering::Release);
+        a.settled.store(a.now(), Ordering::Release);
         a
     }
 
@@ -91,7 +102,13 @@ impl Activity {
         if head != 0 && now.saturating_sub(head) > millis(limits.header_read_timeout) {
             return Some(Close::HeaderTimeout);
         }
-        let last = self.last_read.load(Ordering::Acquire);
+        // Bytes on an idle HTTP/1 connection start a head (bounded above);
+        // on HTTP/2 they may be PINGs forever, so only requests count.
+        let last = if self.http2.load(Ordering::Acquire) {
+            self.settled.load(Ordering::Acquire)
+        } else {
+            self.last_read.load(Ordering::Acquire)
+        };
         if now.saturating_sub(last) > millis(limits.idle_timeout) {
             return Some(Close::Idle);
         }
@@ -117,9 +134,9 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.activity
-            .last_read
-            .store(self.activity.now(), Ordering::Release);
+        let now = self.activity.now();
+        self.activity.last_read.store(now, Ordering::Release);
+        self.activity.settled.store(now, Ordering::Release);
     }
 }
 
@@ -185,6 +202,10 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
+        // PINGs from us find peers that vanished mid-request (a stream in
+        // flight keeps the idle clock off); idle peers are closed by ours.
+        .keep_alive_interval(limits.idle_timeout)
+        .keep_alive_timeout(limits.header_read_timeout)
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_pending_accept_reset_streams(limits.http2_max_pending_accept_reset_streams)
         .max_local_error_reset_streams(limits.http2_max_local_error_reset_streams)
@@ -303,6 +324,8 @@ pub async fn serve<S>(
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = false;
+    // When an idle connection was asked to close (GOAWAY, for HTTP/2).
+    let mut idle_close: Option<Instant> = None;
     let outcome = loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -326,7 +349,16 @@ pub async fn serve<S>(
                 }
                 Some(Close::Idle) if !draining => {
                     draining = true;
+                    idle_close = Some(Instant::now());
                     connection.as_mut().graceful_shutdown();
+                }
+                // Still idle (no request since), and not closed: an HTTP/2
+                // peer that never answers the shutdown PING is not waited on.
+                Some(Close::Idle)
+                    if idle_close.is_some_and(|at| at.elapsed() > limits.header_read_timeout) =>
+                {
+                    tracing::info!(parent: &span, "idle connection did not close when asked; cutting it");
+                    break "idle";
                 }
                 _ => {}
             },

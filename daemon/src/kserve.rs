@@ -42,27 +42,31 @@ pub struct Checked {
     pub user: Option<String>,
 }
 
+/// How many leading bytes of a body of `len` bytes are its JSON header (all
+/// of them without `Inference-Header-Content-Length`). Known before parsing,
+/// so the parsed document can be charged for first.
+pub fn json_len(len: usize, header_length: Option<&str>) -> Result<usize, String> {
+    let Some(v) = header_length else {
+        return Ok(len);
+    };
+    let n: usize = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{HEADER_LENGTH} must be a byte count, found {v:?}"))?;
+    if n > len {
+        return Err(format!(
+            "{HEADER_LENGTH} is {n} but the body is {len} bytes"
+        ));
+    }
+    Ok(n)
+}
+
 /// The parts of a request body: the JSON header and the binary tail.
 pub fn split_body<'a>(
     body: &'a [u8],
     header_length: Option<&str>,
 ) -> Result<(Value, &'a [u8]), String> {
-    let (json, tail) = match header_length {
-        None => (body, &body[body.len()..]),
-        Some(v) => {
-            let n: usize = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("{HEADER_LENGTH} must be a byte count, found {v:?}"))?;
-            if n > body.len() {
-                return Err(format!(
-                    "{HEADER_LENGTH} is {n} but the body is {} bytes",
-                    body.len()
-                ));
-            }
-            body.split_at(n)
-        }
-    };
+    let (json, tail) = body.split_at(json_len(body.len(), header_length)?);
     let value: Value =
         serde_json::from_slice(json).map_err(|e| format!("the request is not valid JSON: {e}"))?;
     if !value.is_object() {

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod audit;
 pub mod authority;
+pub mod body;
 pub mod bounded;
 pub mod bundle;
 pub mod cli;

@@ -190,7 +190,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Connections ended, by listener and how (closed, error, header_timeout, aborted)",
+            "Connections ended, by listener and how (closed, error, header_timeout, idle, aborted)",
             m.connections_closed.clone(),
         );
         registry.register(

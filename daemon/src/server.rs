@@ -54,6 +54,8 @@ pub struct Shared {
     /// The TLS material in use; swapped whole on reload.
     tls: ArcSwapOption<TlsState>,
     pub metrics: Metrics,
+    /// Bytes all request bodies may hold at once (`limits.max_buffered_body_bytes`).
+    pub bodies: crate::body::BodyBudget,
     pub heartbeat: Heartbeat,
     notifier: Notifier,
     log: Option<LogHandle>,
@@ -207,7 +209,19 @@ impl Shared {
             "models": self.models.states(),
             "engines": self.models.engines(),
             "listeners": *self.listeners.lock().unwrap_or_else(PoisonError::into_inner),
-            "connections": {"active": active, "max": config.limits.max_connections},
+            "connections": {
+                "active": active,
+                "max": config.limits.max_connections_unix
+                    + config.limits.operator_reserve
+                    + config.tls.as_ref().map_or(0, |_| config.limits.max_connections_tls),
+                "max_unix": config.limits.max_connections_unix,
+                "operator_reserve": config.limits.operator_reserve,
+                "max_tls": config.tls.as_ref().map(|_| config.limits.max_connections_tls),
+            },
+            "request_bodies": {
+                "budget_bytes": self.bodies.bytes(),
+                "in_use_bytes": self.bodies.in_use(),
+            },
             "bundle": self.policy.status(&config),
             "audit": {"opened": self.audit_opened, "writer": self.audit.state()},
             "bundle_mirror": *self.mirror_status.lock().unwrap_or_else(PoisonError::into_inner),
@@ -425,6 +439,7 @@ impl Daemon {
         if let Some(tls) = &tls {
             metrics.set_tls(&tls.info);
         }
+        let bodies = crate::body::BodyBudget::new(config.limits.max_buffered_body_bytes);
         Self {
             shared: Arc::new(Shared {
                 config: ArcSwap::from_pointee(config),
@@ -437,6 +452,7 @@ impl Daemon {
                 mirror_status: Mutex::new(None),
                 tls: ArcSwapOption::from(tls.map(Arc::new)),
                 metrics,
+                bodies,
                 heartbeat,
                 audit,
                 audit_opened,
@@ -510,8 +526,19 @@ impl Daemon {
                 if next.models_dir != current.models_dir {
                     pending.push("models_dir");
                 }
-                if next.limits.max_connections != current.limits.max_connections {
-                    pending.push("limits.max_connections");
+                // Budgets are sized once, when the listeners start.
+                let l = (&next.limits, &current.limits);
+                if l.0.max_connections_unix != l.1.max_connections_unix {
+                    pending.push("limits.max_connections_unix");
+                }
+                if l.0.max_connections_tls != l.1.max_connections_tls {
+                    pending.push("limits.max_connections_tls");
+                }
+                if l.0.operator_reserve != l.1.operator_reserve {
+                    pending.push("limits.operator_reserve");
+                }
+                if l.0.max_buffered_body_bytes != l.1.max_buffered_body_bytes {
+                    pending.push("limits.max_buffered_body_bytes");
                 }
                 if next.state_probe_interval != current.state_probe_interval {
                     pending.push("state_probe_interval");
@@ -576,7 +603,12 @@ impl Daemon {
         let abort = CancellationToken::new();
         let background = CancellationToken::new();
         let connections = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(shared.config().limits.max_connections));
+        // One budget per listener: a flood of TCP connections (each holding
+        // its slot through the TLS handshake) cannot lock out local tenants,
+        // and a socket full of tenants still has room for an operator.
+        let limits = shared.config().limits.clone();
+        let unix_slots = Slots::new(limits.max_connections_unix, limits.operator_reserve);
+        let tls_slots = Slots::new(limits.max_connections_tls, 0);
 
         let probe_budget = (shared.config().state_probe_interval * 3).max(Duration::from_secs(1));
         let probe = tokio::spawn(run_state_probe(
@@ -614,7 +646,7 @@ impl Daemon {
             tokio::spawn(accept_tls(
                 Arc::clone(&shared),
                 tls,
-                Arc::clone(&permits),
+                tls_slots,
                 connections.clone(),
                 drain.clone(),
                 abort.clone(),
@@ -623,7 +655,7 @@ impl Daemon {
         let accept = tokio::spawn(accept_unix(
             Arc::clone(&shared),
             unix,
-            permits,
+            unix_slots,
             connections.clone(),
             drain.clone(),
             abort.clone(),
@@ -742,7 +774,7 @@ impl Daemon {
 async fn accept_unix(
     shared: Arc<Shared>,
     socket: UnixSocket,
-    permits: Arc<Semaphore>,
+    slots: Slots,
     tracker: TaskTracker,
     drain: CancellationToken,
     abort: CancellationToken,
@@ -752,10 +784,9 @@ async fn accept_unix(
         listener: name.clone(),
     };
     while let Some((stream, _)) = next_accepted(|| socket.listener.accept(), &drain).await {
-        let Some(permit) = admit(&shared, &labels, &permits) else {
-            connection::refuse(stream, &shared, &name, Refusal::ConnectionLimit);
-            continue;
-        };
+        count_accepted(&shared, &labels);
+        // The kernel's credentials come with the connection, before any byte
+        // is read: who it is decides which slots it may take.
         let identity = match crate::listener::peer_identity(&stream) {
             Ok(identity) => identity,
             Err(e) => {
@@ -763,6 +794,10 @@ async fn accept_unix(
                 connection::refuse(stream, &shared, &name, Refusal::PeerCredentials);
                 continue;
             }
+        };
+        let Some(permit) = slots.take(&labels, shared.is_operator(&identity)) else {
+            connection::refuse(stream, &shared, &name, Refusal::ConnectionLimit);
+            continue;
         };
         let conn = Conn {
             id: shared.conn_ids.fetch_add(1, Ordering::Relaxed) + 1,
@@ -801,23 +836,47 @@ where
     }
 }
 
-/// Counts an accepted connection and takes a connection slot for it; None
-/// (logged) when every slot is taken and the caller must turn it away.
-fn admit(
-    shared: &Shared,
-    labels: &ListenerLabels,
-    permits: &Arc<Semaphore>,
-) -> Option<OwnedSemaphorePermit> {
+fn count_accepted(shared: &Shared, labels: &ListenerLabels) {
     shared
         .metrics
         .connections_accepted
         .get_or_create(labels)
         .inc();
-    let permit = Arc::clone(permits).try_acquire_owned().ok();
-    if permit.is_none() {
-        tracing::warn!(listener = %labels.listener, "connection limit reached; refusing connection");
+}
+
+/// One listener's connection budget: `open` slots for every peer, and
+/// `reserved` more that only operators may take (so that a socket full of
+/// tenants, or of one tenant's idle connections, still lets an operator in
+/// to see why). A slot is an owned permit: dropping it frees the slot.
+struct Slots {
+    open: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn new(open: usize, reserved: usize) -> Self {
+        Self {
+            open: Arc::new(Semaphore::new(open)),
+            reserved: Arc::new(Semaphore::new(reserved)),
+        }
     }
-    permit
+
+    /// A slot for a peer, or None (logged) when its share is taken and the
+    /// caller must turn it away. Operators take an open slot while there is
+    /// one, so the reserve stays for when there is not.
+    fn take(&self, labels: &ListenerLabels, operator: bool) -> Option<OwnedSemaphorePermit> {
+        let slot = Arc::clone(&self.open).try_acquire_owned().ok().or_else(|| {
+            if operator {
+                Arc::clone(&self.reserved).try_acquire_owned().ok()
+            } else {
+                None
+            }
+        });
+        if slot.is_none() {
+            tracing::warn!(listener = %labels.listener, operator, "connection limit reached; refusing connection");
+        }
+        slot
+    }
 }
 
 /// Accepts TCP connections until drain; each is handed to a task that does
@@ -825,7 +884,7 @@ fn admit(
 async fn accept_tls(
     shared: Arc<Shared>,
     socket: TcpSocket,
-    permits: Arc<Semaphore>,
+    slots: Slots,
     tracker: TaskTracker,
     drain: CancellationToken,
     abort: CancellationToken,
@@ -835,7 +894,10 @@ async fn accept_tls(
         listener: name.clone(),
     };
     while let Some((stream, remote)) = next_accepted(|| socket.listener.accept(), &drain).await {
-        let Some(permit) = admit(&shared, &labels, &permits) else {
+        count_accepted(&shared, &labels);
+        // The slot is taken before the handshake, which it bounds; the
+        // network never reaches operator slots (see `Shared::is_operator`).
+        let Some(permit) = slots.take(&labels, false) else {
             connection::count_refusal(&shared, &name, Refusal::ConnectionLimit);
             continue;
         };

@@ -12,6 +12,8 @@ mod embeddings;
 mod kserve;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/limits.rs"]
+mod limits;
 #[path = "e2e/llm.rs"]
 mod llm;
 #[path = "e2e/policy.rs"]

@@ -83,7 +83,9 @@ expiry_grace = "24h"
     assert_eq!(c.unix.group, Some(3001));
     assert_eq!(c.unix.fd_name, "local");
     assert_eq!(c.admin.groups, vec![3002, 4000]);
-    assert_eq!(c.limits.max_connections, 3);
+    // The key from before per-listener budgets sets both.
+    assert_eq!(c.limits.max_connections_unix, 3);
+    assert_eq!(c.limits.max_connections_tls, 3);
     assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
     assert_eq!(c.state_probe_interval, Duration::from_millis(250));
     assert_eq!(c.log.level, "airgate=debug,hyper=warn");
@@ -370,4 +372,57 @@ fn onnx_run_bounds() {
             "missing {w:?} in {errors:#?}"
         );
     }
+}
+
+#[test]
+fn connection_and_body_budgets() {
+    let d = Limits::default();
+    assert_eq!(d.max_connections_unix, 1024);
+    assert_eq!(d.max_connections_tls, 1024);
+    assert_eq!(d.operator_reserve, 8);
+    assert_eq!(d.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(d.min_upload_bytes_per_sec, 65536);
+    assert_eq!(d.max_buffered_body_bytes, 256 << 20);
+
+    let c = parse(&format!(
+        "{MINIMAL}\n[limits]\nmax_connections = 50\nmax_connections_tls = 10\noperator_reserve = 0\nbody_read_timeout = \"5s\"\nmin_upload_bytes_per_sec = 1000\nmax_buffered_body_bytes = 104857600\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.limits.max_connections_unix, 50,
+        "max_connections fills in"
+    );
+    assert_eq!(
+        c.limits.max_connections_tls, 10,
+        "the listener's own key wins"
+    );
+    assert_eq!(c.limits.operator_reserve, 0);
+    assert_eq!(c.limits.body_read_timeout, Duration::from_secs(5));
+    assert_eq!(c.limits.min_upload_bytes_per_sec, 1000);
+    assert_eq!(c.limits.max_buffered_body_bytes, 100 << 20);
+
+    // A large body limit raises the default budget to hold one such body parsed.
+    let c = parse(&format!("{MINIMAL}\n[limits]\nmax_body_bytes = 67108864\n")).expect("valid");
+    assert_eq!(
+        c.limits.max_buffered_body_bytes,
+        (64 << 20) * crate::body::JSON_CHARGE
+    );
+
+    let errors = parse(&format!(
+        "{MINIMAL}\n[limits]\nmax_connections_unix = 0\noperator_reserve = 5000\nbody_read_timeout = \"1ms\"\nmin_upload_bytes_per_sec = 0\nmax_body_bytes = 8388608\nmax_buffered_body_bytes = 16777216\n"
+    ))
+    .expect_err("invalid");
+    for want in [
+        "limits.max_connections_unix: 0 is out of range 1..=1048576",
+        "limits.operator_reserve: 5000 is out of range 0..=1024",
+        "limits.body_read_timeout: 1ms is out of range 100ms..=3600s",
+        "limits.min_upload_bytes_per_sec: 0 is out of range",
+        "limits.max_buffered_body_bytes: 16777216 is less than one largest JSON body takes parsed",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in {errors:#?}"
+        );
+    }
+    assert_eq!(errors.len(), 5, "{errors:#?}");
 }

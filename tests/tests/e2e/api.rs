@@ -14,7 +14,7 @@ fn client_bin() -> std::path::PathBuf {
 }
 
 /// Runs the test client as `uid`/`gid` with supplementary `groups`, via setpriv.
-fn get_as(
+pub(crate) fn get_as(
     uid: u32,
     gid: u32,
     groups: &[u32],
@@ -50,7 +50,7 @@ fn get_as(
 }
 
 /// The sandbox must be reachable by the unprivileged users the tests become.
-fn open_to_everyone(sandbox: &Sandbox) {
+pub(crate) fn open_to_everyone(sandbox: &Sandbox) {
     std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
 }
@@ -390,7 +390,12 @@ fn idle_keepalive_connections_are_closed() {
 #[test]
 fn connections_over_the_limit_are_refused_and_counted() {
     let sb = Sandbox::new();
-    let d = Daemon::start(&sb, &sb.config("", "[limits]\nmax_connections = 2\n"), &[]);
+    // The tests run as root, an operator: no reserve, or it would let us in.
+    let d = Daemon::start(
+        &sb,
+        &sb.config("", "[limits]\nmax_connections = 2\noperator_reserve = 0\n"),
+        &[],
+    );
     // wait_healthy's probes must be gone before we count slots.
     std::thread::sleep(Duration::from_millis(100));
     let a = UnixStream::connect(&d.socket).expect("a");
