@@ -15,9 +15,17 @@
 //! - `state.json`: highest version and its digest, the active digest, the
 //!   time floor.
 //!
+//! The rollback floor (highest version and its digest, time floor) is also
+//! kept beside the audit marker, outside the state directory
+//! (`policy-floor.json`), so that losing `state.json`, or the whole state
+//! directory, does not reopen rollback: at start the higher of the two
+//! counts, and a missing or unreadable `state.json` is rebuilt from the
+//! archive when the archive holds bundles.
+//!
 //! At start the active bundle is read back from the archive and verified
-//! again: a tampered file is not trusted. Requests take one `Arc<Active>` at
-//! their start, so a swap never changes the bundle under a request.
+//! again: a tampered file is not trusted, nor one below the floor. Requests
+//! take one `Arc<Active>` at their start, so a swap never changes the bundle
+//! under a request.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -44,6 +52,9 @@ pub const STATE_FORMAT: u32 = 1;
 /// (bounds writes while keeping a set-back clock from reviving old bundles).
 const FLOOR_STEP_SECONDS: i64 = 3600;
 
+/// The copy of the rollback floor, beside the audit marker.
+pub const FLOOR_COPY: &str = "policy-floor.json";
+
 /// The bundle in force.
 #[derive(Debug)]
 pub struct Active {
@@ -67,6 +78,35 @@ struct Persisted {
     highest_digest: Option<String>,
     active_digest: Option<String>,
     time_floor: i64,
+}
+
+/// The rollback floor as kept beside the audit marker. Read leniently (each
+/// value can only raise the floor), written whole.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+struct FloorCopy {
+    format: u32,
+    highest_version: u64,
+    highest_digest: Option<String>,
+    time_floor: i64,
+}
+
+impl FloorCopy {
+    fn of(p: &Persisted) -> Self {
+        Self {
+            format: STATE_FORMAT,
+            highest_version: p.highest_version,
+            highest_digest: p.highest_digest.clone(),
+            time_floor: p.time_floor,
+        }
+    }
+
+    /// Whether this copy holds what `p` does (the format aside).
+    fn holds(&self, p: &Persisted) -> bool {
+        self.highest_version == p.highest_version
+            && self.highest_digest == p.highest_digest
+            && self.time_floor == p.time_floor
+    }
 }
 
 /// The outcome of one bundle file, for status and the log.
@@ -118,6 +158,48 @@ impl UpdateError {
             _ => "refused",
         }
     }
+
+    /// Whether the same bytes would be refused again whatever happens on
+    /// this host: a bad signature, malformed claims or content, a rollback,
+    /// expiry (time, and the floor, only move forward), or already in force.
+    /// Not: a bundle not valid yet, one this host's configuration (trust
+    /// anchors, audience; reloadable) refuses, an I/O error.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Bundle(e) => !matches!(
+                **e,
+                BundleError::NotYetValid { .. }
+                    | BundleError::UnknownKeyId(_)
+                    | BundleError::AlgorithmMismatch { .. }
+                    | BundleError::WrongAudience { .. }
+            ),
+            Self::LowerVersion { .. }
+            | Self::SameVersionDifferentContent { .. }
+            | Self::AlreadyInForce => true,
+            Self::NoAudience | Self::NoTrustAnchors | Self::Read(_) | Self::Persist(_) => false,
+        }
+    }
+}
+
+/// What became of a bundle offered by the mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offered {
+    /// It is in force now.
+    Accepted,
+    /// Already in force, or refused for a reason the same bytes cannot
+    /// outgrow ([`UpdateError::is_permanent`]): not worth fetching again.
+    Settled,
+    /// Refused for now (not valid yet, this host's configuration, an I/O
+    /// error): to be fetched and offered again.
+    Retry,
+}
+
+impl Offered {
+    /// Whether the source may stop serving these bytes to us (a mirror
+    /// remembers their ETag).
+    pub fn settles(self) -> bool {
+        self != Self::Retry
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,14 +226,32 @@ struct Inner {
     clock_behind: bool,
     /// Audit events not yet handed to the audit store.
     events: Vec<airgate_policy::audit::Event>,
+    /// The state was rebuilt or raised at start: `state.json` and the copy
+    /// are written at the next tick (not by `open`, which operator commands
+    /// use too).
+    unsaved: bool,
+    /// The copy beside the audit marker is missing, behind the state, or
+    /// could not be written: written again at the next tick.
+    copy_behind: bool,
+    /// Why the copy beside the audit marker could not be read or written.
+    copy_problem: Option<String>,
+    /// The last offered bundle refused for now (digest, result): offered
+    /// again at every poll, it is recorded (audit, metrics, log) only once.
+    retrying: Option<(String, &'static str)>,
 }
 
 /// The policy store and the bundle in force. See the module docs.
 pub struct Policy {
     dir: PathBuf,
+    /// Beside the audit marker; `None` when the marker is turned off.
+    floor_copy: Option<PathBuf>,
     clock: Arc<dyn Clock + Send + Sync>,
     active: ArcSwapOption<Active>,
     inner: Mutex<Inner>,
+    /// Held from reading the state to writing it (activation by the inbox
+    /// or the mirror, the floor's tick), so an older state is never written
+    /// over a newer one. Taken before `inner`.
+    persist: Mutex<()>,
 }
 
 /// Seconds since the epoch by the host's clock.
@@ -210,64 +310,91 @@ impl Policy {
         }
         let anchors = config.trust.anchors();
         let audience = config.policy.audience.as_deref();
-        let state_path = dir.join("state.json");
-        let mut start_problem = None;
-        let persisted = match std::fs::read(&state_path) {
-            Ok(bytes) => match serde_json::from_slice::<Persisted>(&bytes) {
-                Ok(p) if p.format <= STATE_FORMAT => p,
-                Ok(p) => {
-                    // Written by a newer airgate: do not guess, and do not serve
-                    // on a rollback floor we cannot read.
-                    let msg = format!(
-                        "{} has format {}, newer than this airgate understands ({STATE_FORMAT})",
-                        state_path.display(),
-                        p.format
-                    );
-                    tracing::error!("{msg}");
-                    start_problem = Some(msg);
-                    recover_from_archive(&dir, &anchors, audience)
-                }
-                Err(e) => {
-                    let msg = format!(
-                        "{} is unreadable ({e}); rollback state recovered from the archive",
-                        state_path.display()
-                    );
-                    tracing::error!("{msg}");
-                    start_problem = Some(msg);
-                    recover_from_archive(&dir, &anchors, audience)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted {
-                format: STATE_FORMAT,
-                ..Persisted::default()
-            },
-            Err(e) => return Err(io_err(&state_path)(e)),
+        let mut recovered = Vec::new();
+        let mut persisted = read_state(&dir, &anchors, audience, &mut recovered)?;
+        let floor_copy = config
+            .audit
+            .marker
+            .as_deref()
+            .map(|m| m.with_file_name(FLOOR_COPY));
+        let (copy_behind, copy_problem) = match &floor_copy {
+            Some(path) => raise_to_copy(path, &mut persisted, &mut recovered),
+            None => (false, None),
         };
+        let recovered = (!recovered.is_empty()).then(|| recovered.join("; "));
+        let mut events = Vec::new();
+        if let Some(reason) = &recovered {
+            tracing::error!(
+                AIRGATE_EVENT = "policy_state_recovered",
+                highest_version = persisted.highest_version,
+                time_floor = persisted.time_floor,
+                "{reason}"
+            );
+            events.push(airgate_policy::audit::Event::PolicyStateRecovered {
+                reason: reason.clone(),
+                highest_version: persisted.highest_version,
+                time_floor: persisted.time_floor,
+            });
+        }
 
         let policy = Self {
             dir,
+            floor_copy,
             clock,
             active: ArcSwapOption::empty(),
+            persist: Mutex::new(()),
             inner: Mutex::new(Inner {
+                unsaved: recovered.is_some(),
+                copy_behind,
                 persisted,
                 seen: HashMap::new(),
                 last_update: None,
-                start_problem,
+                start_problem: recovered,
                 freshness: Freshness::None,
                 clock_behind: false,
-                events: Vec::new(),
+                events,
+                copy_problem,
+                retrying: None,
             }),
         };
-        let active_digest = policy.lock().persisted.active_digest.clone();
+        let (active_digest, highest_digest) = {
+            let inner = policy.lock();
+            (
+                inner.persisted.active_digest.clone(),
+                inner.persisted.highest_digest.clone(),
+            )
+        };
         if let Some(digest) = active_digest {
-            match policy.read_archived(&digest, &anchors, audience) {
-                Ok(verified) => {
+            // The bundle in force, unless it is below the floor; then the
+            // highest accepted, if it is archived (a state file set back).
+            let restored = policy
+                .restore(&digest, &anchors, audience)
+                .map(|v| (digest.clone(), v))
+                .or_else(|e| match &highest_digest {
+                    Some(h) if *h != digest => policy
+                        .restore(h, &anchors, audience)
+                        .map(|v| {
+                            tracing::warn!(
+                                "persisted bundle {digest} is not restored ({e}); the highest accepted, {h}, is"
+                            );
+                            (h.clone(), v)
+                        })
+                        .map_err(|_| e),
+                    _ => Err(e),
+                });
+            match restored {
+                Ok((restored_digest, verified)) => {
                     tracing::info!(
                         version = verified.bundle.version,
                         digest = %verified.digest,
                         expires = verified.bundle.expires.seconds(),
                         "policy bundle restored from the state directory"
                     );
+                    if restored_digest != digest {
+                        let mut inner = policy.lock();
+                        inner.persisted.active_digest = Some(restored_digest);
+                        inner.unsaved = true;
+                    }
                     policy.active.store(Some(Arc::new(Active {
                         verified,
                         source: "persisted".to_owned(),
@@ -286,6 +413,25 @@ impl Policy {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An archived bundle to put back in force at start: verified again, and
+    /// not below the highest version accepted.
+    fn restore(
+        &self,
+        digest: &str,
+        anchors: &TrustAnchors,
+        audience: Option<&str>,
+    ) -> Result<Verified, String> {
+        let verified = self.read_archived(digest, anchors, audience)?;
+        let highest = self.lock().persisted.highest_version;
+        if verified.bundle.version < highest {
+            return Err(format!(
+                "its version {} is below version {highest}, the highest accepted (rollback)",
+                verified.bundle.version
+            ));
+        }
+        Ok(verified)
     }
 
     fn read_archived(
@@ -382,6 +528,9 @@ impl Policy {
                 inner.persisted.time_floor
             ));
         }
+        if let Some(p) = &inner.copy_problem {
+            warnings.push(p.clone());
+        }
         if let Some(u) = &inner.last_update
             && !matches!(u.result, "accepted" | "unchanged")
         {
@@ -396,6 +545,7 @@ impl Policy {
     /// Re-weighs expiry and the clock; returns what changed, for the log,
     /// metrics and STATUS=. Called by the poll loop.
     pub fn tick(&self, config: &Config, metrics: &crate::metrics::Metrics) -> bool {
+        let _persist = self.persist.lock().unwrap_or_else(PoisonError::into_inner);
         let system = self.clock.now();
         let active = self.active();
         let mut inner = self.lock();
@@ -454,21 +604,36 @@ impl Policy {
             .set(i64::from(fresh == Freshness::Grace));
         // Keep the floor near the clock so a restart with the clock set back
         // cannot reopen a grace period that had run out.
-        if system.seconds() > floor + FLOOR_STEP_SECONDS {
+        let advance = system.seconds() > floor + FLOOR_STEP_SECONDS;
+        if advance {
             inner.persisted.time_floor = system.seconds();
+        }
+        if advance || inner.unsaved {
             let persisted = inner.persisted.clone();
             drop(inner);
-            if let Err(e) = self.write_state(&persisted) {
-                tracing::warn!(error = %e, "cannot persist the time floor");
+            match self.write_state(&persisted) {
+                Ok(()) => self.lock().unsaved = false,
+                Err(e) => tracing::warn!(error = %e, "cannot persist the policy state"),
             }
+        } else if inner.copy_behind {
+            let persisted = inner.persisted.clone();
+            drop(inner);
+            self.write_floor_copy(&persisted);
         }
         changed
     }
 
     /// Reads the inbox and activates the highest-versioned new bundle that
     /// passes every check. Blocking (file I/O); returns whether the bundle
-    /// in force changed.
-    pub fn scan_inbox(&self, config: &Config, metrics: &crate::metrics::Metrics) -> bool {
+    /// in force changed. `progress` is called after each file examined: a
+    /// full inbox is many bounded steps (each bundle's patterns compile
+    /// within policy's budget), not one long one for the watchdog.
+    pub fn scan_inbox(
+        &self,
+        config: &Config,
+        metrics: &crate::metrics::Metrics,
+        progress: &dyn Fn(),
+    ) -> bool {
         let inbox = &config.policy.inbox;
         let entries = match std::fs::read_dir(inbox) {
             Ok(e) => e,
@@ -514,7 +679,9 @@ impl Policy {
             {
                 continue;
             }
-            match self.examine(&path, &meta, config) {
+            let examined = self.examine(&path, &meta, config);
+            progress();
+            match examined {
                 Ok(verified) => candidates.push((path, stamp, verified)),
                 Err((digest, version, e)) => {
                     let record = self.record(&path, digest, version, e.result(), e.to_string());
@@ -597,34 +764,25 @@ impl Policy {
     }
 
     /// A bundle from another source (the mirror): the same checks and
-    /// activation as an inbox file. Returns whether the bundle in force changed.
+    /// activation as an inbox file. Says whether it is in force now, and
+    /// whether it is worth offering again (see [`Offered`]).
     pub fn offer(
         &self,
         source: &str,
         token: &[u8],
         config: &Config,
         metrics: &crate::metrics::Metrics,
-    ) -> bool {
+    ) -> Offered {
         let label = Path::new(source);
-        let count = |result| {
-            metrics
-                .bundle_updates
-                .get_or_create(&crate::metrics::ResultLabels { result })
-                .inc();
-        };
         let verified = match self.examine_bytes(token, config) {
             Ok(v) => v,
             Err((digest, version, e)) => {
-                self.record(label, digest, version, e.result(), e.to_string());
-                count(e.result());
-                if !matches!(e, UpdateError::AlreadyInForce) {
-                    tracing::warn!(source, error = %e, "bundle refused; the bundle in force is unchanged");
-                }
-                return false;
+                return self.offer_refused(label, digest, version, &e, metrics);
             }
         };
         match self.activate(verified, label) {
             Ok(active) => {
+                self.lock().retrying = None;
                 self.record(
                     label,
                     active.verified.digest.clone(),
@@ -632,16 +790,66 @@ impl Policy {
                     "accepted",
                     format!("version {} is in force", active.version()),
                 );
-                count("accepted");
+                metrics
+                    .bundle_updates
+                    .get_or_create(&crate::metrics::ResultLabels { result: "accepted" })
+                    .inc();
                 self.publish_metrics(metrics);
-                true
+                Offered::Accepted
             }
-            Err((digest, e)) => {
-                self.record(label, digest, None, e.result(), e.to_string());
-                tracing::error!(source, error = %e, "bundle not activated");
-                count(e.result());
-                false
+            Err((digest, e)) => self.offer_refused(label, digest, None, &e, metrics),
+        }
+    }
+
+    fn offer_refused(
+        &self,
+        label: &Path,
+        digest: String,
+        version: Option<u64>,
+        e: &UpdateError,
+        metrics: &crate::metrics::Metrics,
+    ) -> Offered {
+        let permanent = e.is_permanent();
+        let key = (digest.clone(), e.result());
+        let repeated = {
+            let mut inner = self.lock();
+            let repeated = inner.retrying.as_ref() == Some(&key);
+            inner.retrying = (!permanent).then_some(key);
+            repeated
+        };
+        if repeated {
+            // Status shows the latest word; the audit, metrics and log had it.
+            self.lock().last_update = Some(UpdateRecord {
+                at_unix: self.clock.now().seconds(),
+                file: label.display().to_string(),
+                digest,
+                version,
+                result: e.result(),
+                message: e.to_string(),
+            });
+        } else {
+            self.record(label, digest, version, e.result(), e.to_string());
+            metrics
+                .bundle_updates
+                .get_or_create(&crate::metrics::ResultLabels { result: e.result() })
+                .inc();
+            match e {
+                UpdateError::AlreadyInForce => {}
+                UpdateError::Persist(_) => {
+                    tracing::error!(source = %label.display(), error = %e, "bundle not activated; offered again at the next poll");
+                }
+                _ if permanent => {
+                    tracing::warn!(source = %label.display(), error = %e, "bundle refused; the bundle in force is unchanged");
+                }
+                _ => {
+                    tracing::warn!(source = %label.display(), error = %e, "bundle refused for now; offered again at the next poll");
+                }
             }
+        }
+        if permanent {
+            Offered::Settled
+        } else {
+            Offered::Retry
         }
     }
 
@@ -784,7 +992,20 @@ impl Policy {
         verified: Verified,
         path: &Path,
     ) -> Result<Arc<Active>, (String, UpdateError)> {
+        let _persist = self.persist.lock().unwrap_or_else(PoisonError::into_inner);
         let digest = verified.digest.clone();
+        let mut next = self.lock().persisted.clone();
+        // Checked again here: the inbox and the mirror examine concurrently,
+        // and the other may have activated a higher version since.
+        if verified.bundle.version < next.highest_version {
+            return Err((
+                digest,
+                UpdateError::LowerVersion {
+                    found: verified.bundle.version,
+                    highest: next.highest_version,
+                },
+            ));
+        }
         let fail = |e| (digest.clone(), UpdateError::Persist(e));
         let archived = self.dir.join("archive").join(format!("{digest}.jwt"));
         // Rewritten unless identical: a damaged archive copy is repaired by
@@ -792,7 +1013,6 @@ impl Policy {
         if std::fs::read(&archived).ok().as_deref() != Some(verified.token.as_bytes()) {
             write_atomic(&archived, verified.token.as_bytes()).map_err(fail)?;
         }
-        let mut next = self.lock().persisted.clone();
         next.format = STATE_FORMAT;
         next.highest_version = verified.bundle.version;
         next.highest_digest = Some(digest.clone());
@@ -810,6 +1030,7 @@ impl Policy {
         {
             let mut inner = self.lock();
             inner.persisted = next;
+            inner.unsaved = false;
             inner.start_problem = None;
             self.active.store(Some(Arc::clone(&active)));
         }
@@ -829,9 +1050,50 @@ impl Policy {
         Ok(active)
     }
 
+    /// `state.json`, then the copy beside the audit marker: in that order, so
+    /// a crash between them leaves the copy behind (rewritten at the next
+    /// start), never ahead of a state it would make look like a rollback.
     fn write_state(&self, state: &Persisted) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-        write_atomic(&self.dir.join("state.json"), &bytes)
+        write_atomic(&self.dir.join("state.json"), &bytes)?;
+        self.write_floor_copy(state);
+        Ok(())
+    }
+
+    /// Best effort: a copy that cannot be written is a warning (status,
+    /// `/readyz`, the log), not a refusal; the state directory's is durable.
+    fn write_floor_copy(&self, state: &Persisted) {
+        let Some(path) = &self.floor_copy else {
+            return;
+        };
+        let written = serde_json::to_vec_pretty(&FloorCopy::of(state))
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                if let Some(parent) = path.parent()
+                    && !parent.is_dir()
+                {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)?;
+                }
+                write_atomic(path, &bytes)
+            });
+        let problem = written.err().map(|e| {
+            format!(
+                "cannot keep the rollback floor copy {}: {e}",
+                path.display()
+            )
+        });
+        let mut inner = self.lock();
+        // Retried every tick: said once, not every time.
+        if let Some(p) = &problem
+            && inner.copy_problem.as_ref() != Some(p)
+        {
+            tracing::warn!("{p}");
+        }
+        inner.copy_behind = problem.is_some();
+        inner.copy_problem = problem;
     }
 
     /// The document under `bundle` in `/admin/status`.
@@ -858,6 +1120,8 @@ impl Policy {
             "highest_version": inner.persisted.highest_version,
             "time_floor": inner.persisted.time_floor,
             "clock_behind_floor": inner.clock_behind,
+            "floor_copy": self.floor_copy.as_ref().map(|p| p.display().to_string()),
+            "floor_copy_problem": inner.copy_problem,
             "start_problem": inner.start_problem,
             "last_update": inner.last_update,
             "inbox": config.policy.inbox.display().to_string(),
@@ -886,6 +1150,107 @@ fn freshness(active: &Active, now: UnixTime, grace: Duration) -> Freshness {
         Freshness::Grace
     } else {
         Freshness::Expired
+    }
+}
+
+/// `state.json`, or the state rebuilt from the archive when it is unreadable,
+/// of a newer format, or missing while the archive holds bundles (each
+/// rebuild's reason added to `recovered`).
+fn read_state(
+    dir: &Path,
+    anchors: &TrustAnchors,
+    audience: Option<&str>,
+    recovered: &mut Vec<String>,
+) -> Result<Persisted, StoreError> {
+    let state_path = dir.join("state.json");
+    let why = match std::fs::read(&state_path) {
+        Ok(bytes) => match serde_json::from_slice::<Persisted>(&bytes) {
+            Ok(p) if p.format <= STATE_FORMAT => return Ok(p),
+            // Written by a newer airgate: do not guess, and do not serve on
+            // a rollback floor we cannot read.
+            Ok(p) => format!(
+                "{} has format {}, newer than this airgate understands ({STATE_FORMAT})",
+                state_path.display(),
+                p.format
+            ),
+            Err(e) => format!("{} is unreadable ({e})", state_path.display()),
+        },
+        // A first start has no archive either; a deleted state file with
+        // bundles archived is not a first start.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !archive_has_bundles(dir) => {
+            return Ok(Persisted {
+                format: STATE_FORMAT,
+                ..Persisted::default()
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
+            "{} is missing though the archive holds bundles",
+            state_path.display()
+        ),
+        Err(e) => return Err(io_err(&state_path)(e)),
+    };
+    recovered.push(format!("{why}; rollback state recovered from the archive"));
+    Ok(recover_from_archive(dir, anchors, audience))
+}
+
+/// Raises `persisted` to the copy beside the audit marker where the copy is
+/// higher (each raise's reason added to `recovered`). Returns whether the
+/// copy is behind (to be written) and why it could not be read.
+fn raise_to_copy(
+    path: &Path,
+    persisted: &mut Persisted,
+    recovered: &mut Vec<String>,
+) -> (bool, Option<String>) {
+    let copy = match read_floor_copy(path) {
+        Ok(copy) => copy.unwrap_or_default(),
+        Err(e) => {
+            let msg = format!("cannot read the rollback floor copy: {e}");
+            tracing::warn!("{msg}");
+            return (true, Some(msg));
+        }
+    };
+    if copy.highest_version > persisted.highest_version {
+        recovered.push(format!(
+            "the state directory's highest version is {}, the copy in {} says {}: the higher is the rollback floor",
+            persisted.highest_version,
+            path.display(),
+            copy.highest_version
+        ));
+        persisted.highest_version = copy.highest_version;
+        persisted.highest_digest = copy.highest_digest.clone();
+    }
+    if copy.time_floor > persisted.time_floor {
+        recovered.push(format!(
+            "the state directory's time floor is {}, the copy in {} says {}: the higher is kept",
+            persisted.time_floor,
+            path.display(),
+            copy.time_floor
+        ));
+        persisted.time_floor = copy.time_floor;
+    }
+    (!copy.holds(persisted), None)
+}
+
+/// Whether the archive holds any bundle (a state directory that has
+/// accepted one before).
+fn archive_has_bundles(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("archive")).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(".jwt") && !n.starts_with('.'))
+        })
+    })
+}
+
+/// The copy beside the audit marker; `None` when there is none yet.
+fn read_floor_copy(path: &Path) -> Result<Option<FloorCopy>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 

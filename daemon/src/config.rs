@@ -131,7 +131,8 @@ impl Default for LlmConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditConfig {
     /// Written when a store is created, outside the state directory, so a
-    /// wiped store is noticed. `None` turns the check off.
+    /// wiped store is noticed; the bundle rollback floor is kept beside it
+    /// (`bundle::FLOOR_COPY`). `None` turns both off.
     pub marker: Option<PathBuf>,
     /// sled's page cache (its default is 1 GiB).
     pub cache_bytes: u64,

@@ -6,6 +6,12 @@
 //! through exactly the verify-and-activate path an inbox file does, so the
 //! mirror is trusted for nothing: a bundle it serves still needs a trust
 //! anchor's signature, the right audience and a version that moves forward.
+//!
+//! The ETag of a bundle is remembered only once that bundle is settled:
+//! accepted, or refused for a reason that cannot change. A bundle refused
+//! for now (not valid yet, refused by this host's reloadable trust anchors
+//! or audience, an I/O error while persisting it) is fetched again at the
+//! next poll, so it goes in when it can.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +56,8 @@ pub enum Fetched {
     },
 }
 
-/// A client for one mirror: TLS settings loaded once, ETag remembered.
+/// A client for one mirror: TLS settings loaded once, the ETag of the last
+/// settled bundle remembered.
 pub struct Mirror {
     config: MirrorConfig,
     connector: TlsConnector,
@@ -106,16 +113,19 @@ impl Mirror {
         self.config.url.to_string()
     }
 
-    /// One conditional GET, bounded by the configured timeout.
-    pub async fn poll(&mut self) -> Result<Fetched, MirrorError> {
+    /// One conditional GET (with the ETag of the last settled bundle),
+    /// bounded by the configured timeout.
+    pub async fn poll(&self) -> Result<Fetched, MirrorError> {
         let timeout = self.config.timeout;
-        let fetched = tokio::time::timeout(timeout, self.fetch())
+        tokio::time::timeout(timeout, self.fetch())
             .await
-            .map_err(|_| MirrorError::Timeout(timeout))??;
-        if let Fetched::Bundle { etag, .. } = &fetched {
-            self.etag.clone_from(etag);
-        }
-        Ok(fetched)
+            .map_err(|_| MirrorError::Timeout(timeout))?
+    }
+
+    /// The bundle fetched with `etag` was accepted, or refused for good: it
+    /// is asked for again only once the mirror serves something else.
+    pub fn settled(&mut self, etag: Option<String>) {
+        self.etag = etag;
     }
 
     async fn fetch(&self) -> Result<Fetched, MirrorError> {

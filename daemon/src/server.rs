@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use airgate_policy::audit::Event;
 
 use crate::audit::{Audit, AuditError, OpenOptions};
-use crate::bundle::Policy;
+use crate::bundle::{Offered, Policy};
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, Conn, Refusal};
 use crate::failpoint::Failpoints;
@@ -621,7 +621,7 @@ impl Daemon {
             let s = Arc::clone(&shared);
             let _ = tokio::task::spawn_blocking(move || {
                 let config = s.config();
-                s.policy.scan_inbox(&config, &s.metrics);
+                s.policy.scan_inbox(&config, &s.metrics, &|| {});
                 s.policy.tick(&config, &s.metrics);
                 s.policy.publish_metrics(&s.metrics);
             })
@@ -1051,25 +1051,33 @@ async fn run_mirror(
         };
         let (result, message) = match outcome {
             Ok(crate::mirror::Fetched::Unchanged) => ("unchanged", "304 not modified".to_owned()),
-            Ok(crate::mirror::Fetched::Bundle { body, .. }) => {
+            Ok(crate::mirror::Fetched::Bundle { body, etag }) => {
                 let s = Arc::clone(&shared);
                 let source = format!("mirror {url}");
-                let changed = tokio::task::spawn_blocking(move || {
+                let offered = tokio::task::spawn_blocking(move || {
                     let config = s.config();
                     s.policy.offer(&source, &body, &config, &s.metrics)
                 })
                 .await
-                .unwrap_or(false);
+                .unwrap_or(Offered::Retry);
+                // Only a settled bundle's ETag is sent again: one refused for
+                // now (not valid yet, this host's configuration, a failed
+                // write) is fetched again.
+                if offered.settles() {
+                    mirror.settled(etag);
+                }
                 for event in shared.policy.take_events() {
                     shared.audit.record(event);
                 }
-                if changed {
+                if offered == Offered::Accepted {
                     shared.notifier.status(&shared.status_line());
                 }
-                let message = if changed {
-                    "a new bundle is in force"
-                } else {
-                    "no change (see bundle.last_update)"
+                let message = match offered {
+                    Offered::Accepted => "a new bundle is in force",
+                    Offered::Settled => "no change (see bundle.last_update)",
+                    Offered::Retry => {
+                        "refused for now, fetched again at the next poll (see bundle.last_update)"
+                    }
                 };
                 ("fetched", message.to_owned())
             }
@@ -1107,13 +1115,16 @@ async fn run_mirror(
 /// woken by a reload), and re-weighs expiry and the clock; STATUS= follows
 /// every change.
 async fn run_bundle_poller(shared: Arc<Shared>, worker: Worker, stop: CancellationToken) {
+    // Shared with the scan, which reports progress file by file.
+    let worker = Arc::new(worker);
     let mut retry_models = false;
     loop {
         let config = shared.config();
         let s = Arc::clone(&shared);
         let c = Arc::clone(&config);
+        let w = Arc::clone(&worker);
         let changed = tokio::task::spawn_blocking(move || {
-            let activated = s.policy.scan_inbox(&c, &s.metrics);
+            let activated = s.policy.scan_inbox(&c, &s.metrics, &|| w.progress());
             let ticked = s.policy.tick(&c, &s.metrics);
             activated || ticked
         });

@@ -128,6 +128,14 @@ pub enum Event {
         clock: i64,
         floor: i64,
     },
+    /// The rollback state (highest version, time floor) was rebuilt at
+    /// start, from the bundle archive or the copy kept beside the audit
+    /// marker, because the state directory's was missing, unreadable or lower.
+    PolicyStateRecovered {
+        reason: String,
+        highest_version: u64,
+        time_floor: i64,
+    },
     AuditOpened {
         records: u64,
         head: String,

@@ -317,7 +317,9 @@ pub struct Model {
 #[derive(Clone, Debug)]
 pub struct ContentRules {
     pub deny_literals: Vec<String>,
-    pub deny_regex: Vec<regex::Regex>,
+    /// The tenant's deny_regex patterns as one set: one pass over a prompt,
+    /// one lazy-DFA cache, whatever the number of patterns.
+    pub deny_regex: regex::RegexSet,
     pub max_prompt_chars: Option<u32>,
     pub guard: Option<Guard>,
 }
@@ -397,6 +399,14 @@ pub enum ContentError {
         first: String,
         second: String,
     },
+    #[error(
+        "the bundle's {patterns} deny_regex patterns (of {tenants} tenant(s)) compile to more than {limit} bytes together, the limit for one bundle"
+    )]
+    RegexBudget {
+        patterns: usize,
+        tenants: usize,
+        limit: usize,
+    },
 }
 
 fn invalid(what: &'static str, id: &str, reason: impl Into<String>) -> ContentError {
@@ -447,8 +457,18 @@ fn parse_sha256(model: &str, hex: &str) -> Result<[u8; 32], ContentError> {
     Ok(out)
 }
 
-/// Most regex program size a deny rule may compile to: rules are run on every prompt.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// The most that the deny_regex patterns of one bundle, every tenant's
+/// together, may compile to: regex's size limit (its NFA, in bytes) as one
+/// budget for all of them. A limit per pattern bounds nothing: 2,000
+/// patterns such as `\w{0,20}N`, each far under one, took 8 s and 2.2 GB.
+pub const REGEX_BUDGET_BYTES: usize = 4 << 20;
+
+/// The lazy DFA's transition cache of one tenant's set (per searching
+/// thread, grown as needed): one for the set, not one per pattern. As large
+/// as the budget, so the lazy DFA can be built for any set within it (its
+/// minimum grows with the NFA); without it every prompt would run the
+/// much slower PikeVM.
+const REGEX_DFA_BYTES: usize = REGEX_BUDGET_BYTES;
 
 impl WireBundle {
     /// Checks everything that does not need the signature or the clock.
@@ -587,6 +607,7 @@ impl WireBundle {
             }
         }
 
+        check_regex_budget(&self.tenants)?;
         let mut tenants = BTreeMap::new();
         let mut claimed: BTreeMap<String, String> = BTreeMap::new();
         let mut rules = Vec::new();
@@ -801,15 +822,74 @@ fn principals(ids: &WireIdentities) -> Vec<(String, Principal)> {
     out
 }
 
-fn compile_content(tenant: &str, wire: WireContentRules) -> Result<ContentRules, ContentError> {
-    let mut deny_regex = Vec::new();
-    for pattern in wire.deny_regex {
-        let re = regex::RegexBuilder::new(&pattern)
-            .size_limit(REGEX_SIZE_LIMIT)
-            .build()
-            .map_err(|e| invalid("tenant", tenant, format!("deny_regex {pattern:?}: {e}")))?;
-        deny_regex.push(re);
+/// Refuses a bundle whose deny_regex patterns, all tenants' together, do not
+/// fit [`REGEX_BUDGET_BYTES`]; before any tenant's set is built, so a bundle
+/// over it costs one compile stopped at the budget, not one per pattern.
+fn check_regex_budget(tenants: &[WireTenant]) -> Result<(), ContentError> {
+    let mut patterns = Vec::new();
+    let mut with_patterns = 0;
+    for t in tenants {
+        for p in &t.content.deny_regex {
+            check_regex_syntax(&t.id, p)?;
+            patterns.push(p.as_str());
+        }
+        with_patterns += usize::from(!t.content.deny_regex.is_empty());
     }
+    // One tenant's set is the bundle's: built once, in `compile_content`,
+    // under the same budget.
+    if with_patterns > 1 {
+        compile_set(&patterns, with_patterns, |reason| {
+            invalid("bundle", "deny_regex", reason)
+        })?;
+    }
+    Ok(())
+}
+
+/// Parses one pattern, so a syntax error names its tenant and pattern: a
+/// zero size limit stops the compile at its first NFA state, so this costs
+/// a parse and no program.
+fn check_regex_syntax(tenant: &str, pattern: &str) -> Result<(), ContentError> {
+    match regex::RegexBuilder::new(pattern).size_limit(0).build() {
+        Ok(_) | Err(regex::Error::CompiledTooBig(_)) => Ok(()),
+        Err(e) => Err(invalid(
+            "tenant",
+            tenant,
+            format!("deny_regex {pattern:?}: {e}"),
+        )),
+    }
+}
+
+/// `patterns` (of `tenants` tenants) as one set under the bundle's budget:
+/// over it, the budget error with the numbers; any other failure (syntax
+/// was checked before), `other` of its message.
+fn compile_set(
+    patterns: &[&str],
+    tenants: usize,
+    other: impl FnOnce(String) -> ContentError,
+) -> Result<regex::RegexSet, ContentError> {
+    regex::RegexSetBuilder::new(patterns)
+        .size_limit(REGEX_BUDGET_BYTES)
+        .dfa_size_limit(REGEX_DFA_BYTES)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(limit) => ContentError::RegexBudget {
+                patterns: patterns.len(),
+                tenants,
+                limit,
+            },
+            e => other(e.to_string()),
+        })
+}
+
+fn compile_content(tenant: &str, wire: WireContentRules) -> Result<ContentRules, ContentError> {
+    let deny_regex = if wire.deny_regex.is_empty() {
+        regex::RegexSet::empty()
+    } else {
+        let patterns: Vec<&str> = wire.deny_regex.iter().map(String::as_str).collect();
+        compile_set(&patterns, 1, |reason| {
+            invalid("tenant", tenant, format!("deny_regex: {reason}"))
+        })?
+    };
     if wire
         .deny_literals
         .iter()

@@ -374,16 +374,22 @@ pub fn decide(
     {
         return deny(Reason::ContentRule, format!("deny_literal {lit:?}"), t);
     }
-    if let Some(re) = content
-        .deny_regex
-        .iter()
-        .find(|re| re.is_match(facts.prompt) || folded.as_deref().is_some_and(|f| re.is_match(f)))
-    {
-        return deny(
-            Reason::ContentRule,
-            format!("deny_regex {:?}", re.as_str()),
-            t,
-        );
+    let rules = &content.deny_regex;
+    let matched = if rules.is_match(facts.prompt) {
+        Some(facts.prompt)
+    } else {
+        folded.as_deref().filter(|f| rules.is_match(f))
+    };
+    if let Some(text) = matched {
+        // Which pattern, only for a prompt that is denied: the first that
+        // matches, in the bundle's order.
+        let pattern = rules
+            .matches(text)
+            .iter()
+            .next()
+            .and_then(|i| rules.patterns().get(i))
+            .map_or("", String::as_str);
+        return deny(Reason::ContentRule, format!("deny_regex {pattern:?}"), t);
     }
 
     let limits = &tenant.limits;

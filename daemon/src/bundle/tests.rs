@@ -34,7 +34,7 @@ impl Site {
         let (private, public) =
             crate::keys::generate(&dir.path().join("keys"), "authority").expect("keygen");
         let text = format!(
-            "state_dir = \"{d}/state\"\n[listen.unix]\npath = \"{d}/s.sock\"\n[trust]\nanchors = [{{ key_id = \"authority\", public_key = \"{p}\" }}]\n[policy]\naudience = \"site-7\"\nexpiry_grace = \"{GRACE}s\"\n",
+            "state_dir = \"{d}/state\"\n[listen.unix]\npath = \"{d}/s.sock\"\n[trust]\nanchors = [{{ key_id = \"authority\", public_key = \"{p}\" }}]\n[audit]\nmarker = \"{d}/marker/audit-store\"\n[policy]\naudience = \"site-7\"\nexpiry_grace = \"{GRACE}s\"\n",
             d = dir.path().display(),
             p = public.display()
         );
@@ -59,9 +59,14 @@ impl Site {
 
     /// A signed bundle of `version`; `tag` varies its content.
     fn bundle(&self, version: u64, exp: i64, tag: &str) -> String {
+        self.bundle_from(version, T - 10, exp, tag)
+    }
+
+    /// A signed bundle of `version`, not valid before `nbf`.
+    fn bundle_from(&self, version: u64, nbf: i64, exp: i64, tag: &str) -> String {
         let claims = json!({
             "schema": 1, "bundle_version": version, "iss": "authority", "aud": "site-7",
-            "iat": T - 10, "nbf": T - 10, "exp": exp,
+            "iat": T - 10, "nbf": nbf, "exp": exp,
             "licences": [{"id": "Apache-2.0", "name": tag, "commercial_use": true,
                           "review_by": "2030-01-01", "after_review": "flag"}],
             "models": [{"id": "m", "files": [{"role": "weights", "name": "m.onnx", "sha256": "ab".repeat(32)}],
@@ -78,7 +83,7 @@ impl Site {
     }
 
     fn scan(&self, p: &Policy) -> bool {
-        p.scan_inbox(&self.config, &self.metrics)
+        p.scan_inbox(&self.config, &self.metrics, &|| {})
     }
 
     fn record_of(&self, p: &Policy, name: &str) -> UpdateRecord {
@@ -89,6 +94,15 @@ impl Site {
 
     fn last(&self, p: &Policy) -> UpdateRecord {
         p.lock().last_update.clone().expect("a record")
+    }
+
+    /// The copy of the rollback floor beside the audit marker.
+    fn floor_copy(&self) -> PathBuf {
+        self.dir.path().join("marker").join(FLOOR_COPY)
+    }
+
+    fn read_floor_copy(&self) -> FloorCopy {
+        serde_json::from_slice(&std::fs::read(self.floor_copy()).expect("copy")).expect("json")
     }
 }
 
@@ -513,4 +527,275 @@ fn adversarial_bundles_leave_the_last_good_one_in_force() {
     site.drop_in("v2.jwt", &v2);
     assert!(site.scan(&p));
     assert_eq!(version(&p), Some(2));
+}
+
+#[test]
+fn a_missing_state_file_is_rebuilt_from_the_archive() {
+    let site = Site::new();
+    let p = site.open();
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    site.drop_in("v2.jwt", &site.bundle(2, T + 1000, "a"));
+    assert!(site.scan(&p));
+    drop(p);
+    // Without the copy beside the marker too: the archive alone must do.
+    std::fs::remove_file(site.config.state_dir.join("policy/state.json")).expect("rm state");
+    std::fs::remove_file(site.floor_copy()).expect("rm copy");
+    let p = site.open();
+    assert_eq!(version(&p), Some(2));
+    let status = p.status(&site.config);
+    assert_eq!(status["highest_version"], 2);
+    assert_eq!(status["time_floor"], T - 10);
+    assert!(
+        status["start_problem"]
+            .as_str()
+            .expect("noted")
+            .contains("missing though the archive holds bundles"),
+        "{status}"
+    );
+    let events = p.take_events();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            airgate_policy::audit::Event::PolicyStateRecovered {
+                highest_version: 2,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+    site.drop_in("v1-again.jwt", &site.bundle(1, T + 1000, "b"));
+    assert!(!site.scan(&p));
+    let r = site.record_of(&p, "v1-again.jwt");
+    assert!(r.message.contains("lower than version 2"), "{r:?}");
+    // The rebuilt state is written at the next tick, and the copy with it.
+    p.tick(&site.config, &site.metrics);
+    assert!(site.config.state_dir.join("policy/state.json").is_file());
+    assert_eq!(site.read_floor_copy().highest_version, 2);
+}
+
+#[test]
+fn a_first_start_is_not_a_recovery() {
+    let site = Site::new();
+    let p = site.open();
+    assert!(p.take_events().is_empty());
+    assert!(p.status(&site.config)["start_problem"].is_null());
+    // The first tick sets the time floor, and keeps it beside the marker.
+    p.tick(&site.config, &site.metrics);
+    let copy = site.read_floor_copy();
+    assert_eq!((copy.highest_version, copy.time_floor), (0, T));
+}
+
+#[test]
+fn the_floor_is_copied_beside_the_marker_and_survives_a_wiped_state_directory() {
+    let site = Site::new();
+    let p = site.open();
+    let v2 = site.bundle(2, T + 1000, "a");
+    site.drop_in("v2.jwt", &v2);
+    assert!(site.scan(&p));
+    let digest = p.active().expect("active").verified.digest.clone();
+    let copy = site.read_floor_copy();
+    assert_eq!(copy.highest_version, 2);
+    assert_eq!(copy.highest_digest.as_deref(), Some(digest.as_str()));
+    assert_eq!(copy.time_floor, T - 10);
+    // The floor advances with the clock, and the copy with it.
+    let later = T + 10 * FLOOR_STEP_SECONDS;
+    site.set_time(later);
+    p.tick(&site.config, &site.metrics);
+    assert_eq!(site.read_floor_copy().time_floor, later);
+    drop(p);
+
+    // The whole state directory goes (the inbox with it), the clock is set back.
+    std::fs::remove_dir_all(&site.config.state_dir).expect("wipe");
+    std::fs::create_dir_all(&site.config.policy.inbox).expect("inbox");
+    site.set_time(T);
+    let p = site.open();
+    assert_eq!(version(&p), None);
+    let status = p.status(&site.config);
+    assert_eq!(status["highest_version"], 2);
+    assert_eq!(status["time_floor"], later);
+    assert!(p.now() >= UnixTime(later));
+    assert!(
+        p.take_events()
+            .iter()
+            .any(|e| matches!(e, airgate_policy::audit::Event::PolicyStateRecovered { .. }))
+    );
+    // Still a rollback, and the clock is still behind the floor.
+    site.drop_in("v1.jwt", &site.bundle(1, later + 1000, "a"));
+    assert!(!site.scan(&p));
+    let r = site.record_of(&p, "v1.jwt");
+    assert!(r.message.contains("lower than version 2"), "{r:?}");
+    p.tick(&site.config, &site.metrics);
+    let (_, warnings) = p.health(&site.config);
+    assert!(
+        warnings.iter().any(|w| w.contains("behind the time floor")),
+        "{warnings:?}"
+    );
+    // A newer bundle goes in as usual.
+    site.set_time(later);
+    site.drop_in("v3.jwt", &site.bundle(3, later + 1000, "a"));
+    assert!(site.scan(&p));
+    assert_eq!(version(&p), Some(3));
+    assert_eq!(site.read_floor_copy().highest_version, 3);
+}
+
+#[test]
+fn a_state_file_set_back_is_raised_to_the_copy_and_its_bundle_not_restored() {
+    let site = Site::new();
+    let p = site.open();
+    let state = site.config.state_dir.join("policy/state.json");
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    let old_state = std::fs::read(&state).expect("state v1");
+    site.drop_in("v2.jwt", &site.bundle(2, T + 1000, "a"));
+    assert!(site.scan(&p));
+    let v2 = p.active().expect("active").verified.digest.clone();
+    drop(p);
+
+    // Someone puts the state of version 1 back: the highest accepted, still
+    // archived, is what comes back in force.
+    std::fs::write(&state, &old_state).expect("set back");
+    let p = site.open();
+    assert_eq!(version(&p), Some(2));
+    let status = p.status(&site.config);
+    assert_eq!(status["highest_version"], 2);
+    assert!(
+        status["start_problem"]
+            .as_str()
+            .is_some_and(|m| m.contains("the higher is the rollback floor")),
+        "{status}"
+    );
+    p.tick(&site.config, &site.metrics);
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("state")).expect("json");
+    assert_eq!(written["active_digest"], v2.as_str());
+    drop(p);
+
+    // Set back again, and version 2 gone from the archive: version 1 is not
+    // put back in force.
+    std::fs::write(&state, &old_state).expect("set back");
+    std::fs::remove_file(
+        site.config
+            .state_dir
+            .join(format!("policy/archive/{v2}.jwt")),
+    )
+    .expect("rm v2");
+    let p = site.open();
+    assert_eq!(version(&p), None, "version 1 would be a rollback");
+    let why = p.in_force(Duration::ZERO).expect_err("nothing in force");
+    assert!(why.contains("below version 2"), "{why}");
+    // Version 2 itself, still in the inbox, restores service; version 1 stays out.
+    assert!(site.scan(&p));
+    assert_eq!(version(&p), Some(2));
+    let r = site.record_of(&p, "v1.jwt");
+    assert!(r.message.contains("lower than version 2"), "{r:?}");
+}
+
+#[test]
+fn an_unwritable_copy_is_a_warning_not_a_refusal() {
+    let site = Site::new();
+    // A file where the marker's directory should be.
+    std::fs::write(site.dir.path().join("marker"), "not a directory").expect("block");
+    let p = site.open();
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    assert_eq!(version(&p), Some(1));
+    let (reasons, warnings) = p.health(&site.config);
+    assert!(reasons.is_empty(), "{reasons:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("cannot keep the rollback floor copy")),
+        "{warnings:?}"
+    );
+    // Once it can be written, the next tick writes it and the warning goes.
+    std::fs::remove_file(site.dir.path().join("marker")).expect("unblock");
+    p.tick(&site.config, &site.metrics);
+    assert_eq!(site.read_floor_copy().highest_version, 1);
+    let (_, warnings) = p.health(&site.config);
+    assert!(
+        !warnings.iter().any(|w| w.contains("rollback floor")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn an_offer_is_settled_only_when_its_refusal_cannot_change() {
+    use airgate_policy::audit::Event;
+    let site = Site::new();
+    let p = site.open();
+    let offer = |token: &str| p.offer("mirror m", token.as_bytes(), &site.config, &site.metrics);
+    let refused = || {
+        site.metrics
+            .bundle_updates
+            .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
+            .get()
+    };
+    let v1 = site.bundle(1, T + 1000, "a");
+    assert_eq!(offer(&v1), Offered::Accepted);
+    assert_eq!(offer(&v1), Offered::Settled, "already in force");
+    p.take_events();
+
+    // Not valid yet: refused for now, recorded once however often it is offered.
+    let later = T + 500;
+    let v2 = site.bundle_from(2, later, T + 2000, "a");
+    assert_eq!(offer(&v2), Offered::Retry);
+    assert_eq!(offer(&v2), Offered::Retry);
+    let events = p.take_events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        matches!(&events[0], Event::BundleRefused { version: None, reason, .. } if reason.contains("not valid before"))
+    );
+    assert_eq!(refused(), 1);
+    assert!(site.last(&p).message.contains("not valid before"));
+    // Once valid, the same bytes go in.
+    site.set_time(later);
+    assert_eq!(offer(&v2), Offered::Accepted);
+    assert_eq!(version(&p), Some(2));
+
+    // For good: junk, a rollback, the same version with other content, expired.
+    for (token, why) in [
+        ("not a bundle".to_owned(), "compact JWS"),
+        (site.bundle(1, T + 3000, "b"), "lower than version 2"),
+        (
+            site.bundle_from(2, later, T + 2000, "b"),
+            "different content",
+        ),
+        (site.bundle(3, later - 1, "a"), "expired"),
+    ] {
+        assert_eq!(offer(&token), Offered::Settled, "{why}");
+        assert!(
+            site.last(&p).message.contains(why),
+            "{why}: {:?}",
+            site.last(&p)
+        );
+    }
+
+    // A bundle that cannot be persisted now (the archive is not a directory).
+    let archive = site.config.state_dir.join("policy/archive");
+    let aside = site.config.state_dir.join("policy/archive-aside");
+    std::fs::rename(&archive, &aside).expect("move archive");
+    std::fs::write(&archive, "blocked").expect("block");
+    let v3 = site.bundle(3, T + 3000, "a");
+    assert_eq!(offer(&v3), Offered::Retry);
+    assert_eq!(site.last(&p).result, "error");
+    assert_eq!(version(&p), Some(2));
+    std::fs::remove_file(&archive).expect("unblock");
+    std::fs::rename(&aside, &archive).expect("restore archive");
+    assert_eq!(offer(&v3), Offered::Accepted);
+    assert_eq!(version(&p), Some(3));
+}
+
+#[test]
+fn a_refusal_by_this_hosts_configuration_is_not_settled() {
+    let site = Site::new();
+    let p = site.open();
+    let mut other = site.config.clone();
+    other.policy.audience = Some("site-8".to_owned());
+    let token = site.bundle(1, T + 1000, "a");
+    let offered = p.offer("mirror m", token.as_bytes(), &other, &site.metrics);
+    assert_eq!(offered, Offered::Retry);
+    // After a reload that fixes the audience, the same bytes go in.
+    let offered = p.offer("mirror m", token.as_bytes(), &site.config, &site.metrics);
+    assert_eq!(offered, Offered::Accepted);
 }

@@ -111,7 +111,7 @@ fn the_sample_validates_with_licence_chains() {
     assert!(
         b.tenants[&TenantId::parse("claims").expect("id")]
             .content
-            .deny_regex[0]
+            .deny_regex
             .is_match("my SSN is")
     );
 }
@@ -304,6 +304,104 @@ fn cross_checks_refuse_naming_the_problem() {
             .err()
             .unwrap_or_else(|| panic!("{name}: accepted"));
         assert!(err.to_string().contains(want), "{name}: {err}");
+    }
+}
+
+/// 2,000 patterns of 10 bytes, each far under any limit for one pattern
+/// (`\w{0,20}N` is some 400 KB of program): one bundle's worth took 8 s and
+/// 2.2 GB to compile when nothing bounded their total.
+fn heavy_patterns(n: usize) -> Vec<String> {
+    vec![r"\w{0,20}N".to_owned(); n]
+}
+
+#[test]
+fn one_tenants_deny_regex_patterns_share_the_bundles_budget() {
+    let started = std::time::Instant::now();
+    let err = validate(edit(|v| {
+        v["tenants"][0]["content"]["deny_regex"] = json!(heavy_patterns(2000));
+    }))
+    .expect_err("over the budget");
+    let elapsed = started.elapsed();
+    assert_eq!(
+        err,
+        ContentError::RegexBudget {
+            patterns: 2000,
+            tenants: 1,
+            limit: REGEX_BUDGET_BYTES
+        }
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("2000 deny_regex patterns") && message.contains("4194304 bytes"),
+        "{message}"
+    );
+    // The compile stops at the budget instead of finishing 2,000 programs.
+    assert!(
+        elapsed < std::time::Duration::from_secs(2),
+        "refused after {elapsed:?}"
+    );
+}
+
+#[test]
+fn many_tenants_deny_regex_patterns_share_the_bundles_budget() {
+    // One heavy pattern per tenant: each tenant's set is small, the bundle's is not.
+    let tenants = |n: usize| {
+        (0..n)
+            .map(|i| {
+                json!({
+                    "id": format!("t{i}"),
+                    "identities": {"uids": [10_000 + i]},
+                    "purposes": ["retrieval"],
+                    "default_purpose": "retrieval",
+                    "models": ["minilm-l3"],
+                    "user_identity": {"kind": "header", "name": "x-end-user"},
+                    "content": {"deny_regex": heavy_patterns(1)}
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let started = std::time::Instant::now();
+    let err = validate(edit(|v| v["tenants"] = json!(tenants(2000)))).expect_err("over");
+    assert_eq!(
+        err,
+        ContentError::RegexBudget {
+            patterns: 2000,
+            tenants: 2000,
+            limit: REGEX_BUDGET_BYTES
+        }
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    // The same patterns on a few tenants fit.
+    let b = validate(edit(|v| v["tenants"] = json!(tenants(3)))).expect("within the budget");
+    assert!(
+        b.tenants[&TenantId::parse("t2").expect("id")]
+            .content
+            .deny_regex
+            .is_match("abcN")
+    );
+}
+
+#[test]
+fn a_realistic_deny_regex_set_is_accepted() {
+    let patterns = json!([
+        "(?i)\\bssn\\b",
+        "\\b\\d{3}-\\d{2}-\\d{4}\\b",
+        "(?i)api[_-]?key\\s*[:=]",
+        "(?i)password\\s*[:=]",
+        "\\b4[0-9]{12}(?:[0-9]{3})?\\b",
+        "(?i)\\b\\w+@\\w+\\.\\w{2,}\\b"
+    ]);
+    let b = validate(edit(|v| {
+        v["tenants"][0]["content"]["deny_regex"] = patterns.clone();
+        v["tenants"][1]["content"] = json!({"deny_regex": patterns});
+    }))
+    .expect("valid");
+    for t in b.tenants.values() {
+        let set = &t.content.deny_regex;
+        assert_eq!(set.len(), 6);
+        assert!(set.is_match("my api_key = 12"));
+        assert!(set.is_match("write to jane@example.org"));
+        assert!(!set.is_match("Summarise claim 4411."));
     }
 }
 

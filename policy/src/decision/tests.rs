@@ -468,3 +468,19 @@ fn decide_use_checks_the_model_and_purpose_but_no_limit() {
     let e = decide_use(&busy.bundle, &facts("llama-9000", None), NOW).expect_err("unknown model");
     assert_eq!(e.reason, Reason::ModelNotInManifest);
 }
+
+#[test]
+fn a_content_rule_names_the_first_pattern_that_matches() {
+    let case = Case {
+        bundle: bundle(|v| {
+            v["tenants"][0]["content"]["deny_regex"] = json!(["never", "\\d{3}", "(?i)ssn"]);
+        }),
+        prompt: "my SSN is 123",
+        ..Case::new("first matching pattern")
+    };
+    let Decision::Deny(d) = case.run() else {
+        panic!("allowed");
+    };
+    assert_eq!(d.reason, Reason::ContentRule);
+    assert_eq!(d.rule, r#"deny_regex "\\d{3}""#);
+}

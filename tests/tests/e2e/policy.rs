@@ -529,3 +529,54 @@ fn the_ai_bill_of_materials_lists_every_model_and_validates_against_cyclonedx() 
         .expect("validator");
     assert!(!check.status.success());
 }
+
+#[test]
+fn the_authority_tools_refuse_patterns_that_compile_past_the_bundles_budget() {
+    let sb = Sandbox::new();
+    let dir = sb.path().to_str().expect("utf8").to_owned();
+    let out = airgate(&["keygen", "--dir", &dir, "--name", "authority"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let key = format!("{dir}/authority.key");
+    // 2,000 patterns of 10 bytes, each far under any limit for one pattern.
+    let patterns = [r"'\w{0,20}N'"; 2000].join(", ");
+    let source = format!("{dir}/heavy.toml");
+    std::fs::write(
+        &source,
+        policy(
+            1,
+            &ops(
+                &["gemma-3-270m"],
+                &format!("content = {{ deny_regex = [{patterns}] }}\n"),
+            ),
+        ),
+    )
+    .expect("policy");
+    let bundle = format!("{dir}/heavy.jwt");
+    let started = Instant::now();
+    let out = airgate(&["bundle", "sign", "--key", &key, &source, "-o", &bundle]);
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("2000 deny_regex patterns") && said.contains("4194304 bytes"),
+        "{said}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!std::path::Path::new(&bundle).exists());
+    // The same patterns, few enough, are signed and verify.
+    let few = [r"'\w{0,20}N'"; 3].join(", ");
+    std::fs::write(
+        &source,
+        policy(
+            1,
+            &ops(
+                &["gemma-3-270m"],
+                &format!("content = {{ deny_regex = [{few}] }}\n"),
+            ),
+        ),
+    )
+    .expect("policy");
+    let out = airgate(&["bundle", "sign", "--key", &key, &source, "-o", &bundle]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = airgate(&["bundle", "verify", "--trust", &dir, &bundle]);
+    assert!(out.status.success(), "{}", text(&out));
+}

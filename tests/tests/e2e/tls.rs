@@ -624,6 +624,32 @@ async fn bundles_from_an_https_mirror_over_mtls_with_etags() {
         assert!(start.elapsed() < Duration::from_secs(10), "{status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A bundle not valid yet is refused for now and fetched again though its
+    // ETag never changes: it goes in once valid (60 s of leeway before nbf,
+    // so this one is valid 6 s from now).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs();
+    let later = format!("nbf = {}\n{}", now + 66, airgate_tests::policy(4, ops));
+    mirror.serve(&sb.sign("v4-later", &later), "v4");
+    let start = Instant::now();
+    loop {
+        let status = get(&d.socket, "/admin/status", &[]).json();
+        let refused = status["bundle"]["last_update"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not valid before"));
+        let for_now = status["bundle_mirror"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused for now"));
+        if refused && for_now {
+            assert_eq!(status["bundle"]["in_force"]["version"], 3);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::block_in_place(wait(4));
     let metrics = get(&d.socket, "/metrics", &[]).text();
     assert!(
         metrics.contains("airgate_bundle_mirror_polls_total{result=\"unchanged\"}"),
