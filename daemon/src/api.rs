@@ -139,6 +139,15 @@ pub enum ApiError {
     AuditUnavailable(String),
 }
 
+impl From<crate::openai::RequestError> for ApiError {
+    fn from(e: crate::openai::RequestError) -> Self {
+        match e {
+            crate::openai::RequestError::Malformed(m) => Self::BadRequest(m),
+            crate::openai::RequestError::Param(p) => Self::InvalidParam(p),
+        }
+    }
+}
+
 impl From<gate::Refused> for ApiError {
     fn from(r: gate::Refused) -> Self {
         match r {

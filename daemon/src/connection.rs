@@ -331,6 +331,14 @@ pub async fn serve<S>(
             result = connection.as_mut() => {
                 break match result {
                     Ok(()) => "closed",
+                    // Closed for idleness, or a peer that stopped answering
+                    // our keep-alive PINGs: idle, not a protocol error.
+                    Err(e) if idle_close.is_some()
+                        || e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) =>
+                    {
+                        tracing::debug!(parent: &span, error = %e, "idle connection ended");
+                        "idle"
+                    }
                     Err(e) => {
                         tracing::debug!(parent: &span, error = %e, "connection error");
                         "error"

@@ -158,21 +158,29 @@ impl Request {
     }
 }
 
+/// Why a request body was refused: malformed as a whole (a required field
+/// missing or of the wrong type), or a parameter out of its range.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Param(#[from] ParamError),
+}
+
 /// Parses a `/v1/chat/completions`, `/v1/completions` or `/v1/embeddings`
-/// body: the fields every request shares, then its own.
-pub fn parse_request(kind: Kind, body: &Value) -> Result<Request, ParamError> {
+/// body: embeddings' own checks first (they name the parameter), the
+/// fields every request shares, then generation's own.
+pub fn parse_request(kind: Kind, body: &Value) -> Result<Request, RequestError> {
     if !body.is_object() {
-        return Err(bad("body", "the request body must be a JSON object"));
+        return Err(bad("body", "the request body must be a JSON object").into());
     }
-    // Embeddings' own checks first: they name the parameter.
-    let work = match kind {
-        Kind::Embedding => Work::Embed(parse_embeddings(body)?),
-        _ => Work::Generate(parse(kind, body)?),
+    let embed = match kind {
+        Kind::Embedding => Some(parse_embeddings(body)?),
+        _ => None,
     };
+    let malformed = |m: String| Err(RequestError::Malformed(m));
     let model = match body.get("model") {
-        Some(Value::String(m)) if m.is_empty() => {
-            return Err(bad("model", "\"model\" (a non-empty string) is required"));
-        }
         Some(Value::String(m)) if m.len() > MAX_MODEL_BYTES => {
             return Err(bad(
                 "model",
@@ -180,10 +188,11 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<Request, ParamError> {
                     "\"model\" is {} bytes; a model id is at most {MAX_MODEL_BYTES}",
                     m.len()
                 ),
-            ));
+            )
+            .into());
         }
-        Some(Value::String(m)) => m.clone(),
-        _ => return Err(bad("model", "\"model\" (a non-empty string) is required")),
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => return malformed("\"model\" (a non-empty string) is required".to_owned()),
     };
     let max_tokens = match body
         .get("max_completion_tokens")
@@ -191,17 +200,19 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<Request, ParamError> {
         .or_else(|| body.get("max_tokens"))
     {
         None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n > 0)
-                .ok_or_else(|| bad("max_tokens", "max_tokens must be a positive integer"))?,
-        ),
+        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => return malformed("max_tokens must be a positive integer".to_owned()),
+        },
     };
     let user = match body.get("user") {
         None | Some(Value::Null) => None,
         Some(Value::String(u)) => Some(u.clone()),
-        Some(_) => return Err(bad("user", "\"user\" must be a string")),
+        Some(_) => return malformed("\"user\" must be a string".to_owned()),
+    };
+    let work = match embed {
+        Some(e) => Work::Embed(e),
+        None => Work::Generate(parse(kind, body)?),
     };
     Ok(Request {
         model,
@@ -487,31 +498,44 @@ mod tests {
         let many: Vec<_> = (0..=MAX_MESSAGES)
             .map(|_| json!({"role": "user", "content": "hi"}))
             .collect();
-        let e = parse_request(Kind::Chat, &json!({"model": "m", "messages": many}))
-            .expect_err("too many messages");
+        let param = |e: RequestError| match e {
+            RequestError::Param(p) => p,
+            RequestError::Malformed(m) => panic!("{m}"),
+        };
+        let e = param(
+            parse_request(Kind::Chat, &json!({"model": "m", "messages": many}))
+                .expect_err("too many messages"),
+        );
         assert_eq!(e.param, "messages");
-        let e = parse_request(
-            Kind::Chat,
-            &json!({"model": "m".repeat(MAX_MODEL_BYTES + 1),
-                    "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .expect_err("model too long");
+        let e = param(
+            parse_request(
+                Kind::Chat,
+                &json!({"model": "m".repeat(MAX_MODEL_BYTES + 1),
+                        "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .expect_err("model too long"),
+        );
         assert_eq!(e.param, "model");
         let parts: Vec<_> = (0..=MAX_CONTENT_PARTS)
             .map(|_| json!({"type": "text", "text": "a"}))
             .collect();
-        let e = parse_request(
-            Kind::Chat,
-            &json!({"model": "m", "messages": [{"role": "user", "content": parts}]}),
-        )
-        .expect_err("too many parts");
+        let e = param(
+            parse_request(
+                Kind::Chat,
+                &json!({"model": "m", "messages": [{"role": "user", "content": parts}]}),
+            )
+            .expect_err("too many parts"),
+        );
         assert_eq!(e.param, "messages");
         let e = parse_request(
             Kind::Chat,
             &json!({"model": "m", "messages": [{"role": "x".repeat(1 << 20), "content": "hi"}]}),
         )
         .expect_err("bad role");
-        assert!(e.message.len() < 512, "the error quotes a bounded prefix");
+        assert!(
+            e.to_string().len() < 512,
+            "the error quotes a bounded prefix"
+        );
     }
 }
 

@@ -8,6 +8,8 @@ mod api;
 mod audit;
 #[path = "e2e/embeddings.rs"]
 mod embeddings;
+#[path = "e2e/hostile.rs"]
+mod hostile;
 #[path = "e2e/kserve.rs"]
 mod kserve;
 #[path = "e2e/lifecycle.rs"]

@@ -237,7 +237,7 @@ fn the_official_openai_python_client_embeds_over_mtls() {
 }
 
 /// The generated guard and its tokenizer, beside MiniLM, in the sandbox.
-fn guarded(sb: &Sandbox, timeout_ms: u64) -> (String, std::path::PathBuf) {
+pub(crate) fn guarded(sb: &Sandbox, timeout_ms: u64) -> (String, std::path::PathBuf) {
     let dir = sb.path().join("models");
     crate::kserve::make_models(&dir);
     for f in ["paraphrase-MiniLM-L3-v2.onnx", "minilm-tokenizer.json"] {
@@ -255,7 +255,7 @@ fn guarded(sb: &Sandbox, timeout_ms: u64) -> (String, std::path::PathBuf) {
     (policy, dir)
 }
 
-fn decision_of(sb: &Sandbox, request_id: &str) -> (Value, bool) {
+pub(crate) fn decision_of(sb: &Sandbox, request_id: &str) -> (Value, bool) {
     let out = Command::new(airgate_tests::airgate_bin())
         .args(["audit", "export", "--config"])
         .arg(sb.config_path())
