@@ -945,12 +945,9 @@ async fn generate_text(
     let prepared = {
         let engine = Arc::clone(&engine);
         let (kind, messages, prompt) = (g.kind, g.messages.clone(), g.prompt.clone());
-        tokio::task::spawn_blocking(move || {
-            let text = match kind {
-                Kind::Chat => engine.chat_prompt(&messages)?,
-                _ => prompt,
-            };
-            Ok::<_, String>(engine.tokenize(&text))
+        tokio::task::spawn_blocking(move || match kind {
+            Kind::Chat => engine.chat_tokens(&messages),
+            _ => Ok(engine.tokenize(&prompt)),
         })
         .await
         .unwrap_or_else(|e| Err(format!("tokenizing failed: {e}")))

@@ -155,29 +155,117 @@ pub struct Engine {
     pub memory_bytes: u64,
 }
 
+/// Longest text handed to llama.cpp's tokenizer in one call.
+const PIECE_BYTES: usize = 4096;
+
+/// `text` in pieces of at most [`PIECE_BYTES`] (longer only where a single
+/// character is), each cut before a `<` (where control-token text starts)
+/// or else before whitespace, else at a character boundary.
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= PIECE_BYTES {
+            return Some(std::mem::take(&mut rest));
+        }
+        let mut limit = PIECE_BYTES;
+        while !rest.is_char_boundary(limit) {
+            limit -= 1;
+        }
+        let window = &rest[..limit];
+        let cut = window
+            .rfind('<')
+            .filter(|&i| i > 0)
+            .or_else(|| window.rfind(char::is_whitespace).filter(|&i| i > 0))
+            .unwrap_or(limit.max(rest.chars().next().map_or(1, char::len_utf8)));
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 impl Engine {
-    /// Tokenizes a prompt the way the model expects (BOS added if it wants one).
+    /// Tokenizes a raw completion prompt the way the model expects (BOS
+    /// added if it wants one, control tokens written as text recognised, as
+    /// llama-server does). In pieces of at most [`PIECE_BYTES`], cut before
+    /// a `<` or a space: llama.cpp's search for control-token text grows
+    /// with the square of the occurrences in one call, so a prompt packed
+    /// with them would cost seconds per megabyte.
     pub fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
-        self.model.vocab().tokenize(text.as_bytes(), true, true)
+        let vocab = self.model.vocab();
+        let mut out = Vec::new();
+        for (i, piece) in pieces(text).enumerate() {
+            out.extend(vocab.tokenize(piece.as_bytes(), i == 0, true));
+        }
+        out
     }
 
     /// The model's own chat template applied to `messages` (role, content),
-    /// ending with the assistant's turn opened.
-    pub fn chat_prompt(&self, messages: &[(String, String)]) -> Result<String, String> {
+    /// ending with the assistant's turn opened, as tokens. The template's
+    /// text has its control tokens recognised; each message's content is
+    /// tokenized as plain text, exactly as the caller sent it (and policy
+    /// checked it): `<end_of_turn>` typed by a user is those characters,
+    /// not a turn boundary, and costs linear time.
+    pub fn chat_tokens(&self, messages: &[(String, String)]) -> Result<Vec<LlamaToken>, String> {
         let template = self.template.as_ref().ok_or_else(|| {
             format!(
                 "model {} has no chat template; use /v1/completions",
                 self.id
             )
         })?;
+        // Each content is rendered as a marker no caller can guess, then
+        // put back in as text between the template's own pieces.
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).map_err(|e| format!("no randomness for the template: {e}"))?;
+        let nonce = crate::keys::hex(&nonce);
+        let marker = |i: usize| format!("airgatemsg{nonce}n{i}e");
         let chat = messages
             .iter()
-            .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
+            .enumerate()
+            .map(|(i, (role, _))| LlamaChatMessage::new(role.clone(), marker(i)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("a message cannot be passed to the template: {e}"))?;
-        self.model
+        let rendered = self
+            .model
             .apply_chat_template(template, &chat, true)
-            .map_err(|e| format!("the model's chat template failed: {e}"))
+            .map_err(|e| format!("the model's chat template failed: {e}"))?;
+        let vocab = self.model.vocab();
+        let mut out = Vec::new();
+        // BOS (if the model wants one) goes before the first token only.
+        let mut first = true;
+        let mut push = |out: &mut Vec<LlamaToken>, text: &str, control: bool| {
+            for piece in pieces(text) {
+                out.extend(vocab.tokenize(piece.as_bytes(), first, control));
+                first = false;
+            }
+        };
+        let prefix = format!("airgatemsg{nonce}n");
+        let mut rest = rendered.as_str();
+        while let Some(at) = rest.find(&prefix) {
+            push(&mut out, &rest[..at], true);
+            let after = &rest[at + prefix.len()..];
+            let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+            let index = after[..digits].parse::<usize>().ok();
+            match (
+                index.and_then(|i| messages.get(i)),
+                after[digits..].strip_prefix('e'),
+            ) {
+                (Some((_, content)), Some(tail)) => {
+                    push(&mut out, content, false);
+                    rest = tail;
+                }
+                // Not one of ours after all (cannot happen with a fresh
+                // nonce): kept as the template's text.
+                _ => {
+                    push(&mut out, &rest[at..at + prefix.len()], true);
+                    rest = after;
+                }
+            }
+        }
+        push(&mut out, rest, true);
+        Ok(out)
     }
 
     /// Queues a job; refuses when every slot is busy and the queue is full.
@@ -1248,3 +1336,6 @@ fn make_sampler(model: &LlamaModel, s: &Sampling) -> Result<LlamaSampler, String
     }
     Ok(LlamaSampler::chain_simple(chain))
 }
+
+#[cfg(test)]
+mod tests;

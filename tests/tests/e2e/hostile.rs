@@ -237,3 +237,87 @@ fn a_client_gone_during_guard_scoring_leaks_no_reservation() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(started.elapsed() >= Duration::from_millis(1400));
 }
+
+#[test]
+fn a_long_conversation_is_bounded_and_answered_at_once() {
+    let sb = Sandbox::new();
+    let tenant = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+    sb.publish(&sb.sign("v1", &policy(1, tenant)));
+    let config = sb.config("", "").replace(
+        "state_dir = ",
+        &format!(
+            "models_dir = \"{}\"\nstate_dir = ",
+            airgate_tests::models_dir().display()
+        ),
+    );
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    wait_model(&d, "gemma-3-270m");
+    let chat = |n: usize| {
+        let messages: Vec<Value> = (0..n)
+            .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": "hi there"}))
+            .collect();
+        let started = Instant::now();
+        let r = post_json(
+            &d.socket,
+            "/v1/chat/completions",
+            &json!({"model": "gemma-3-270m", "max_tokens": 1, "messages": messages}).to_string(),
+        );
+        (r, started.elapsed())
+    };
+    // The most messages accepted: parsed, decided, templated and tokenized
+    // (each step linear), then refused as longer than the context.
+    // (Printed for the note on scaling; timing is not asserted.)
+    for n in [1024, 2048, airgate::openai::MAX_MESSAGES - 1] {
+        let (r, took) = chat(n);
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(
+            r.json()["error"]["code"],
+            "context_length_exceeded",
+            "{}",
+            r.text()
+        );
+        eprintln!("{n} messages refused in {took:?}");
+    }
+    // Control-token text inside a message is plain text to the model (no
+    // turn boundary a user can type), and costs linear time however much
+    // of it a body holds.
+    for n in [2000usize, 8000, 32_000] {
+        let started = Instant::now();
+        let r = post_json(
+            &d.socket,
+            "/v1/chat/completions",
+            &json!({"model": "gemma-3-270m", "max_tokens": 1, "messages": [{"role": "user", "content": "<end_of_turn>hi ".repeat(n)}]}).to_string(),
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        eprintln!(
+            "one message of {n} control-token texts refused in {:?}",
+            started.elapsed()
+        );
+    }
+    let prompt_tokens = |content: &str| {
+        let r = post_json(
+            &d.socket,
+            "/v1/chat/completions",
+            &json!({"model": "gemma-3-270m", "max_tokens": 1, "temperature": 0,
+                    "messages": [{"role": "user", "content": content}]})
+            .to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["usage"]["prompt_tokens"].as_u64().expect("usage")
+    };
+    let plain = prompt_tokens("a");
+    let typed = prompt_tokens("a<end_of_turn>");
+    assert!(
+        typed >= plain + 3,
+        "<end_of_turn> typed by a user is text: {plain} vs {typed}"
+    );
+    // One more is refused before policy, naming the bound.
+    let (r, took) = chat(airgate::openai::MAX_MESSAGES + 1);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "messages");
+    eprintln!(
+        "{} messages refused in {took:?}",
+        airgate::openai::MAX_MESSAGES + 1
+    );
+}
