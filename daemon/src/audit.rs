@@ -1349,4 +1349,36 @@ mod tests {
         .expect("append after prune");
         verify_db(&db, Vec::new(), Some(&good), 0).expect("verifies");
     }
+
+    #[test]
+    fn a_record_over_the_bound_is_refused_and_new_blob_files_are_synced() {
+        let big = Event::AuditDegraded {
+            error: "x".repeat(MAX_RECORD_BYTES),
+        };
+        assert!(matches!(
+            encode(big),
+            Err(AuditError::TooLarge { ref kind, bytes }) if kind == "audit_degraded" && bytes > MAX_RECORD_BYTES
+        ));
+        let fits = Event::AuditDegraded {
+            error: "x".repeat(MAX_RECORD_BYTES - 200),
+        };
+        assert!(encode(fits).is_ok());
+
+        // sled writes a node over a quarter of its segment to blobs/ and
+        // never syncs it: the syncer finds each new one after its batch.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("audit");
+        let db = open_db(&store, 8 << 20).expect("db");
+        let mut syncer = Syncer::default();
+        syncer.sync(&store).expect("first sync");
+        let before = syncer.blobs.len();
+        db.insert(b"big", vec![7u8; 300 << 10]).expect("insert");
+        db.flush().expect("flush");
+        syncer.sync(&store).expect("sync");
+        assert!(
+            syncer.blobs.len() > before,
+            "sled wrote a blob file and the syncer saw it: {:?}",
+            syncer.blobs
+        );
+    }
 }
