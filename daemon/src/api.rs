@@ -22,6 +22,7 @@ use tracing::Instrument;
 use airgate_policy::audit::Event;
 use airgate_policy::bundle::Kind;
 use airgate_policy::decision::Reason;
+use airgate_policy::identity::Identity;
 
 use crate::body::{BodyError, Buffered};
 use crate::connection::{Conn, InFlight};
@@ -137,6 +138,13 @@ pub enum ApiError {
     Engine(String),
     #[error("not serving: the audit record could not be made durable ({0})")]
     AuditUnavailable(String),
+    /// The connection's client certificate has expired since its handshake
+    /// (a long connection, a resumed session): nothing is routed, and the
+    /// connection is closed.
+    #[error(
+        "the client certificate expired at {not_after} (Unix time); connect again with a valid one"
+    )]
+    ClientCertificateExpired { not_after: i64 },
 }
 
 impl From<crate::openai::RequestError> for ApiError {
@@ -197,6 +205,9 @@ impl ApiError {
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
             Self::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "engine_error"),
             Self::AuditUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            Self::ClientCertificateExpired { .. } => {
+                (StatusCode::UNAUTHORIZED, "client_certificate_expired")
+            }
         }
     }
 
@@ -259,6 +270,12 @@ impl ApiError {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // The connection ends here (HTTP/2 peers see it go away).
+            Self::ClientCertificateExpired { .. } if version < Version::HTTP_2 => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -344,7 +361,11 @@ pub async fn handle(
     async move {
         tracing::debug!(id_origin = ?origin, "request");
         let version = req.version();
-        let mut response = match dispatch(&shared, &conn, &id, req).await {
+        let answered = match check_peer(&shared, &conn) {
+            Ok(()) => dispatch(&shared, &conn, &id, req).await,
+            Err(e) => Err(e),
+        };
+        let mut response = match answered {
             Ok(r) => r,
             Err(e) => {
                 let status = e.status_and_code().0;
@@ -380,6 +401,39 @@ pub async fn handle(
     }
     .instrument(span)
     .await
+}
+
+/// Refuses a request whose connection's client certificate has expired
+/// since the handshake (by the daemon's clock, the time floor included),
+/// and asks for the connection to be closed. A long-lived connection, or a
+/// session resumed from before the expiry, does not outlive the certificate.
+fn check_peer(shared: &Shared, conn: &Conn) -> Result<(), ApiError> {
+    let Identity::Tls(peer) = &conn.identity else {
+        return Ok(());
+    };
+    let now = shared.policy.now().seconds();
+    if !crate::tls::client_certificate_expired(peer.not_after, now) {
+        return Ok(());
+    }
+    shared
+        .metrics
+        .tls_client_certificate_expired
+        .get_or_create(&crate::metrics::ListenerLabels {
+            listener: conn.listener.clone(),
+        })
+        .inc();
+    tracing::warn!(
+        AIRGATE_EVENT = "client_certificate_expired",
+        serial = %peer.serial,
+        not_after = peer.not_after,
+        now,
+        remote = %peer.remote_addr,
+        "the connection's client certificate has expired: request refused, connection closed"
+    );
+    conn.close.cancel();
+    Err(ApiError::ClientCertificateExpired {
+        not_after: peer.not_after,
+    })
 }
 
 async fn dispatch(
@@ -1413,7 +1467,13 @@ async fn kserve(
     }
 }
 
-/// `POST /v2/models/{name}/infer`: checked, decided, admitted, audited, run.
+/// `POST /v2/models/{name}/infer`: decided, admitted, checked, audited, run.
+///
+/// Policy decides on what it needs (the model's name, the caller, the end
+/// user) before the request is held to the model: its inputs, outputs and
+/// whether it is loaded are only for callers allowed it. A denied or
+/// unknown caller learns nothing of them, not even from a 400 naming an
+/// input; its denial is answered once its record is durable, as always.
 async fn kserve_infer(
     shared: &Arc<Shared>,
     conn: &Conn,
@@ -1424,8 +1484,8 @@ async fn kserve_infer(
     use crate::kserve;
     let headers = req.headers().clone();
     let mut body = read_body(shared, req).await?;
-    // The request is checked against the model before policy, so a
-    // malformed one gets its own clear error whatever the policy state.
+    // The body's framing and the end user are read before policy: they say
+    // nothing about the model.
     let header_length = headers
         .get(kserve::HEADER_LENGTH)
         .map(|v| v.to_str().unwrap_or("?"));
@@ -1435,19 +1495,6 @@ async fn kserve_infer(
     body.charge_json(json_len)?;
     let (doc, tail) = kserve::split_body(&body, header_length).map_err(ApiError::BadRequest)?;
     let user = kserve::user_of(&doc).map_err(ApiError::BadRequest)?;
-    let model = shared.models.get_onnx(name);
-    let checked = match &model {
-        Some(m) => {
-            let checked = kserve::check(&doc, tail, &m.inputs, &m.outputs, m.max_elements)
-                .map_err(ApiError::BadRequest)?;
-            // What tract would hold for these shapes, bounded like the
-            // shapes themselves: before policy, 413.
-            let shapes: Vec<&[usize]> = checked.tensors.iter().map(|t| t.shape()).collect();
-            m.check_activations(&shapes)?;
-            Some(checked)
-        }
-        None => None,
-    };
     let ask = gate::Ask {
         kind: Kind::Tensor,
         model: name,
@@ -1464,20 +1511,29 @@ async fn kserve_infer(
         &headers,
         &ask,
     )?;
+    // Allowed: only now is the request held to the model.
+    let ready = decided
+        .outcome
+        .is_ok()
+        .then(|| kserve_tensors(shared, name, &doc, tail));
+    let (model, checked) = match ready {
+        Some(Ok(ready)) => ready,
+        not_runnable => {
+            // Denied: `durable_decision` answers with the denial alone.
+            // Allowed but not runnable as sent (not loaded, inputs that do
+            // not fit, too large): answered with why, and closed. Both once
+            // the decision record is durable.
+            let past = durable_decision(shared, id, name, decided, started).await?;
+            let e = not_runnable.and_then(Result::err).unwrap_or_else(|| {
+                ApiError::Engine("a request past policy was not checked".to_owned())
+            });
+            past.served.finish("error", &e.to_string());
+            return Err(e);
+        }
+    };
     // An allowed request runs while its decision record is made durable;
     // nothing is answered before it is (fail closed), and a result whose
     // record failed is thrown away.
-    let Some((model, checked)) = model.zip(checked).filter(|_| decided.outcome.is_ok()) else {
-        let admitted = durable_decision(shared, id, name, decided, started).await?;
-        admitted.served.finish("error", "model not loaded");
-        return Err(ApiError::ModelNotLoaded {
-            model: name.to_owned(),
-            why: shared
-                .models
-                .state(name)
-                .map(|s| serde_json::to_string(&s).unwrap_or_default()),
-        });
-    };
     let (admitted, ran) = tokio::join!(
         durable_decision(shared, id, name, decided, started),
         model.run(checked.tensors)
@@ -1534,4 +1590,32 @@ async fn kserve_infer(
         h.insert(kserve::HEADER_LENGTH, HeaderValue::from(json_len));
     }
     Ok(response)
+}
+
+/// A KServe request held to model `name`: loaded, every input as it
+/// declares, the outputs it has, the run within bounds. For a caller policy
+/// has allowed the model: the errors name its inputs and load state.
+fn kserve_tensors(
+    shared: &Shared,
+    name: &str,
+    doc: &serde_json::Value,
+    tail: &[u8],
+) -> Result<(Arc<crate::onnx::OnnxModel>, crate::kserve::Checked), ApiError> {
+    let Some(model) = shared.models.get_onnx(name) else {
+        return Err(ApiError::ModelNotLoaded {
+            model: name.to_owned(),
+            why: shared
+                .models
+                .state(name)
+                .map(|s| serde_json::to_string(&s).unwrap_or_default()),
+        });
+    };
+    let checked =
+        crate::kserve::check(doc, tail, &model.inputs, &model.outputs, model.max_elements)
+            .map_err(ApiError::BadRequest)?;
+    // What tract would hold for these shapes, bounded like the shapes
+    // themselves: 413.
+    let shapes: Vec<&[usize]> = checked.tensors.iter().map(|t| t.shape()).collect();
+    model.check_activations(&shapes)?;
+    Ok((model, checked))
 }

@@ -23,7 +23,10 @@
 //! archive when the archive holds bundles.
 //!
 //! At start the active bundle is read back from the archive and verified
-//! again: a tampered file is not trusted, nor one below the floor. Requests
+//! again: a tampered file is not trusted, nor one below the floor, nor one
+//! the trust anchors now configured did not sign. A reload weighs the bundle
+//! in force the same way ([`Policy::reverify`]): one that no longer verifies
+//! is withdrawn and the daemon fails closed, naming why. Requests
 //! take one `Arc<Active>` at their start, so a swap never changes the bundle
 //! under a request.
 
@@ -222,6 +225,9 @@ struct Inner {
     last_update: Option<UpdateRecord>,
     /// Why the persisted bundle was not trusted at start, if it was not.
     start_problem: Option<String>,
+    /// Why the bundle that was in force was taken out of it by a reload
+    /// (it no longer verified under the configuration then loaded).
+    withdrawn: Option<String>,
     freshness: Freshness,
     clock_behind: bool,
     /// Audit events not yet handed to the audit store.
@@ -350,6 +356,7 @@ impl Policy {
                 seen: HashMap::new(),
                 last_update: None,
                 start_problem: recovered,
+                withdrawn: None,
                 freshness: Freshness::None,
                 clock_behind: false,
                 events,
@@ -492,10 +499,109 @@ impl Policy {
     }
 
     fn no_bundle_reason(&self) -> String {
-        match &self.lock().start_problem {
+        let inner = self.lock();
+        match inner.withdrawn.as_ref().or(inner.start_problem.as_ref()) {
             Some(p) => format!("no policy bundle in force: {p}"),
             None => "no policy bundle in force".to_owned(),
         }
+    }
+
+    /// Weighs the bundle in force again under `config`, as a reload brings
+    /// it: its signature against the trust anchors now configured, its
+    /// audience against this host's. One that no longer verifies is taken
+    /// out of force (requests fail closed, naming why; its archive copy,
+    /// the persisted state and the rollback floor are kept, so a restart
+    /// weighs it the same way). A bundle so taken out that verifies again
+    /// at a later reload (the anchor put back) is put back in force.
+    /// Returns whether the bundle in force changed. Blocking (reads the
+    /// archive to put a bundle back).
+    pub fn reverify(&self, config: &Config, metrics: &crate::metrics::Metrics) -> bool {
+        let _persist = self.persist.lock().unwrap_or_else(PoisonError::into_inner);
+        let anchors = config.trust.anchors();
+        let audience = config.policy.audience.as_deref();
+        let changed = match self.active() {
+            Some(active) => self.withdraw_unless_verified(&active, &anchors, audience),
+            None => self.put_back_if_verified(&anchors, audience),
+        };
+        if changed {
+            self.publish_metrics(metrics);
+        }
+        changed
+    }
+
+    fn withdraw_unless_verified(
+        &self,
+        active: &Active,
+        anchors: &TrustAnchors,
+        audience: Option<&str>,
+    ) -> bool {
+        let checked = match audience {
+            None => Err(UpdateError::NoAudience.to_string()),
+            Some(audience) => verify_signed(active.verified.token.as_bytes(), anchors, audience)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        let Err(why) = checked else {
+            return false;
+        };
+        let (version, digest) = (active.version(), active.verified.digest.clone());
+        tracing::error!(
+            AIRGATE_EVENT = "bundle_withdrawn",
+            version,
+            digest = %digest,
+            key_id = %active.verified.key_id,
+            error = %why,
+            "the bundle in force does not verify under the reloaded configuration: failing closed"
+        );
+        let mut inner = self.lock();
+        inner.withdrawn = Some(format!(
+            "bundle version {version} ({digest}) was withdrawn at a reload: it no longer verifies ({why})"
+        ));
+        inner
+            .events
+            .push(airgate_policy::audit::Event::BundleWithdrawn {
+                version,
+                digest,
+                reason: why,
+            });
+        self.active.store(None);
+        true
+    }
+
+    fn put_back_if_verified(&self, anchors: &TrustAnchors, audience: Option<&str>) -> bool {
+        let digest = {
+            let inner = self.lock();
+            match (&inner.withdrawn, &inner.persisted.active_digest) {
+                (Some(_), Some(d)) => d.clone(),
+                _ => return false,
+            }
+        };
+        let Ok(verified) = self.restore(&digest, anchors, audience) else {
+            return false;
+        };
+        let version = verified.bundle.version;
+        tracing::info!(
+            AIRGATE_EVENT = "bundle_accepted",
+            version,
+            digest = %digest,
+            key_id = %verified.key_id,
+            "the withdrawn bundle verifies under the reloaded configuration: back in force"
+        );
+        let mut inner = self.lock();
+        inner.withdrawn = None;
+        inner
+            .events
+            .push(airgate_policy::audit::Event::BundleAccepted {
+                version,
+                digest,
+                source: "reload".to_owned(),
+            });
+        self.active.store(Some(Arc::new(Active {
+            verified,
+            source: "reload".to_owned(),
+            activated_at: self.clock.now(),
+        })));
+        true
     }
 
     /// Reasons inference is not served, and warnings that do not stop it.
@@ -1032,6 +1138,7 @@ impl Policy {
             inner.persisted = next;
             inner.unsaved = false;
             inner.start_problem = None;
+            inner.withdrawn = None;
             self.active.store(Some(Arc::clone(&active)));
         }
         tracing::info!(
@@ -1123,6 +1230,7 @@ impl Policy {
             "floor_copy": self.floor_copy.as_ref().map(|p| p.display().to_string()),
             "floor_copy_problem": inner.copy_problem,
             "start_problem": inner.start_problem,
+            "withdrawn": inner.withdrawn,
             "last_update": inner.last_update,
             "inbox": config.policy.inbox.display().to_string(),
             "audience": config.policy.audience,

@@ -40,6 +40,10 @@ pub struct Conn {
     pub id: u64,
     pub listener: String,
     pub identity: Identity,
+    /// Cancelled by a handler that wants the connection ended (a client
+    /// certificate that has expired since the handshake): it is shut down
+    /// gracefully, after the responses in flight.
+    pub close: CancellationToken,
 }
 
 /// Activity counters shared by the IO wrapper, the service and the watcher.
@@ -346,6 +350,11 @@ pub async fn serve<S>(
                 };
             }
             () = drain.cancelled(), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = conn.close.cancelled(), if !draining => {
+                tracing::info!(parent: &span, "closing the connection, as its handler asked");
                 draining = true;
                 connection.as_mut().graceful_shutdown();
             }

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub state_dir_free_bytes: Gauge,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// Requests refused because their connection's client certificate had
+    /// expired since the handshake.
+    pub tls_client_certificate_expired: Family<ListenerLabels, Counter>,
     pub tls_server_cert_not_after: Gauge,
     pub tls_crls_expired: Gauge,
     pub bundle_version: Gauge,
@@ -151,6 +154,7 @@ impl Metrics {
             config_reloads: Family::default(),
             state_dir_free_bytes: Gauge::default(),
             tls_handshakes: Family::default(),
+            tls_client_certificate_expired: Family::default(),
             tls_server_cert_not_after: Gauge::default(),
             tls_crls_expired: Gauge::default(),
             bundle_version: Gauge::default(),
@@ -233,6 +237,12 @@ impl Metrics {
             "TLS handshakes, by listener and result (ok, or why they failed: no_certificate, \
              unknown_ca, expired, revoked, bad_usage, multiple_uri_sans, timeout, ...)",
             m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_client_certificate_expired",
+            "Requests refused (401 client_certificate_expired, the connection closed) because the \
+             connection's client certificate had expired since its handshake, by listener",
+            m.tls_client_certificate_expired.clone(),
         );
         registry.register(
             "tls_server_certificate_not_after_seconds",

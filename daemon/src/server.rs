@@ -478,6 +478,8 @@ impl Daemon {
     pub fn reload(&self, next: Result<Prepared, PrepareError>) {
         let shared = &self.shared;
         shared.notifier.reloading();
+        // Recorded after the reload's own record, in this order.
+        let mut events = Vec::new();
         let record = match next {
             Err(e) => {
                 tracing::error!(error = %e, "configuration reload refused; keeping the running configuration");
@@ -551,6 +553,11 @@ impl Daemon {
                 if next.log.target != current.log.target {
                     pending.push("log.target");
                 }
+                // Read per request, so it applies at once: every change is
+                // a record, off to on and back.
+                if next.audit.fail_open != current.audit.fail_open {
+                    events.push(fail_open_changed(next.audit.fail_open));
+                }
                 for key in &pending {
                     tracing::warn!(key, "changed setting takes effect after a restart");
                 }
@@ -559,6 +566,10 @@ impl Daemon {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = pending;
                 shared.config.store(Arc::new(next));
+                // The bundle in force must still verify under the trust
+                // anchors and audience now configured, or it stops counting.
+                shared.policy.reverify(&shared.config(), &shared.metrics);
+                events.extend(shared.policy.take_events());
                 shared
                     .metrics
                     .config_reloads
@@ -576,6 +587,9 @@ impl Daemon {
             ok: record.ok,
             message: record.message.clone(),
         });
+        for event in events {
+            shared.audit.record(event);
+        }
         *shared
             .last_reload
             .lock()
@@ -767,6 +781,25 @@ impl Daemon {
     }
 }
 
+/// The record of a reload switching `audit.fail_open`, logged as loudly
+/// as the mode is at start.
+fn fail_open_changed(fail_open: bool) -> Event {
+    if fail_open {
+        tracing::warn!(
+            AIRGATE_EVENT = "audit_fail_open_changed",
+            fail_open,
+            "audit.fail_open switched on by a reload: requests are served even when their decision record cannot be made durable"
+        );
+    } else {
+        tracing::warn!(
+            AIRGATE_EVENT = "audit_fail_open_changed",
+            fail_open,
+            "audit.fail_open switched off by a reload: no request is served before its decision record is durable"
+        );
+    }
+    Event::FailOpenChanged { fail_open }
+}
+
 /// Accepts until drain, then closes the listening socket (and removes the
 /// node it created) at once, so new clients are refused while the open
 /// connections drain. With socket activation systemd keeps its own copy of
@@ -803,6 +836,7 @@ async fn accept_unix(
             id: shared.conn_ids.fetch_add(1, Ordering::Relaxed) + 1,
             listener: name.clone(),
             identity,
+            close: CancellationToken::new(),
         };
         tracker.spawn(connection::serve(
             Arc::clone(&shared),
@@ -916,7 +950,11 @@ async fn accept_tls(
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server_config));
             let handshake = tokio::select! {
                 () = abort.cancelled() => return,
-                result = tokio::time::timeout(timeout, acceptor.accept(stream)) => result,
+                // Driven so the session cache can bound resumption chains.
+                result = tokio::time::timeout(
+                    timeout,
+                    crate::tls::handshake(acceptor.accept(stream)),
+                ) => result,
             };
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
@@ -955,6 +993,7 @@ async fn accept_tls(
                 id: shared.conn_ids.fetch_add(1, Ordering::Relaxed) + 1,
                 listener: name,
                 identity,
+                close: CancellationToken::new(),
             };
             connection::serve(shared, stream, conn, permit, drain, abort).await;
         });

@@ -11,18 +11,30 @@
 //! Every load builds a fresh `ServerConfig` and with it a fresh session
 //! cache, so after a reload (e.g. of a CRL) no client can resume a session
 //! that was established under the old material.
+//!
+//! Resumption is bounded in time too: a session can be resumed for
+//! [`SESSION_LIFETIME`] (one hour) counted from the full handshake that
+//! verified the client's certificate, however many resumptions came in
+//! between (each resumed TLS 1.3 connection is handed new tickets, which
+//! inherit the start of their chain; see [`SessionCache`]). After that the
+//! client makes a full handshake, its certificate checked again against the
+//! CA bundle, the CRLs and the clock. A certificate that expires while a
+//! connection (or a resumed session) lives on is refused per request by the
+//! HTTP layer ([`client_certificate_expired`]).
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use airgate_policy::identity::TlsPeer;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
     ServerConfig, SignatureScheme,
@@ -264,6 +276,14 @@ pub fn load(cfg: &TlsListenerConfig, now: SystemTime) -> Result<TlsState, TlsErr
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     server_config.ignore_client_order = true;
+    // Stateful resumption only (no ticketer: rustls's default), from a
+    // bounded cache whose sessions end SESSION_LIFETIME after the full
+    // handshake of their chain.
+    server_config.session_storage = Arc::new(SessionCache::new(
+        SESSION_CACHE_SIZE,
+        SESSION_LIFETIME,
+        crate::bundle::system_time_now,
+    ));
 
     Ok(TlsState {
         server_config: Arc::new(server_config),
@@ -275,6 +295,128 @@ pub fn load(cfg: &TlsListenerConfig, now: SystemTime) -> Result<TlsState, TlsErr
             loaded_at: now_s,
         },
     })
+}
+
+/// How long a TLS session may be resumed, counted from the full handshake
+/// that began its chain (see the module docs).
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Sessions kept for resumption at once; past it the oldest are forgotten.
+pub const SESSION_CACHE_SIZE: usize = 1024;
+
+/// Whether a client certificate whose notAfter is `not_after` has expired
+/// at `now` (both seconds since the Unix epoch). notAfter is the last second
+/// it is valid (RFC 5280), as the handshake's WebPKI check has it.
+pub fn client_certificate_expired(not_after: i64, now: i64) -> bool {
+    now > not_after
+}
+
+/// The session chain of the handshake being driven on this thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Chain {
+    /// When the full handshake that began it was made; `None` while the
+    /// handshake resumes nothing (it is a chain's first).
+    origin: Option<i64>,
+}
+
+thread_local! {
+    /// Set only while [`handshake`] polls a handshake on this thread: rustls
+    /// calls the session store synchronously from inside that poll, so the
+    /// store learns which chain the connection belongs to.
+    static HANDSHAKE: Cell<Option<Chain>> = const { Cell::new(None) };
+}
+
+/// Runs `f` (one poll of a handshake) with `chain` as this thread's
+/// handshake context, and keeps what the session store learnt of it.
+fn in_handshake<R>(chain: &mut Chain, f: impl FnOnce() -> R) -> R {
+    let outer = HANDSHAKE.with(|h| h.replace(Some(*chain)));
+    let result = f();
+    *chain = HANDSHAKE.with(|h| h.replace(outer)).unwrap_or_default();
+    result
+}
+
+/// Drives a server handshake (e.g. `TlsAcceptor::accept`) so that the
+/// [`SessionCache`] can tell a resumed connection's chain from a new one.
+pub async fn handshake<F>(mut accept: F) -> F::Output
+where
+    F: Future + Unpin,
+{
+    let mut chain = Chain::default();
+    std::future::poll_fn(move |cx| in_handshake(&mut chain, || Pin::new(&mut accept).poll(cx)))
+        .await
+}
+
+/// Server-side session storage (TLS 1.2 session ids, TLS 1.3 stateful
+/// tickets) with a bounded size that forgets a session `lifetime` after the
+/// full handshake its chain began with. Each value is kept behind that
+/// start (8 bytes, big-endian Unix seconds): a session stored while a
+/// resumed handshake is driven (the new tickets of a resumed TLS 1.3
+/// connection) gets the start of the chain it resumed, not the time it was
+/// stored, so resuming again and again does not extend it.
+#[derive(Debug)]
+pub struct SessionCache {
+    inner: Arc<ServerSessionMemoryCache>,
+    lifetime: i64,
+    clock: fn() -> i64,
+}
+
+impl SessionCache {
+    pub fn new(size: usize, lifetime: Duration, clock: fn() -> i64) -> Self {
+        Self {
+            inner: ServerSessionMemoryCache::new(size),
+            lifetime: i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX),
+            clock,
+        }
+    }
+
+    /// The session in `stored`, if its chain is young enough; the handshake
+    /// being driven (if any) joins that chain.
+    fn fresh(&self, stored: &[u8]) -> Option<Vec<u8>> {
+        let (stamp, value) = stored.split_at_checked(8)?;
+        let origin = i64::from_be_bytes(stamp.try_into().ok()?);
+        // A clock set back before the chain began ends it too.
+        let age = (self.clock)().checked_sub(origin)?;
+        if !(0..self.lifetime).contains(&age) {
+            return None;
+        }
+        HANDSHAKE.with(|h| {
+            if let Some(mut chain) = h.get() {
+                chain.origin = Some(origin);
+                h.set(Some(chain));
+            }
+        });
+        Some(value.to_vec())
+    }
+}
+
+impl StoresServerSessions for SessionCache {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let origin = HANDSHAKE
+            .with(Cell::get)
+            .and_then(|chain| chain.origin)
+            .unwrap_or_else(self.clock);
+        let mut stamped = Vec::with_capacity(8 + value.len());
+        stamped.extend_from_slice(&origin.to_be_bytes());
+        stamped.extend_from_slice(&value);
+        self.inner.put(key, stamped)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let stored = self.inner.get(key)?;
+        let fresh = self.fresh(&stored);
+        if fresh.is_none() {
+            self.inner.take(key);
+        }
+        fresh
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.fresh(&self.inner.take(key)?)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
 }
 
 /// Why a client certificate that chains correctly is still refused.

@@ -124,6 +124,21 @@ pub enum Event {
         ok: bool,
         message: String,
     },
+    /// A reload switched `audit.fail_open` (on: requests are served even
+    /// when their decision record cannot be made durable). Written on every
+    /// change, either way; the mode at start is in [`Event::Startup`].
+    FailOpenChanged {
+        fail_open: bool,
+    },
+    /// The bundle in force no longer verifies under the configuration a
+    /// reload brought (a trust anchor removed, another audience) and was
+    /// taken out of force: requests fail closed until a bundle verifies.
+    /// Its archive copy and the rollback floor are kept.
+    BundleWithdrawn {
+        version: u64,
+        digest: String,
+        reason: String,
+    },
     ClockBehindFloor {
         clock: i64,
         floor: i64,

@@ -50,7 +50,12 @@ impl Site {
     }
 
     fn open(&self) -> Policy {
-        Policy::open_with_clock(&self.config, self.clock.clone()).expect("open")
+        self.open_as(&self.config)
+    }
+
+    /// The store opened under another configuration of this site.
+    fn open_as(&self, config: &Config) -> Policy {
+        Policy::open_with_clock(config, self.clock.clone()).expect("open")
     }
 
     fn set_time(&self, t: i64) {
@@ -798,4 +803,95 @@ fn a_refusal_by_this_hosts_configuration_is_not_settled() {
     // After a reload that fixes the audience, the same bytes go in.
     let offered = p.offer("mirror m", token.as_bytes(), &site.config, &site.metrics);
     assert_eq!(offered, Offered::Accepted);
+}
+
+/// `site`'s configuration trusting only a second authority's key.
+fn other_anchor(site: &Site) -> Config {
+    let (_, public) =
+        crate::keys::generate(&site.dir.path().join("keys"), "second").expect("keygen");
+    let mut other = site.config.clone();
+    other.trust.anchors = vec![crate::config::TrustAnchor {
+        key_id: "second".to_owned(),
+        key: crate::keys::read_public_key(&public).expect("public key"),
+        public_key: public,
+    }];
+    other
+}
+
+#[test]
+fn a_reload_that_removes_the_signing_anchor_withdraws_the_bundle_and_fails_closed() {
+    let site = Site::new();
+    let p = site.open();
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    let digest = p.active().expect("active").verified.digest.clone();
+    let _ = p.take_events();
+    // The same anchors: nothing changes.
+    assert!(!p.reverify(&site.config, &site.metrics));
+    assert_eq!(version(&p), Some(1));
+    assert!(p.take_events().is_empty());
+
+    let other = other_anchor(&site);
+    assert!(p.reverify(&other, &site.metrics));
+    assert_eq!(version(&p), None);
+    let why = p.in_force(Duration::ZERO).expect_err("fails closed");
+    assert!(why.contains("withdrawn at a reload"), "{why}");
+    assert!(why.contains("\"authority\""), "names the key: {why}");
+    let (reasons, _) = p.health(&other);
+    assert!(
+        reasons.iter().any(|r| r.contains("withdrawn")),
+        "{reasons:?}"
+    );
+    let events = p.take_events();
+    assert!(
+        matches!(&events[..], [airgate_policy::audit::Event::BundleWithdrawn { version: 1, digest: d, .. }] if *d == digest),
+        "{events:?}"
+    );
+    assert_eq!(
+        p.status(&other)["withdrawn"]
+            .as_str()
+            .map(|w| w.contains(&digest)),
+        Some(true)
+    );
+    // The archive and the rollback floor are kept.
+    let archived = site
+        .config
+        .state_dir
+        .join(format!("policy/archive/{digest}.jwt"));
+    assert!(archived.is_file());
+    assert_eq!(p.lock().persisted.highest_version, 1);
+    // Reweighed again under the same configuration: still out, no new record.
+    assert!(!p.reverify(&other, &site.metrics));
+    assert!(p.take_events().is_empty());
+    // The anchor put back: the bundle is back in force at the next reload.
+    assert!(p.reverify(&site.config, &site.metrics));
+    assert_eq!(version(&p), Some(1));
+    assert_eq!(p.active().expect("active").source, "reload");
+    assert!(p.in_force(Duration::ZERO).is_ok());
+    assert!(matches!(
+        &p.take_events()[..],
+        [airgate_policy::audit::Event::BundleAccepted { version: 1, source, .. }] if source == "reload"
+    ));
+
+    // A restart under the configuration without the anchor does not trust
+    // it either (the persisted bundle is verified again at start).
+    assert!(p.reverify(&other, &site.metrics));
+    drop(p);
+    let p = site.open_as(&other);
+    assert_eq!(version(&p), None);
+    let why = p.in_force(Duration::ZERO).expect_err("fails closed");
+    assert!(why.contains("not trusted"), "{why}");
+}
+
+#[test]
+fn a_reload_to_another_audience_withdraws_the_bundle() {
+    let site = Site::new();
+    let p = site.open();
+    site.drop_in("v1.jwt", &site.bundle(1, T + 1000, "a"));
+    assert!(site.scan(&p));
+    let mut other = site.config.clone();
+    other.policy.audience = Some("site-8".to_owned());
+    assert!(p.reverify(&other, &site.metrics));
+    let why = p.in_force(Duration::ZERO).expect_err("fails closed");
+    assert!(why.contains("site-8"), "{why}");
 }

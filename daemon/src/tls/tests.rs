@@ -209,3 +209,101 @@ fn handshake_failures_are_named() {
         assert_eq!(failure_reason(&e), want, "{e}");
     }
 }
+
+#[test]
+fn a_client_certificate_expires_after_its_not_after_second() {
+    let not_after = 1_795_000_000;
+    for (now, expired) in [
+        (not_after - 86_400, false),
+        (not_after - 1, false),
+        // notAfter is the last second the certificate is valid.
+        (not_after, false),
+        (not_after + 1, true),
+        (not_after + 86_400 * 365, true),
+    ] {
+        assert_eq!(
+            client_certificate_expired(not_after, now),
+            expired,
+            "at {now} (not_after {not_after})"
+        );
+    }
+}
+
+#[test]
+fn load_bounds_session_resumption() {
+    let dir = tempdir();
+    let state = load(&material(dir.path()), SystemTime::now()).expect("loads");
+    let storage = format!("{:?}", state.server_config.session_storage);
+    assert!(storage.contains("SessionCache"), "{storage}");
+    assert!(storage.contains("lifetime: 3600"), "{storage}");
+    assert!(!state.server_config.ticketer.enabled(), "stateful only");
+}
+
+/// The session cache's clock, moved by the test below (the only user).
+static SESSION_NOW: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn session_now() -> i64 {
+    SESSION_NOW.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn set_session_now(t: i64) {
+    SESSION_NOW.store(t, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn resumed_sessions_end_a_lifetime_after_the_full_handshake_of_their_chain() {
+    let t = 1_795_000_000;
+    set_session_now(t);
+    let cache = SessionCache::new(16, Duration::from_secs(3600), session_now);
+    let key = |k: &str| k.as_bytes().to_vec();
+
+    // A full handshake stores its session (a TLS 1.2 session id, or the
+    // tickets of a TLS 1.3 one): resumable for the lifetime, not after.
+    let mut first = Chain::default();
+    assert!(in_handshake(&mut first, || cache.put(key("a"), b"session a".to_vec())));
+    assert_eq!(first.origin, None, "a full handshake resumes nothing");
+    set_session_now(t + 3599);
+    assert_eq!(cache.get(b"a"), Some(b"session a".to_vec()));
+    set_session_now(t + 3600);
+    assert_eq!(cache.get(b"a"), None, "past its lifetime");
+    set_session_now(t + 1);
+    assert_eq!(cache.get(b"a"), None, "and forgotten");
+
+    // A chain: each resumed TLS 1.3 connection takes its ticket and is
+    // handed new ones, stored while its handshake is driven. They keep the
+    // chain's start, so resuming every half hour does not keep it alive.
+    set_session_now(t);
+    in_handshake(&mut Chain::default(), || {
+        cache.put(key("t0"), b"s0".to_vec())
+    });
+    let mut resumed = Chain::default();
+    set_session_now(t + 1800);
+    in_handshake(&mut resumed, || {
+        assert_eq!(cache.take(b"t0"), Some(b"s0".to_vec()));
+        cache.put(key("t1"), b"s1".to_vec());
+    });
+    assert_eq!(resumed.origin, Some(t), "joined the chain begun at {t}");
+    assert_eq!(cache.take(b"t0"), None, "a TLS 1.3 ticket is used once");
+    set_session_now(t + 3599);
+    let mut again = Chain::default();
+    in_handshake(&mut again, || {
+        assert_eq!(cache.take(b"t1"), Some(b"s1".to_vec()));
+        cache.put(key("t2"), b"s2".to_vec());
+    });
+    set_session_now(t + 3600);
+    assert_eq!(
+        cache.take(b"t2"),
+        None,
+        "the chain ends an hour after it began"
+    );
+
+    // Outside a handshake nothing is joined, and a clock set back before a
+    // session's start ends it too.
+    set_session_now(t);
+    cache.put(key("b"), b"session b".to_vec());
+    assert_eq!(HANDSHAKE.with(Cell::get), None);
+    set_session_now(t - 10);
+    assert_eq!(cache.get(b"b"), None);
+    // Bytes too short to carry a start are no session.
+    assert_eq!(cache.fresh(b"short"), None);
+}

@@ -143,3 +143,22 @@ fn tampering_is_found_at_the_first_bad_record() {
         Some(ChainError::Truncated { seq: 0 })
     );
 }
+
+#[test]
+fn reload_events_export_under_stable_kinds() {
+    let on = serde_json::to_value(Event::FailOpenChanged { fail_open: true }).expect("json");
+    assert_eq!(
+        on,
+        serde_json::json!({"kind": "fail_open_changed", "fail_open": true})
+    );
+    let withdrawn = Event::BundleWithdrawn {
+        version: 3,
+        digest: "ab".repeat(32),
+        reason: "unknown key id \"k1\"".to_owned(),
+    };
+    let v = serde_json::to_value(&withdrawn).expect("json");
+    assert_eq!(v["kind"], "bundle_withdrawn");
+    assert_eq!(v["version"], 3);
+    let back: Event = serde_json::from_value(v).expect("parses back");
+    assert_eq!(back, withdrawn);
+}

@@ -495,6 +495,9 @@ fn malformed_inputs_get_a_400_naming_the_problem() {
             "unknown field \"extra\"",
         ),
     ];
+    // Each of these reaches policy (it says nothing of the model before
+    // policy allows the caller), then is held to the model.
+    let decided = cases.len() + 1;
     for (what, body, want) in cases {
         let r = infer(&d, "shapes", &body);
         assert_eq!(r.status, 400, "{what}: {}", r.text());
@@ -538,22 +541,44 @@ fn malformed_inputs_get_a_400_naming_the_problem() {
         &[("Inference-Header-Content-Length", "999999")],
     );
     assert_eq!(r.status, 400);
-    // Nothing malformed reached policy or the model: no decision records.
-    let records = String::from_utf8(
-        Command::new(airgate_tests::airgate_bin())
+    // What was not a request (not JSON, sizes that do not add up) did not
+    // reach policy; the rest was decided (allowed) and then refused by the
+    // model's checks: a decision each, and a completion that served nothing
+    // (completions are queued to the writer without waiting: polled for).
+    let records = || -> Vec<Value> {
+        let out = Command::new(airgate_tests::airgate_bin())
             .args(["audit", "export", "--config"])
             .arg(sb.config_path())
             .output()
-            .expect("export")
-            .stdout,
-    )
-    .expect("utf8");
-    assert_eq!(
-        records
+            .expect("export");
+        String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| l.contains("\"decision\""))
-            .count(),
-        0
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    let events = |records: &[Value], kind: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"]["kind"] == kind)
+            .map(|r| r["event"].clone())
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = records();
+    while events(&seen, "completion").len() < decided && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        seen = records();
+    }
+    let decisions = events(&seen, "decision");
+    assert_eq!(decisions.len(), decided, "{decisions:?}");
+    assert!(decisions.iter().all(|d| d["decision"] == "allow"));
+    let completions = events(&seen, "completion");
+    assert_eq!(completions.len(), decided, "{completions:?}");
+    assert!(
+        completions
+            .iter()
+            .all(|c| c["outcome"] == "error" && c["served"] == false),
+        "{completions:?}"
     );
     // The daemon is fine.
     let body = json!({"inputs": [

@@ -411,3 +411,84 @@ fn model_inspect_rejects_files_that_are_no_model() {
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("llama.cpp could not load it"));
 }
+
+/// The audit log of a running daemon, through its admin socket.
+fn running_export(sb: &Sandbox) -> Vec<serde_json::Value> {
+    let out = Command::new(airgate_bin())
+        .args(["audit", "export", "--config"])
+        .arg(sb.config_path())
+        .output()
+        .expect("airgate audit export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+#[test]
+fn switching_audit_fail_open_by_sighup_is_recorded_each_way() {
+    let sb = Sandbox::new();
+    let notify = NotifySocket::bind(sb.path());
+    let notify_path = notify.path.to_string_lossy().into_owned();
+    let closed = sb.config("", "");
+    let open = closed.replace("[audit]\n", "[audit]\nfail_open = true\n");
+    assert_ne!(open, closed);
+    let d = Daemon::spawn(
+        &sb,
+        &closed,
+        &[("NOTIFY_SOCKET", &notify_path)],
+        Command::new(airgate_bin()),
+    );
+    notify.wait_for("READY=1", Duration::from_secs(20));
+
+    // Off -> on -> off, each by a reload.
+    for text in [&open, &closed] {
+        sb.write_config(text);
+        d.signal(Signal::SIGHUP);
+        notify.wait_for("RELOADING=1", Duration::from_secs(10));
+        notify.wait_for("READY=1", Duration::from_secs(10));
+    }
+    let start = Instant::now();
+    let changes = loop {
+        let records = running_export(&sb);
+        let changes: Vec<serde_json::Value> = records
+            .iter()
+            .filter(|r| r["event"]["kind"] == "fail_open_changed")
+            .map(|r| r["event"]["fail_open"].clone())
+            .collect();
+        if changes.len() >= 2 || start.elapsed() > Duration::from_secs(10) {
+            // Both reloads are recorded too, each with its change.
+            let reloads = records
+                .iter()
+                .filter(|r| r["event"]["kind"] == "config_reload")
+                .count();
+            assert_eq!(reloads, 2, "{records:?}");
+            break changes;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        changes,
+        [serde_json::json!(true), serde_json::json!(false)],
+        "stderr:\n{}",
+        d.stderr()
+    );
+    let log = d.stderr();
+    assert!(
+        log.contains("audit.fail_open switched on by a reload")
+            && log.contains("audit.fail_open switched off by a reload"),
+        "{log}"
+    );
+    // The startup record still says how it started.
+    let records = running_export(&sb);
+    let startup = records
+        .iter()
+        .find(|r| r["event"]["kind"] == "startup")
+        .expect("startup record");
+    assert_eq!(startup["event"]["fail_open"], false);
+}

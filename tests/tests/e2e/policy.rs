@@ -2,10 +2,11 @@
 //! refused bundle leaves in force, the persisted bundle across restarts, and
 //! decisions with their reason codes over HTTP.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use airgate_tests::{Daemon, Sandbox, get, policy, post_json};
+use airgate_tests::{Daemon, KEY_ID, Sandbox, get, policy, post_json};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -561,7 +562,7 @@ fn the_authority_tools_refuse_patterns_that_compile_past_the_bundles_budget() {
         "{said}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(!std::path::Path::new(&bundle).exists());
+    assert!(!Path::new(&bundle).exists());
     // The same patterns, few enough, are signed and verify.
     let few = [r"'\w{0,20}N'"; 3].join(", ");
     std::fs::write(
@@ -579,4 +580,158 @@ fn the_authority_tools_refuse_patterns_that_compile_past_the_bundles_budget() {
     assert!(out.status.success(), "{}", text(&out));
     let out = airgate(&["bundle", "verify", "--trust", &dir, &bundle]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The audit log of a running daemon, through its admin socket.
+fn running_export(sb: &Sandbox) -> Vec<Value> {
+    let out = Command::new(airgate_tests::airgate_bin())
+        .args(["audit", "export", "--config"])
+        .arg(sb.config_path())
+        .output()
+        .expect("airgate audit export");
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+#[test]
+fn a_reload_without_the_signing_anchor_withdraws_the_bundle_and_fails_closed() {
+    let sb = Sandbox::new();
+    sb.publish(&sb.sign("v1", &policy(1, &ops(&["gemma-3-270m"], ""))));
+    let config = sb.config("", "");
+    let d = Daemon::start(&sb, &config, &[]);
+    let digest = d.wait_bundle(1)["bundle"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    // Allowed by policy (503 only because no engine has the model loaded).
+    assert_eq!(
+        error_code(&chat(&d, "gemma-3-270m", "hi")),
+        "model_not_loaded"
+    );
+
+    // The configuration now trusts another authority's key only.
+    let second = sb.path().join("second-authority");
+    let out = airgate(&[
+        "keygen",
+        "--dir",
+        second.to_str().expect("utf8"),
+        "--name",
+        "second",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let anchors = |key_id: &str, key: &Path| {
+        format!(
+            "anchors = [{{ key_id = \"{key_id}\", public_key = \"{}\" }}]",
+            key.display()
+        )
+    };
+    let original = anchors(KEY_ID, &sb.authority().join(format!("{KEY_ID}.pub")));
+    assert!(config.contains(&original), "{config}");
+    sb.write_config(&config.replace(&original, &anchors("second", &second.join("second.pub"))));
+    d.signal(Signal::SIGHUP);
+    wait_for("the bundle in force withdrawn", &d, || {
+        get(&d.socket, "/readyz", &[]).json()["bundle"].is_null()
+    });
+    let r = chat(&d, "gemma-3-270m", "hi");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(error_code(&r), "policy_unavailable");
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .expect("message")
+        .to_owned();
+    assert!(
+        message.contains("withdrawn") && message.contains("is not a trust anchor"),
+        "{message}"
+    );
+    let ready = get(&d.socket, "/readyz", &[]);
+    assert_eq!(ready.status, 503);
+    let reasons = ready.json()["reasons"].to_string();
+    assert!(reasons.contains("no longer verifies"), "{reasons}");
+    // The archive keeps it (reports of past months need it).
+    assert!(
+        sb.path()
+            .join("state/policy/archive")
+            .join(format!("{digest}.jwt"))
+            .is_file()
+    );
+    wait_for("a bundle_withdrawn record", &d, || {
+        running_export(&sb).iter().any(|r| {
+            r["event"]["kind"] == "bundle_withdrawn"
+                && r["event"]["digest"] == digest.as_str()
+                && r["event"]["reason"]
+                    .as_str()
+                    .is_some_and(|why| why.contains(KEY_ID))
+        })
+    });
+    assert!(d.stderr().contains("failing closed"));
+
+    // The anchor put back: the same bundle is in force again.
+    sb.write_config(&config);
+    d.signal(Signal::SIGHUP);
+    d.wait_bundle(1);
+    assert_eq!(
+        error_code(&chat(&d, "gemma-3-270m", "hi")),
+        "model_not_loaded"
+    );
+}
+
+#[test]
+fn kserve_tells_a_caller_denied_the_model_nothing_of_its_inputs() {
+    const MINILM: &str = "paraphrase-minilm-l3";
+    let sb = Sandbox::new();
+    // The tenant may use the language model only; the ONNX model is in the
+    // manifest and loaded.
+    sb.publish(&sb.sign("v1", &policy(1, &ops(&["gemma-3-270m"], ""))));
+    let config = sb.config("", "").replace(
+        "state_dir = ",
+        &format!(
+            "models_dir = \"{}\"\nstate_dir = ",
+            airgate_tests::models_dir().display()
+        ),
+    );
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    airgate_tests::wait_model(&d, MINILM);
+    let path = format!("/v2/models/{MINILM}/infer");
+    let bodies = [
+        json!({"inputs": [{"name": "c", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}),
+        json!({"inputs": []}),
+        json!({"inputs": [], "outputs": [{"name": "zzz"}]}),
+    ];
+    for body in &bodies {
+        let r = post_json(&d.socket, &path, &body.to_string());
+        assert_eq!(r.status, 403, "{body}: {}", r.text());
+        let answer = r.text();
+        assert!(answer.contains("model_not_allowed"), "{answer}");
+        for secret in [
+            "input_ids",
+            "attention_mask",
+            "its inputs",
+            "is missing",
+            "not loaded",
+        ] {
+            assert!(!answer.contains(secret), "{secret:?} told: {answer}");
+        }
+    }
+    // Each was decided, and its denial recorded before it was answered.
+    let denied = running_export(&sb)
+        .iter()
+        .filter(|r| {
+            r["event"]["kind"] == "decision"
+                && r["event"]["route"] == "/v2/models/{name}/infer"
+                && r["event"]["reason"] == "model_not_allowed"
+        })
+        .count();
+    assert_eq!(denied, bodies.len());
+
+    // Once the tenant may use the model, the same bodies are checked
+    // against it and answered with what is wrong.
+    sb.publish(&sb.sign("v2", &policy(2, &ops(&["gemma-3-270m", MINILM], ""))));
+    d.wait_bundle(2);
+    let r = post_json(&d.socket, &path, &bodies[1].to_string());
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("is missing"), "{}", r.text());
 }

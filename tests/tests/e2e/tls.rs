@@ -327,6 +327,61 @@ async fn a_revoked_client_cannot_come_back_even_by_resumption() {
     );
 }
 
+#[tokio::test]
+async fn a_client_certificate_expired_since_the_handshake_is_refused_and_its_connection_closed() {
+    let sb = Sandbox::new();
+    let site = Site::new(&sb);
+    // Valid for a day more by the real clock, which the handshake uses; the
+    // daemon's own clock runs two days ahead (a failpoint), so by it the
+    // certificate has expired on every connection it opens.
+    let short = site.custom_client("short", |p| {
+        p.not_before = OffsetDateTime::now_utc() - time::Duration::days(1);
+        p.not_after = OffsetDateTime::now_utc() + time::Duration::days(1);
+    });
+    let notify = NotifySocket::bind(sb.path());
+    let path = notify.path.to_string_lossy().into_owned();
+    let d = Daemon::spawn(
+        &sb,
+        &site.config(&sb),
+        &[
+            ("NOTIFY_SOCKET", &path),
+            ("AIRGATE_FAILPOINTS", "clock-offset=172800"),
+        ],
+        Command::new(airgate_bin()),
+    );
+    notify.wait_for("READY=1", Duration::from_secs(20));
+    let addr = tls_addr(&d);
+
+    let mut conn = short.connect(addr).await.expect("the handshake passes");
+    let r = keepalive_get(&mut conn, "/v1/whoami")
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "client_certificate_expired");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        keepalive_get(&mut conn, "/v1/whoami").await.is_err(),
+        "the connection was left open"
+    );
+    // Resuming the session from before is no way around it.
+    let (r, hs) = short.get(addr, "/healthz").await.expect("an answer");
+    assert!(hs.resumed, "the client resumed its session");
+    assert_eq!(r.status, 401, "{}", r.text());
+    let metrics = get(&d.socket, "/metrics", &[]).text();
+    assert!(
+        metrics.contains("airgate_tls_client_certificate_expired_total{listener=\"tls\"} 2"),
+        "{metrics}"
+    );
+    assert!(d.stderr().contains("client certificate has expired"));
+    // A certificate valid by the daemon's clock too is served as before.
+    let (r, _) = site
+        .client("claims")
+        .get(addr, "/v1/whoami")
+        .await
+        .expect("request");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 fn replace_file(from: &Path, to: &Path) {
     std::fs::rename(from, to).expect("rename into place");
 }
