@@ -686,7 +686,8 @@ async fn durable_decision(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task_shared = Arc::clone(shared);
     let task_id = id.clone();
-    tokio::spawn(async move {
+    // Tracked: the shutdown record waits for it (it may outlive its connection).
+    shared.detached.spawn(async move {
         let gate::Decided {
             record,
             outcome,
@@ -1098,7 +1099,8 @@ async fn generate_text(
             })
         };
         let include_usage = g.include_usage;
-        tokio::spawn(async move {
+        // Tracked: the shutdown record waits for its completion record.
+        shared.detached.spawn(async move {
             let event = |mut v: serde_json::Value| {
                 if include_usage && v.get("usage").is_none() {
                     v["usage"] = serde_json::Value::Null;

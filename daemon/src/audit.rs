@@ -9,13 +9,21 @@
 //! is served only after its decision record is acknowledged (fail closed).
 //! When writing fails the store is degraded: appends are refused with the
 //! error until a batch succeeds again, which ends the degradation by itself.
+//!
+//! The chain's content is fixed in one place: every open writes its
+//! `audit_opened` record first, and a clean stop's shutdown record, sealed
+//! by a checkpoint, is the last the writer takes. So after a clean stop's
+//! checkpoint a real store holds nothing, or the next start's first record;
+//! verification (at start and in full) refuses anything else there.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use airgate_policy::audit::{ChainError, Content, Event, Joins, Verifier, ZERO, key, open, seal};
+use airgate_policy::audit::{
+    ChainError, Content, Event, Joins, Verifier, ZERO, key, open, opens_a_start, seal,
+};
 use airgate_policy::time::Clock;
 
 use crate::bundle::SystemClock;
@@ -68,6 +76,13 @@ pub struct Audit {
     /// A handle for readers (export, snapshot); the writer replaces it when
     /// it reopens the store.
     reader: Arc<Mutex<Option<sled::Db>>>,
+    /// Records the log held when it was opened, before this start wrote any.
+    opened_records: u64,
+    /// The host's public key (raw Ed25519), when checkpoints are signed.
+    host_key: Option<Arc<[u8]>>,
+    /// A full verification and retention's pruning take turns: a walk must
+    /// not see the records before it vanish from under it.
+    maintenance: Arc<Mutex<()>>,
 }
 
 /// Keeps a tenant's records: its decisions, and the completions of those
@@ -177,6 +192,20 @@ pub fn verify_db(
     host_key: Option<&[u8]>,
     from: u64,
 ) -> Result<Verified, AuditError> {
+    verify_walk(db, external, host_key, from, &|| false)
+}
+
+/// How many records a walk reads between asking whether to stop.
+const STOP_EVERY: u64 = 4096;
+
+/// [`verify_db`], stopping (as unavailable) once `stop` says so.
+fn verify_walk(
+    db: &sled::Db,
+    external: Vec<(u64, [u8; 32])>,
+    host_key: Option<&[u8]>,
+    from: u64,
+    stop: &dyn Fn() -> bool,
+) -> Result<Verified, AuditError> {
     let mut v = Verifier::new().with_checkpoints(external.clone());
     let first = db
         .first()
@@ -222,22 +251,38 @@ pub fn verify_db(
         start = seq;
     }
     let mut checkpoints = 0;
+    let mut stops = CleanStops::default();
     for item in db.range(key(start)..) {
         let (k, value) = item.map_err(|e| AuditError::Unavailable(e.to_string()))?;
         let seq = <[u8; 8]>::try_from(k.as_ref())
             .map(u64::from_be_bytes)
             .map_err(|_| AuditError::Broken(ChainError::Truncated { seq: v.next() }))?;
+        if seq % STOP_EVERY == 0 && stop() {
+            return Err(AuditError::Unavailable(format!(
+                "the walk was stopped at record {seq}"
+            )));
+        }
         // Once pushed, the record links to the head before it, so its own
         // `prev` is the hash a checkpoint must name.
         v.push(seq, &value).map_err(AuditError::Broken)?;
         if let Some(key) = host_key
             && let Ok(sealed) = open(seq, &value)
         {
-            match checkpoint_valid(&sealed, key) {
+            let content = sealed.parse().ok();
+            let signed = match content
+                .as_ref()
+                .and_then(|c| signed_checkpoint(&sealed, c, key))
+            {
                 Some(false) => return Err(AuditError::Broken(ChainError::BadCheckpoint { seq })),
-                Some(true) => checkpoints += 1,
-                None => {}
-            }
+                Some(true) => {
+                    checkpoints += 1;
+                    true
+                }
+                None => false,
+            };
+            stops
+                .push(seq, content.as_ref(), signed)
+                .map_err(AuditError::Broken)?;
         }
     }
     v.finish().map_err(AuditError::Broken)?;
@@ -250,7 +295,10 @@ pub fn verify_db(
 
 /// Finds the last checkpoint record (scanning back), checks its signature
 /// and that it names the hash the chain holds at its sequence, and
-/// verifies the chain from there; from genesis when there is none.
+/// verifies the chain from there; from genesis when there is none. A
+/// damaged record met on the way back is passed over: the walk forward
+/// from the checkpoint before it reports the first break in chain order
+/// (a swapped pair at its first key, not at the second).
 pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Verified, AuditError> {
     let unavailable = |e: sled::Error| AuditError::Unavailable(e.to_string());
     for item in db.iter().rev() {
@@ -259,12 +307,19 @@ pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Ver
             break;
         };
         let seq = u64::from_be_bytes(k);
-        let sealed = open(seq, &v).map_err(AuditError::Broken)?;
+        let Ok(sealed) = open(seq, &v) else {
+            continue;
+        };
         match checkpoint_valid(&sealed, host_key) {
             None => continue,
             Some(false) => return Err(AuditError::Broken(ChainError::BadCheckpoint { seq })),
             Some(true) => {}
         }
+        // A clean stop's checkpoint (right after its shutdown record) is
+        // followed by nothing, or by the next start's first record.
+        let clean_stop = seq
+            .checked_sub(1)
+            .is_some_and(|before| is_shutdown(db, before));
         let mut verifier = Verifier::resume(seq, sealed.prev);
         for item in db.range(key(seq)..) {
             let (k, v) = item.map_err(unavailable)?;
@@ -276,6 +331,9 @@ pub fn verify_from_last_checkpoint(db: &sled::Db, host_key: &[u8]) -> Result<Ver
                     })
                 })?;
             verifier.push(s, &v).map_err(AuditError::Broken)?;
+            if clean_stop && s == seq + 1 && !opens_a_start_at(s, &v) {
+                return Err(AuditError::Broken(ChainError::AfterCleanStop { seq: s }));
+            }
         }
         return Ok(Verified {
             records: verifier.next(),
@@ -294,28 +352,81 @@ pub fn checkpoint_valid(
     sealed: &airgate_policy::audit::Sealed<'_>,
     host_key: &[u8],
 ) -> Option<bool> {
-    let Ok(Content {
-        event:
-            Event::Checkpoint {
-                seq: at,
-                head,
-                signature,
-                ..
-            },
+    signed_checkpoint(sealed, &sealed.parse().ok()?, host_key)
+}
+
+/// [`checkpoint_valid`] on the record's content, already parsed.
+fn signed_checkpoint(
+    sealed: &airgate_policy::audit::Sealed<'_>,
+    content: &Content,
+    host_key: &[u8],
+) -> Option<bool> {
+    let Event::Checkpoint {
+        seq: at,
+        head,
+        signature,
         ..
-    }) = sealed.parse()
+    } = &content.event
     else {
         return None;
     };
-    let signed = unhex(&signature).is_some_and(|sig| {
+    let signed = unhex(signature).is_some_and(|sig| {
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, host_key)
             .verify(
-                &airgate_policy::audit::checkpoint_message(at, &sealed.prev),
+                &airgate_policy::audit::checkpoint_message(*at, &sealed.prev),
                 &sig,
             )
             .is_ok()
     });
-    Some(signed && at.checked_add(1) == Some(sealed.seq) && head == hex(&sealed.prev))
+    Some(signed && at.checked_add(1) == Some(sealed.seq) && *head == hex(&sealed.prev))
+}
+
+/// Whether record `seq` is there, intact, and a shutdown record.
+fn is_shutdown(db: &sled::Db, seq: u64) -> bool {
+    db.get(key(seq)).ok().flatten().is_some_and(|v| {
+        open(seq, &v)
+            .ok()
+            .and_then(|sealed| sealed.parse().ok())
+            .is_some_and(|c| matches!(c.event, Event::Shutdown { .. }))
+    })
+}
+
+/// Whether the stored record `seq` is a start's first ([`opens_a_start`]).
+fn opens_a_start_at(seq: u64, stored: &[u8]) -> bool {
+    open(seq, stored)
+        .ok()
+        .and_then(|sealed| sealed.parse().ok())
+        .is_some_and(|c| opens_a_start(seq, &c))
+}
+
+/// Follows a walk for the one place where the chain says what must come
+/// next: a clean stop seals a signed checkpoint right after its shutdown
+/// record and the writer takes nothing more, so a real store has after
+/// that checkpoint nothing, or the next start's first record.
+#[derive(Default)]
+struct CleanStops {
+    /// The last record was a shutdown record.
+    shutdown: bool,
+    /// The last record was a clean stop's checkpoint.
+    sealed: bool,
+}
+
+impl CleanStops {
+    /// Record `seq`, verified, with its content (when it parses) and
+    /// whether it is a checkpoint the host key signed.
+    fn push(
+        &mut self,
+        seq: u64,
+        content: Option<&Content>,
+        signed: bool,
+    ) -> Result<(), ChainError> {
+        if std::mem::take(&mut self.sealed) && !content.is_some_and(|c| opens_a_start(seq, c)) {
+            return Err(ChainError::AfterCleanStop { seq });
+        }
+        self.sealed = signed && self.shutdown;
+        self.shutdown = content.is_some_and(|c| matches!(c.event, Event::Shutdown { .. }));
+        Ok(())
+    }
 }
 
 /// Verifies a run of stored records as they stream by: checksums, hashes,
@@ -508,8 +619,8 @@ pub struct OpenOptions<'a> {
 
 impl Audit {
     /// Opens (or creates, with its genesis record) the store and verifies
-    /// the chain from its last signed checkpoint; starts the writer thread.
-    /// Blocking.
+    /// the chain from its last signed checkpoint; writes this start's first
+    /// record (`audit_opened`) and starts the writer thread. Blocking.
     pub fn open(
         dir: &Path,
         options: OpenOptions<'_>,
@@ -610,9 +721,33 @@ impl Audit {
             }
             Err(e) => return Err(e),
         };
+        // Every start's first record, durable before anything else can be
+        // written: what a real store holds after a clean stop's checkpoint
+        // (which the next start's verification checks).
+        let content = Content {
+            time: now(),
+            event: Event::AuditOpened {
+                records,
+                head: hex(&head),
+            },
+        }
+        .encode();
+        let (stored, opened_head) = seal(records, &head, &content);
+        db.insert(key(records), stored).map_err(|e| io(&e))?;
+        db.flush().map_err(|e| io(&e))?;
+        fsync_tree(dir).map_err(|e| io(&e))?;
+        if journal_all {
+            tracing::info!(
+                AIRGATE_EVENT = "audit_record",
+                AIRGATE_SEQ = records,
+                AIRGATE_RECORD = %String::from_utf8_lossy(&content),
+                "audit record"
+            );
+        }
+        let next = (records + 1, opened_head);
         let state = Arc::new(Mutex::new(WriterState {
-            records,
-            head: hex(&head),
+            records: next.0,
+            head: hex(&next.1),
             ..WriterState::default()
         }));
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
@@ -628,7 +763,7 @@ impl Audit {
                     cache_bytes,
                     &dir,
                     rx,
-                    (records, head),
+                    next,
                     (checkpoints, journal_all),
                     &writer_state,
                     &writer_reader,
@@ -636,7 +771,14 @@ impl Audit {
                 );
             })
             .map_err(|e| io(&e))?;
-        let audit = Self { tx, state, reader };
+        let audit = Self {
+            tx,
+            state,
+            reader,
+            opened_records: records,
+            host_key: host_public.map(Arc::from),
+            maintenance: Arc::new(Mutex::new(())),
+        };
         if let Some(e) = broken {
             audit.record(Event::AuditOverride {
                 first_bad_seq: e.seq(),
@@ -662,6 +804,8 @@ impl Audit {
     /// [`Audit::append`], then a signed checkpoint over the log through this
     /// record, durable before it returns: a clean stop leaves every record
     /// vouched for (packs and reports of the period need no later run).
+    /// It is the last record: the writer takes none after it (they are
+    /// refused), so that the next record the store gets is the next start's.
     pub async fn append_sealed(&self, event: Event) -> Result<u64, AuditError> {
         self.append_job(event, true).await
     }
@@ -720,6 +864,33 @@ impl Audit {
         }
     }
 
+    /// Records the log held when it was opened, before this start wrote any.
+    pub fn opened_records(&self) -> u64 {
+        self.opened_records
+    }
+
+    /// Walks the whole chain as `airgate audit verify` does (every link, and
+    /// every checkpoint's signature when checkpoints are signed), over a
+    /// reader handle: the writer goes on meanwhile. Streams the records
+    /// (memory stays bounded); retention skips a run while it goes on. A
+    /// writer that dropped its handles to reopen the store (after a failed
+    /// write) stops the walk, whose handle would keep the store locked.
+    /// Blocking.
+    pub fn verify_all(&self) -> Result<Verified, AuditError> {
+        let _turn = self
+            .maintenance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let db = self.reader()?;
+        let reopening = || {
+            self.reader
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none()
+        };
+        verify_walk(&db, Vec::new(), self.host_key.as_deref(), 0, &reopening)
+    }
+
     pub(crate) fn reader(&self) -> Result<sled::Db, AuditError> {
         self.reader
             .lock()
@@ -766,7 +937,17 @@ impl Audit {
     /// Deletes the records before the last checkpoint sealed no later than
     /// `cutoff` (Unix time), so verification continues from that
     /// checkpoint. Returns (first kept sequence, records removed).
+    /// Nothing is pruned while a full verification walks the chain (the
+    /// next run does it).
     pub fn prune_before(&self, cutoff: i64) -> Result<Option<(u64, u64)>, AuditError> {
+        let _turn = match self.maintenance.try_lock() {
+            Ok(turn) => turn,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                tracing::info!("audit retention waits for the full verification in progress");
+                return Ok(None);
+            }
+        };
         let db = self.reader()?;
         let unavailable = |e: sled::Error| AuditError::Unavailable(e.to_string());
         let mut anchor = None;
@@ -858,14 +1039,22 @@ fn write_loop(
     // next batch: service resumes by itself once the disk takes writes.
     let mut db = Some(db);
     let mut syncer = Syncer::default();
+    // Set once a sealed record (a clean stop's shutdown) is written: nothing
+    // may follow its checkpoint (see `Audit::append_sealed`).
+    let mut closed = false;
     loop {
         worker.idle();
         let Ok(first) = rx.recv() else {
             return;
         };
         worker.progress();
+        if closed {
+            refuse_after_close(first, &rx);
+            continue;
+        }
+        // A sealed record ends its batch, so that its checkpoint follows it.
         let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
+        while jobs.len() < MAX_BATCH && !jobs.last().is_some_and(|j| j.seal) {
             match rx.try_recv() {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
@@ -938,6 +1127,7 @@ fn write_loop(
                 }
                 drop(s);
                 let mut sealing = Vec::new();
+                closed = jobs.iter().any(|j| j.seal);
                 for (i, job) in jobs.into_iter().enumerate() {
                     if job.seal {
                         sealing.push((first + i as u64, job.reply));
@@ -1022,6 +1212,22 @@ fn write_checkpoint(
     Ok(h)
 }
 
+/// Answers `first` and whatever else is queued with a refusal: the log was
+/// closed by a clean stop.
+fn refuse_after_close(first: Job, rx: &Receiver<Job>) {
+    let mut refused = 0u64;
+    for job in std::iter::once(first).chain(rx.try_iter()) {
+        let _ = job.reply.send(Err(
+            "the audit log is closed (the daemon is stopping)".to_owned()
+        ));
+        refused += 1;
+    }
+    tracing::warn!(
+        refused,
+        "audit records after the clean stop's checkpoint were refused"
+    );
+}
+
 fn fail_batch(state: &Mutex<WriterState>, jobs: Vec<Job>, error: &str) {
     let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
     if s.degraded.is_none() {
@@ -1065,320 +1271,4 @@ pub fn damaged_line(seq: u64, error: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use ring::signature::KeyPair as _;
-
-    use super::*;
-    use crate::heartbeat::Heartbeat;
-
-    fn pair(seed: u8) -> ring::signature::Ed25519KeyPair {
-        ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("key")
-    }
-
-    /// A store in `path` with a small cache: a new one gets a genesis record;
-    /// checkpoints every `every` records when given (host key: `pair(1)`).
-    fn open_test(
-        path: &Path,
-        every: Option<u64>,
-        accept_broken: bool,
-        heartbeat: &Heartbeat,
-        worker: &str,
-    ) -> Result<(Audit, Opened), AuditError> {
-        Audit::open(
-            path,
-            OpenOptions {
-                cache_bytes: 8 << 20,
-                marker: None,
-                journal_all: false,
-                accept_broken,
-            },
-            |_| Event::Genesis {
-                host_key_sha256: String::new(),
-                machine_id: "m".to_owned(),
-                state_dir: "s".to_owned(),
-                previous_store: None,
-            },
-            every.map(|every| CheckpointSigner {
-                key: pair(1),
-                key_sha256: String::new(),
-                every,
-                interval: std::time::Duration::from_secs(3600),
-            }),
-            heartbeat.register(worker, std::time::Duration::from_secs(30)),
-        )
-    }
-
-    #[test]
-    fn a_store_written_by_a_newer_airgate_is_refused_and_an_unmarked_one_is_format_1() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = dir.path().join("audit");
-        {
-            // A store from before the marker: records only.
-            let db = open_db(&store, 8 << 20).expect("db");
-            let (stored, _) = seal(0, &ZERO, b"{}");
-            db.insert(key(0), stored).expect("insert");
-            db.flush().expect("flush");
-        }
-        let db = open_db(&store, 8 << 20).expect("db");
-        check_format(&db).expect("an unmarked store opens");
-        let meta = db.open_tree("meta").expect("meta");
-        assert_eq!(
-            meta.get("audit_format").expect("get").as_deref(),
-            Some(&FORMAT.to_be_bytes()[..])
-        );
-        meta.insert("audit_format", &(FORMAT + 1).to_be_bytes())
-            .expect("insert");
-        let err = check_format(&db).expect_err("newer");
-        assert!(err.contains("written by a newer airgate"), "{err}");
-    }
-
-    #[test]
-    fn a_sealed_append_is_followed_by_a_durable_checkpoint_before_it_returns() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = dir.path().join("audit");
-        let heartbeat = Heartbeat::new();
-        let (audit, _) =
-            open_test(&store, Some(1000), false, &heartbeat, "audit-writer").expect("open");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let before = audit.state().records;
-        rt.block_on(audit.append(Event::Shutdown {
-            reason: "plain".to_owned(),
-        }))
-        .expect("append");
-        assert_eq!(audit.state().records, before + 1, "no checkpoint yet");
-        let seq = rt
-            .block_on(audit.append_sealed(Event::Shutdown {
-                reason: "stop".to_owned(),
-            }))
-            .expect("append");
-        // Answered only once the checkpoint over it is in.
-        assert_eq!(audit.state().records, seq + 2);
-        let db = audit.reader().expect("reader");
-        let stored = db
-            .get(key(seq + 1))
-            .expect("get")
-            .expect("checkpoint record");
-        let sealed = open(seq + 1, &stored).expect("opens");
-        let good = pair(1).public_key().as_ref().to_vec();
-        assert_eq!(checkpoint_valid(&sealed, &good), Some(true));
-    }
-
-    #[test]
-    fn checkpoints_are_signed_by_the_host_key_and_checked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = dir.path().join("audit");
-        let heartbeat = Heartbeat::new();
-        let (audit, opened) =
-            open_test(&store, Some(3), false, &heartbeat, "audit-writer").expect("open");
-        assert!(opened.created);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        for i in 0..10 {
-            rt.block_on(audit.append(Event::Shutdown {
-                reason: format!("r{i}"),
-            }))
-            .expect("append");
-        }
-        assert!(audit.state().records > 11, "checkpoints were added");
-        drop(audit);
-        // The writer thread lets go of the store once its channel closes.
-        let db = (0..100)
-            .find_map(|_| {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                open_db(&store, 8 << 20).ok()
-            })
-            .expect("reopen");
-        let good = pair(1).public_key().as_ref().to_vec();
-        let v = verify_db(&db, Vec::new(), Some(&good), 0).expect("verifies");
-        assert!(v.checkpoints >= 3, "{v:?}");
-        let other = pair(2).public_key().as_ref().to_vec();
-        assert!(matches!(
-            verify_db(&db, Vec::new(), Some(&other), 0),
-            Err(AuditError::Broken(ChainError::BadCheckpoint { .. }))
-        ));
-        // From a record on: the same tail, counted to the same end.
-        let tail = verify_db(&db, Vec::new(), Some(&good), 5).expect("from 5");
-        assert_eq!((tail.records, tail.head), (v.records, v.head));
-        assert!(matches!(
-            verify_db(&db, Vec::new(), Some(&good), v.records + 5),
-            Err(AuditError::Open { .. })
-        ));
-        // A run read on its own (an evidence pack's): from a checkpoint it
-        // is anchored by the signature, from elsewhere it is not; another
-        // host's key or a rewritten record is caught.
-        let records: Vec<(u64, Vec<u8>)> = db
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(k, v)| {
-                Some((
-                    u64::from_be_bytes(<[u8; 8]>::try_from(k.as_ref()).ok()?),
-                    v.to_vec(),
-                ))
-            })
-            .collect();
-        let first_checkpoint = records
-            .iter()
-            .find(|(seq, v)| open(*seq, v).is_ok_and(|s| checkpoint_valid(&s, &good) == Some(true)))
-            .map(|(seq, _)| *seq)
-            .expect("a checkpoint");
-        let run = |from: u64, key: &[u8]| {
-            let mut check = SegmentCheck::new(key);
-            for (seq, v) in records.iter().filter(|(s, _)| *s >= from) {
-                let _ = check.push(*seq, v);
-            }
-            check
-        };
-        let anchored = run(first_checkpoint, &good);
-        assert!(
-            anchored.error.is_none() && anchored.anchored,
-            "{:?}",
-            anchored.error
-        );
-        assert_eq!(anchored.reached().map(|r| r.0), Some(v.records));
-        assert_eq!(anchored.checkpoints, v.checkpoints);
-        let loose = run(first_checkpoint + 1, &good);
-        assert!(loose.error.is_none() && !loose.anchored);
-        assert!(matches!(
-            run(0, &other).error,
-            Some(ChainError::BadCheckpoint { .. })
-        ));
-        let mut check = SegmentCheck::new(&good);
-        for (seq, v) in &records {
-            let mut v = v.clone();
-            if *seq == 4 {
-                let last = v.len() - 1;
-                v[last] ^= 1;
-            }
-            let _ = check.push(*seq, &v);
-        }
-        assert!(
-            matches!(check.error, Some(ChainError::Checksum { seq: 4 })),
-            "{:?}",
-            check.error
-        );
-
-        // At start only the tail after the last good checkpoint is walked.
-        let from = verify_from_last_checkpoint(&db, &good).expect("from checkpoint");
-        assert_eq!(from.records, v.records);
-        assert!(matches!(
-            verify_from_last_checkpoint(&db, &other),
-            Err(AuditError::Broken(ChainError::BadCheckpoint { .. }))
-        ));
-        // A record rewritten after the last checkpoint is found there.
-        let last = v.records - 1;
-        let mut bytes = db.get(key(last)).expect("get").expect("record").to_vec();
-        let n = bytes.len();
-        bytes[n - 2] ^= 1;
-        db.insert(key(last), bytes).expect("tamper");
-        assert!(matches!(
-            verify_from_last_checkpoint(&db, &good),
-            Err(AuditError::Broken(ChainError::Checksum { seq })) if seq == last
-        ));
-        assert!(matches!(
-            verify_db(&db, Vec::new(), Some(&good), 5),
-            Err(AuditError::Broken(ChainError::Checksum { seq })) if seq == last
-        ));
-        drop(db);
-        // And the daemon's open refuses the store (serve exits 76 on this).
-        let reopened = open_test(&store, Some(3), false, &heartbeat, "audit-writer-2");
-        assert!(matches!(reopened, Err(AuditError::Broken(_))));
-        // Unless the operator overrides, which is recorded.
-        let (audit, opened) =
-            open_test(&store, None, true, &heartbeat, "audit-writer-3").expect("override");
-        assert!(!opened.created, "the broken store is kept, not replaced");
-        rt.block_on(audit.append(Event::Shutdown {
-            reason: "after override".to_owned(),
-        }))
-        .expect("append");
-        // The export goes on past the damaged record and names it.
-        let (lines, _) = audit.page(0, 1000).expect("page");
-        assert!(lines.iter().any(|l| l.contains("audit_override")));
-        let damaged = damaged_line(
-            last,
-            &format!("record {last}: checksum mismatch (storage damage)"),
-        );
-        assert!(lines.contains(&damaged), "{lines:?}");
-    }
-
-    #[test]
-    fn retention_prunes_behind_a_checkpoint_and_the_chain_still_verifies() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let heartbeat = Heartbeat::new();
-        let (audit, _) = open_test(
-            &dir.path().join("audit"),
-            Some(4),
-            false,
-            &heartbeat,
-            "audit-writer",
-        )
-        .expect("open");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        for i in 0..10 {
-            rt.block_on(audit.append(Event::Shutdown {
-                reason: format!("r{i}"),
-            }))
-            .expect("append");
-        }
-        assert_eq!(audit.prune_before(0).expect("nothing that old"), None);
-        let (first_kept, removed) = audit
-            .prune_before(now() + 10)
-            .expect("prune")
-            .expect("something pruned");
-        assert!(
-            first_kept > 0 && removed == first_kept,
-            "{first_kept} {removed}"
-        );
-        let db = audit.reader().expect("reader");
-        let good = pair(1).public_key().as_ref().to_vec();
-        let whole = verify_db(&db, Vec::new(), Some(&good), 0).expect("verifies after pruning");
-        assert_eq!(whole.records, audit.state().records);
-        assert!(
-            verify_db(&db, Vec::new(), None, 0).is_err(),
-            "a pruned store needs the host key"
-        );
-        verify_from_last_checkpoint(&db, &good).expect("start-up check");
-        // Appending goes on after pruning.
-        rt.block_on(audit.append(Event::Shutdown {
-            reason: "after".to_owned(),
-        }))
-        .expect("append after prune");
-        verify_db(&db, Vec::new(), Some(&good), 0).expect("verifies");
-    }
-
-    #[test]
-    fn a_record_over_the_bound_is_refused_and_new_blob_files_are_synced() {
-        let big = Event::AuditDegraded {
-            error: "x".repeat(MAX_RECORD_BYTES),
-        };
-        assert!(matches!(
-            encode(big),
-            Err(AuditError::TooLarge { ref kind, bytes }) if kind == "audit_degraded" && bytes > MAX_RECORD_BYTES
-        ));
-        let fits = Event::AuditDegraded {
-            error: "x".repeat(MAX_RECORD_BYTES - 200),
-        };
-        assert!(encode(fits).is_ok());
-
-        // sled writes a node over a quarter of its segment to blobs/ and
-        // never syncs it: the syncer finds each new one after its batch.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = dir.path().join("audit");
-        let db = open_db(&store, 8 << 20).expect("db");
-        let mut syncer = Syncer::default();
-        syncer.sync(&store).expect("first sync");
-        let before = syncer.blobs.len();
-        db.insert(b"big", vec![7u8; 300 << 10]).expect("insert");
-        db.flush().expect("flush");
-        syncer.sync(&store).expect("sync");
-        assert!(
-            syncer.blobs.len() > before,
-            "sled wrote a blob file and the syncer saw it: {:?}",
-            syncer.blobs
-        );
-    }
-}
+mod tests;

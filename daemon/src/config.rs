@@ -150,7 +150,14 @@ pub struct AuditConfig {
     pub fail_open: bool,
     /// Records older than this many days are pruned behind a checkpoint.
     pub retention_days: Option<u64>,
+    /// How often the whole chain is walked in the background (and at
+    /// start), history before the last checkpoint included; `None`: only
+    /// on SIGUSR1.
+    pub full_verify_interval: Option<Duration>,
 }
+
+/// `audit.full_verify_interval` unless set.
+pub const DEFAULT_FULL_VERIFY_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// Where the audit store's creation is remembered: systemd's second
 /// StateDirectory=, outside `state_dir`.
@@ -701,6 +708,18 @@ fn parse_root(
             let fail_open = s.optional(errors, "fail_open", boolean).unwrap_or(false);
             let retention_days =
                 s.optional(errors, "retention_days", integer_between(1, 100 * 365));
+            let full_verify_interval = s
+                .optional(errors, "full_verify_interval", |v| match v {
+                    Value::Boolean(false) => Ok(None),
+                    Value::String(off) if off == "off" => Ok(None),
+                    other => duration_between(
+                        Duration::from_secs(60),
+                        Duration::from_secs(30 * 86400),
+                    )(other)
+                    .map(Some)
+                    .map_err(|e| format!("{e} (or \"off\")")),
+                })
+                .unwrap_or(Some(DEFAULT_FULL_VERIFY_INTERVAL));
             s.finish(errors);
             AuditConfig {
                 marker: marker.unwrap_or_else(|| Some(PathBuf::from(DEFAULT_MARKER))),
@@ -711,6 +730,7 @@ fn parse_root(
                 journal_all,
                 fail_open,
                 retention_days,
+                full_verify_interval,
             }
         }
         None => AuditConfig {
@@ -722,6 +742,7 @@ fn parse_root(
             journal_all: false,
             fail_open: false,
             retention_days: None,
+            full_verify_interval: Some(DEFAULT_FULL_VERIFY_INTERVAL),
         },
     };
     let llm = match root.section(errors, "llm", false) {

@@ -861,7 +861,8 @@ fn check_config(path: &Path) -> u8 {
 
 /// `airgate serve`: the start-up order is configuration (every error,
 /// exit 64) -> logging -> sockets from systemd -> runtime -> bind -> READY
-/// -> serve -> drain on SIGTERM/SIGINT, reload on SIGHUP.
+/// -> serve -> drain on SIGTERM/SIGINT, reload on SIGHUP, a full audit
+/// verification on SIGUSR1.
 fn serve(path: &Path, accept_broken_audit: bool) -> u8 {
     // The configuration decides where logs go, so it is read first; its
     // errors go to stderr, which systemd also sends to the journal.
@@ -988,7 +989,15 @@ fn serve(path: &Path, accept_broken_audit: bool) -> u8 {
             mut term,
             mut int,
             mut hup,
+            mut usr1,
         } = signals;
+        let verifier = daemon.clone();
+        let verify_task = tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                tracing::info!("SIGUSR1: verifying the whole audit chain");
+                verifier.verify_audit();
+            }
+        });
         let reload_task = tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the configuration");
@@ -1020,6 +1029,7 @@ fn serve(path: &Path, accept_broken_audit: bool) -> u8 {
             )
             .await;
         reload_task.abort();
+        verify_task.abort();
         exit::OK
     });
     // A worker stuck in a blocking call must not hold the process hostage.
@@ -1031,6 +1041,8 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    /// A full verification of the audit chain (see `server::run_full_verify`).
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -1040,6 +1052,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 }
@@ -1166,6 +1179,19 @@ fn render_status(doc: &serde_json::Value) -> String {
     }
     for w in doc["warnings"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "WARNING:     {}", w.as_str().unwrap_or("?"));
+    }
+    let v = &doc["audit"]["full_verify"];
+    if v.is_object() {
+        let _ = writeln!(
+            out,
+            "audit:       full verification {} at {} ({} records{})",
+            v["result"].as_str().unwrap_or("?"),
+            v["at_unix"],
+            v["records"],
+            v["first_bad_seq"]
+                .as_u64()
+                .map_or_else(String::new, |s| format!(", first bad record {s}"))
+        );
     }
     let _ = writeln!(
         out,

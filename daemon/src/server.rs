@@ -49,6 +49,14 @@ pub struct Shared {
     pub models: crate::llm::Models,
     /// Wakes the bundle poller (SIGHUP re-reads the inbox).
     rescan: tokio::sync::Notify,
+    /// Starts a full walk of the audit chain now (SIGUSR1).
+    verify_now: tokio::sync::Notify,
+    /// The last full walk of the audit chain, for status and `/readyz`.
+    full_verify: Mutex<Option<FullVerify>>,
+    /// Request tasks that may outlive their connection (a decision made
+    /// durable, a stream's feeder): their records land before the shutdown
+    /// record, which the writer takes last.
+    pub detached: TaskTracker,
     /// The last poll of the bundle mirror, for status.
     mirror_status: Mutex<Option<serde_json::Value>>,
     /// The TLS material in use; swapped whole on reload.
@@ -76,6 +84,20 @@ struct ReloadRecord {
     at_unix: u64,
     ok: bool,
     message: String,
+}
+
+/// What the last full walk of the audit chain found (`run_full_verify`).
+#[derive(Clone, Debug, Serialize)]
+struct FullVerify {
+    at_unix: u64,
+    duration_ms: u64,
+    /// `ok`, `broken` (the chain does not verify) or `error` (it could not
+    /// be read to the end, e.g. while the store is reopened).
+    result: &'static str,
+    /// `ok`: the records verified; else the log's length when the walk began.
+    records: u64,
+    first_bad_seq: Option<u64>,
+    error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -118,6 +140,27 @@ impl Shared {
         if let Some(previous) = &self.audit_opened.previous_store {
             warnings.push(format!(
                 "the audit store was missing and has been recreated (marker: {previous})"
+            ));
+        }
+        if let Some(v) = self
+            .full_verify
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|v| v.result == "broken")
+        {
+            warnings.push(format!(
+                "the audit chain does not verify (full verification at {}): {}",
+                crate::report::rfc3339(i64::try_from(v.at_unix).unwrap_or(i64::MAX)),
+                v.error.as_deref().unwrap_or("")
+            ));
+        }
+        if let Some(a) = &self.usage_opened.ahead_of_log {
+            warnings.push(format!(
+                "the usage counters had counted audit records {} to {} that the log no longer has (truncated after its last checkpoint?); they were rebuilt from the log ({} count(s) changed)",
+                a.log_records,
+                a.fold_next - 1,
+                a.differences.len()
             ));
         }
         let models = self.models.states();
@@ -223,7 +266,11 @@ impl Shared {
                 "in_use_bytes": self.bodies.in_use(),
             },
             "bundle": self.policy.status(&config),
-            "audit": {"opened": self.audit_opened, "writer": self.audit.state()},
+            "audit": {
+                "opened": self.audit_opened,
+                "writer": self.audit.state(),
+                "full_verify": *self.full_verify.lock().unwrap_or_else(PoisonError::into_inner),
+            },
             "bundle_mirror": *self.mirror_status.lock().unwrap_or_else(PoisonError::into_inner),
             "usage": {"opened": self.usage_opened},
             "workers": self.heartbeat.check(),
@@ -449,6 +496,9 @@ impl Daemon {
                 users,
                 denials: crate::denials::DenialLimiter::new(),
                 rescan: tokio::sync::Notify::new(),
+                verify_now: tokio::sync::Notify::new(),
+                full_verify: Mutex::new(None),
+                detached: TaskTracker::new(),
                 mirror_status: Mutex::new(None),
                 tls: ArcSwapOption::from(tls.map(Arc::new)),
                 metrics,
@@ -599,6 +649,12 @@ impl Daemon {
         shared.rescan.notify_one();
     }
 
+    /// Walks the whole audit chain now, in the background (SIGUSR1); the
+    /// result shows in status, and a break in `/readyz` and the journal.
+    pub fn verify_audit(&self) {
+        self.shared.verify_now.notify_one();
+    }
+
     /// Serves until `shutdown` completes, then drains: no new connections,
     /// in-flight requests get `shutdown_grace` to finish, the rest are cut.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
@@ -616,6 +672,7 @@ impl Daemon {
         let drain = CancellationToken::new();
         let abort = CancellationToken::new();
         let background = CancellationToken::new();
+        let pings = CancellationToken::new();
         let connections = TaskTracker::new();
         // One budget per listener: a flood of TCP connections (each holding
         // its slot through the TLS handshake) cannot lock out local tenants,
@@ -689,10 +746,7 @@ impl Daemon {
                 "requests were cut off by the last stop without a completion record: their users stay counted, their tokens are not charged"
             );
         }
-        shared.audit.record(Event::AuditOpened {
-            records: shared.audit_opened.records,
-            head: shared.audit_opened.head.clone(),
-        });
+        // (The store's `audit_opened` record was written first, when it opened.)
         shared.audit.record(Event::Startup {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -707,6 +761,7 @@ impl Daemon {
         let status = shared.status_line();
         tracing::info!(status = %status, "ready");
         shared.notifier.ready(&status);
+        let full_verify = tokio::spawn(run_full_verify(Arc::clone(&shared), background.clone()));
         // Pings start after READY=1: systemd ignores them before it anyway.
         let watchdog = shared.watchdog.map(|period| {
             tracing::info!(
@@ -718,7 +773,7 @@ impl Daemon {
                 shared.heartbeat.clone(),
                 shared.notifier.clone(),
                 shared.metrics.clone(),
-                background.clone(),
+                pings.clone(),
             ))
         });
 
@@ -756,6 +811,28 @@ impl Daemon {
             abort.cancel();
             connections.wait().await;
         }
+        // What writes records ends before the shutdown record: nothing may
+        // follow the clean stop's checkpoint (the writer refuses what comes
+        // after it). Requests' own tasks (their connections are gone) first.
+        shared.detached.close();
+        if tokio::time::timeout(DETACHED_GRACE, shared.detached.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = shared.detached.len(),
+                "request tasks still running at the shutdown record: their completion records are lost"
+            );
+        }
+        background.cancel();
+        let _ = probe.await;
+        let _ = poller.await;
+        let _ = retention.await;
+        let _ = denial_summary.await;
+        let _ = full_verify.await;
+        if let Some(m) = mirror {
+            let _ = m.await;
+        }
         record_unrecorded_denials(&shared);
         if let Err(e) = shared
             .audit
@@ -766,14 +843,7 @@ impl Daemon {
         {
             tracing::error!(error = %e, "cannot record the shutdown");
         }
-        background.cancel();
-        let _ = probe.await;
-        let _ = poller.await;
-        let _ = retention.await;
-        let _ = denial_summary.await;
-        if let Some(m) = mirror {
-            let _ = m.await;
-        }
+        pings.cancel();
         if let Some(w) = watchdog {
             let _ = w.await;
         }
@@ -1032,6 +1102,108 @@ async fn run_retention(shared: Arc<Shared>, stop: CancellationToken) {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
+/// How long the shutdown waits for request tasks that outlived their
+/// connection (once connections are cut, they end in moments).
+const DETACHED_GRACE: Duration = Duration::from_secs(5);
+
+/// Walks the whole audit chain at start and every `audit.full_verify_interval`,
+/// and at once on SIGUSR1 ([`Daemon::verify_audit`]): the history before
+/// the last checkpoint, which a start does not re-read, is checked too. A
+/// break is a journal alert (`AIRGATE_EVENT=audit_verify_failed`), a
+/// `/readyz` warning until a walk passes again, and an `audit_verified`
+/// record. The walk runs on a blocking thread over a reader handle (the
+/// writer goes on meanwhile) and streams the records.
+async fn run_full_verify(shared: Arc<Shared>, stop: CancellationToken) {
+    // The interval is read again at least this often (a reload may change it).
+    const RECHECK: Duration = Duration::from_secs(3600);
+    let mut last: Option<Instant> = None;
+    loop {
+        let due = shared
+            .config()
+            .audit
+            .full_verify_interval
+            .map(|every| last.map_or(Duration::ZERO, |t| every.saturating_sub(t.elapsed())));
+        if due != Some(Duration::ZERO) {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = shared.verify_now.notified() => {}
+                () = tokio::time::sleep(due.unwrap_or(RECHECK).min(RECHECK)) => continue,
+            }
+        }
+        let started = Instant::now();
+        last = Some(started);
+        let audit = shared.audit.clone();
+        let covering = audit.state().records;
+        let walk = tokio::task::spawn_blocking(move || audit.verify_all());
+        let walked = tokio::select! {
+            () = stop.cancelled() => return,
+            walked = walk => walked,
+        };
+        let mut v = FullVerify {
+            at_unix: unix_now(),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            result: "ok",
+            records: covering,
+            first_bad_seq: None,
+            error: None,
+        };
+        match walked {
+            Ok(Ok(verified)) => {
+                v.records = verified.records;
+                tracing::info!(
+                    records = verified.records,
+                    checkpoints = verified.checkpoints,
+                    duration_ms = v.duration_ms,
+                    "audit chain verified in full"
+                );
+            }
+            Ok(Err(AuditError::Broken(e))) => {
+                tracing::error!(
+                    AIRGATE_EVENT = "audit_verify_failed",
+                    AIRGATE_SEQ = e.seq(),
+                    records = covering,
+                    error = %e,
+                    "AUDIT CHAIN BROKEN: a full verification found record {} bad; inspect with `airgate audit verify` on a snapshot",
+                    e.seq()
+                );
+                shared.audit.record(Event::AuditVerified {
+                    through_seq: covering,
+                    ok: false,
+                    first_bad_seq: Some(e.seq()),
+                    error: Some(e.to_string()),
+                });
+                v.result = "broken";
+                v.first_bad_seq = Some(e.seq());
+                v.error = Some(e.to_string());
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the audit chain could not be verified in full");
+                v.result = "error";
+                v.error = Some(e.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit verification task failed");
+                v.result = "error";
+                v.error = Some(e.to_string());
+            }
+        }
+        // STATUS= carries the warning: it follows a break found or mended.
+        let changed = {
+            let mut held = shared
+                .full_verify
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let broken = |r: Option<&FullVerify>| r.is_some_and(|r| r.result == "broken");
+            let changed = broken(held.as_ref()) != broken(Some(&v));
+            *held = Some(v);
+            changed
+        };
+        if changed {
+            shared.notifier.status(&shared.status_line());
         }
     }
 }

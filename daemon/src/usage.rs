@@ -502,6 +502,69 @@ pub struct Opened {
     pub pruned_months: u64,
     /// The counters were created from an older store's log.
     pub migrated: bool,
+    /// The fold had counted records the log no longer has; it was rebuilt.
+    pub ahead_of_log: Option<AheadOfLog>,
+}
+
+/// The fold had reached past the end of the log it was opened on: records
+/// it counted are gone (a log truncated after its last checkpoint, which
+/// the start's verification cannot tell from a log that ends there).
+#[derive(Clone, Debug, Serialize)]
+pub struct AheadOfLog {
+    /// The next sequence the fold would have read.
+    pub fold_next: u64,
+    /// Records the log held when it was opened.
+    pub log_records: u64,
+    /// Counts that changed when the fold was rebuilt from the log, in words.
+    pub differences: Vec<String>,
+}
+
+/// What recomputing the tree from the log found.
+struct Rebuilt {
+    /// The first record the log keeps.
+    from_seq: u64,
+    done: CatchUp,
+    /// Counts that differ from what the tree held, in words.
+    differences: Vec<String>,
+}
+
+/// Recomputes the tree from the first record the log keeps through
+/// `through` (exclusive), and says which counts changed.
+fn rebuild_tree(db: &sled::Db, tree: &sled::Tree, through: u64) -> Result<Rebuilt, String> {
+    let months = months_held(tree);
+    let before: BTreeMap<String, u64> =
+        months.iter().flat_map(|m| month_counts(tree, *m)).collect();
+    let first = db
+        .first()
+        .map_err(|e| e.to_string())?
+        .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    clear(tree)?;
+    let done = catch_up(db, tree, through)?;
+    let mut months = months;
+    months.extend(months_held(tree));
+    months.sort_unstable();
+    months.dedup();
+    let after: BTreeMap<String, u64> = months.iter().flat_map(|m| month_counts(tree, *m)).collect();
+    let mut differences = Vec::new();
+    for key in before
+        .keys()
+        .chain(after.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (b, a) = (
+            before.get(key).copied().unwrap_or(0),
+            after.get(key).copied().unwrap_or(0),
+        );
+        if a != b {
+            differences.push(format!("{key}: {b} -> {a}"));
+        }
+    }
+    Ok(Rebuilt {
+        from_seq: first,
+        done,
+        differences,
+    })
 }
 
 impl Usage {
@@ -517,13 +580,50 @@ impl Usage {
         let db = audit.reader()?;
         // A store written before the usage counters existed (format 0):
         // they are derived from its log now, and that is recorded.
+        let log_records = audit.opened_records();
         let migrating = !db
             .tree_names()
             .iter()
             .any(|n| n.as_ref() == TREE.as_bytes())
-            && audit.state().records > 1;
+            && log_records > 1;
         let tree = open_tree(&db).map_err(unavailable)?;
-        let caught_up = catch_up(&db, &tree, audit.state().records).map_err(unavailable)?;
+        // The fold reads records by sequence: one that has reached past the
+        // end of the log counted records that are gone, and would skip as
+        // many new ones. It is rebuilt from the log there is, and that is said.
+        let fold_next = tree
+            .get(K_NEXT)
+            .map_err(|e| unavailable(e.to_string()))?
+            .map_or(0, |v| as_u64(&v));
+        let mut ahead_of_log = None;
+        let caught_up = if fold_next > log_records {
+            let rebuilt = rebuild_tree(&db, &tree, audit.state().records).map_err(unavailable)?;
+            tracing::warn!(
+                AIRGATE_EVENT = "usage_ahead_of_log",
+                fold_next,
+                log_records,
+                differences = rebuilt.differences.len(),
+                "USAGE COUNTERS AHEAD OF THE AUDIT LOG: records {log_records} to {} were counted and are gone (the log was truncated?); the counters were rebuilt from the log",
+                fold_next - 1
+            );
+            let mut differences = vec![format!(
+                "the usage counters had counted audit records through {}, the log ends at {log_records} records: rebuilt from the log",
+                fold_next - 1
+            )];
+            differences.extend(rebuilt.differences.iter().cloned());
+            audit.record(Event::UsageRebuilt {
+                from_seq: rebuilt.from_seq,
+                through_seq: rebuilt.done.next,
+                differences,
+            });
+            ahead_of_log = Some(AheadOfLog {
+                fold_next,
+                log_records,
+                differences: rebuilt.differences,
+            });
+            rebuilt.done
+        } else {
+            catch_up(&db, &tree, audit.state().records).map_err(unavailable)?
+        };
         if migrating {
             tracing::warn!(
                 AIRGATE_EVENT = "usage_migrated",
@@ -573,6 +673,7 @@ impl Usage {
             tenant_users: restored,
             pruned_months,
             migrated: migrating,
+            ahead_of_log,
         };
         // Weak: the thread ends with the last handle (tests reopen stores).
         let background = Arc::downgrade(&usage);
@@ -663,40 +764,11 @@ impl Usage {
         let tree = db.open_tree(TREE).map_err(|e| e.to_string())?;
         let through = self.audit.state().records;
         catch_up(&db, &tree, through)?;
-        let months = months_held(&tree);
-        let before: BTreeMap<String, u64> = months
-            .iter()
-            .flat_map(|m| month_counts(&tree, *m))
-            .collect();
-        let first = db
-            .first()
-            .map_err(|e| e.to_string())?
-            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes);
-        clear(&tree)?;
-        let done = catch_up(&db, &tree, through)?;
-        let mut months = months;
-        months.extend(months_held(&tree));
-        months.sort_unstable();
-        months.dedup();
-        let after: BTreeMap<String, u64> = months
-            .iter()
-            .flat_map(|m| month_counts(&tree, *m))
-            .collect();
-        let mut differences = Vec::new();
-        for key in before
-            .keys()
-            .chain(after.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let (b, a) = (
-                before.get(key).copied().unwrap_or(0),
-                after.get(key).copied().unwrap_or(0),
-            );
-            if a != b {
-                differences.push(format!("{key}: {b} -> {a}"));
-            }
-        }
+        let Rebuilt {
+            from_seq: first,
+            done,
+            differences,
+        } = rebuild_tree(&db, &tree, through)?;
         // The live counters of this month against the rebuilt ones.
         let month = month_index(now.seconds());
         let mut live = Vec::new();

@@ -167,6 +167,17 @@ pub enum Event {
         first_bad_seq: u64,
         error: String,
     },
+    /// A full walk of the chain in the background (`audit.full_verify_interval`,
+    /// or SIGUSR1), which also reads the history before the last checkpoint
+    /// that a start does not re-read. Recorded when it fails: the walk
+    /// covered the records below `through_seq` (the log's length when it
+    /// began) and broke at `first_bad_seq`, for `error`.
+    AuditVerified {
+        through_seq: u64,
+        ok: bool,
+        first_bad_seq: Option<u64>,
+        error: Option<String>,
+    },
     /// A distinct-user count reached `fraction` of its limit; once per
     /// scope, limit and fraction in a calendar month (`period`, YYYY-MM).
     UsageWarning {
@@ -316,7 +327,9 @@ pub enum ChainError {
     Checksum { seq: u64 },
     #[error("record {seq}: too short to be a record")]
     Truncated { seq: u64 },
-    #[error("record {seq}: stored under key {key}")]
+    /// The record under `key` says it is record `seq` (moved, or one of a
+    /// swapped pair): `key` is the first bad sequence.
+    #[error("record {key}: holds record {seq} (moved or swapped)")]
     Misplaced { seq: u64, key: u64 },
     #[error("record {seq}: missing (the next record found is {found})")]
     Gap { seq: u64, found: u64 },
@@ -332,24 +345,39 @@ pub enum ChainError {
     NoGenesis,
     #[error("record {seq}: checkpoint does not match the chain or its signature does not verify")]
     BadCheckpoint { seq: u64 },
+    /// A clean stop seals a checkpoint right after its shutdown record, and
+    /// the next record a real store gets is the next start's first (see
+    /// [`opens_a_start`]): anything else there was put in afterwards.
+    #[error(
+        "record {seq}: follows a clean stop's checkpoint but is not the next start's first record (inserted)"
+    )]
+    AfterCleanStop { seq: u64 },
 }
 
 impl ChainError {
     /// The first bad sequence number.
     pub fn seq(&self) -> u64 {
         match self {
+            // The first bad key: where the misplaced record was found.
+            Self::Misplaced { key, .. } => *key,
             Self::Checksum { seq }
             | Self::Truncated { seq }
-            | Self::Misplaced { seq, .. }
             | Self::Gap { seq, .. }
             | Self::Hash { seq }
             | Self::Link { seq }
             | Self::ShortOfCheckpoint { seq, .. }
             | Self::CheckpointMismatch { seq }
-            | Self::BadCheckpoint { seq } => *seq,
+            | Self::BadCheckpoint { seq }
+            | Self::AfterCleanStop { seq } => *seq,
             Self::NoGenesis => 0,
         }
     }
+}
+
+/// Whether `content`, stored as record `seq`, is what every start writes
+/// first: its `audit_opened` record, which counts the records before it.
+pub fn opens_a_start(seq: u64, content: &Content) -> bool {
+    matches!(content.event, Event::AuditOpened { records, .. } if records == seq)
 }
 
 /// Checks one stored record on its own (checksum, key, hash).

@@ -426,3 +426,23 @@ fn connection_and_body_budgets() {
     }
     assert_eq!(errors.len(), 5, "{errors:#?}");
 }
+
+#[test]
+fn full_verification_runs_daily_unless_set_or_turned_off() {
+    let with = |v: &str| parse(&format!("{MINIMAL}[audit]\nfull_verify_interval = {v}\n"));
+    let interval = |v: &str| with(v).expect("valid").audit.full_verify_interval;
+    assert_eq!(
+        parse(MINIMAL).expect("valid").audit.full_verify_interval,
+        Some(Duration::from_secs(24 * 3600))
+    );
+    assert_eq!(interval("\"6h\""), Some(Duration::from_secs(6 * 3600)));
+    assert_eq!(interval("\"off\""), None);
+    assert_eq!(interval("false"), None);
+    for bad in ["\"10s\"", "\"721h\"", "\"never\"", "true", "3"] {
+        let errors = with(bad).expect_err(bad);
+        assert!(
+            errors.len() == 1 && errors[0].starts_with("audit.full_verify_interval: "),
+            "{bad}: {errors:?}"
+        );
+    }
+}

@@ -392,6 +392,7 @@ fn reopened_counts_match_the_log_and_warnings_come_once_per_period() {
     .expect("reopen");
     assert_eq!(opened.tenant_users, 3, "users 1, 2 and the cut-off 4");
     assert_eq!(opened.unfinished, 1);
+    assert!(opened.ahead_of_log.is_none(), "{:?}", opened.ahead_of_log);
     let claims = TenantId::parse("claims").expect("id");
     assert_eq!(usage.tenant_users(&claims), 3);
     assert_eq!(usage.tokens_today(&claims), 8);
@@ -473,6 +474,82 @@ fn a_store_from_before_the_usage_counters_is_migrated_and_the_migration_recorded
         lines
             .iter()
             .any(|l| l.contains("usage_rebuilt") && l.contains("written by an earlier airgate")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_fold_past_the_end_of_a_truncated_log_is_rebuilt_from_the_log_and_said() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit");
+    let heartbeat = Heartbeat::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let config = UsageConfig::default();
+    let now = || UnixTime(crate::bundle::system_time_now());
+    let last = {
+        let audit = open_audit(&path, &heartbeat);
+        let (usage, _) = Usage::open(
+            audit.clone(),
+            &config,
+            now(),
+            heartbeat.register("f1", Duration::from_secs(60)),
+        )
+        .expect("usage");
+        let mut last = 0;
+        for u in 1..=4u8 {
+            let id = format!("r{u}");
+            last = rt
+                .block_on(audit.append(decision(&id, "claims", Some(u), &["L"], false)))
+                .expect("append");
+        }
+        assert_eq!(usage.catch_up().expect("fold").next, last + 1);
+        last
+    };
+    // The log loses its last record; the fold, in its own tree, does not.
+    let db = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            crate::audit::open_db(&path, 8 << 20).ok()
+        })
+        .expect("reopen");
+    db.remove(key(last)).expect("truncate");
+    db.flush().expect("flush");
+    drop(db);
+    std::thread::sleep(Duration::from_millis(100));
+    let audit = open_audit(&path, &heartbeat);
+    let (usage, opened) = Usage::open(
+        audit.clone(),
+        &config,
+        now(),
+        heartbeat.register("f2", Duration::from_secs(60)),
+    )
+    .expect("reopen");
+    let ahead = opened.ahead_of_log.expect("the fold was ahead of the log");
+    assert_eq!((ahead.fold_next, ahead.log_records), (last + 1, last));
+    assert!(
+        ahead
+            .differences
+            .iter()
+            .any(|d| d.ends_with("denials of claims: 4 -> 3")),
+        "{:?}",
+        ahead.differences
+    );
+    // The counts are the log's, and the fold goes on from its end.
+    let tree = usage.tree().expect("tree");
+    let month = month_index(now().seconds());
+    assert_eq!(per_day_in(&tree, DENIALS, month).get("claims"), Some(&3));
+    let next = rt
+        .block_on(audit.append(decision("r5", "claims", Some(5), &["L"], false)))
+        .expect("append");
+    assert_eq!(usage.catch_up().expect("fold").next, next + 1);
+    assert_eq!(per_day_in(&tree, DENIALS, month).get("claims"), Some(&4));
+    let (lines, _) = audit.page(0, 100).expect("page");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("usage_rebuilt") && l.contains("the log ends at")),
         "{lines:?}"
     );
 }

@@ -99,10 +99,19 @@ fn tampering_is_found_at_the_first_bad_record() {
     let (a, b) = (r[3].1.clone(), r[4].1.clone());
     r[3].1 = b;
     r[4].1 = a;
-    assert_eq!(
-        verify(&r, vec![]),
-        Err(ChainError::Misplaced { seq: 4, key: 3 })
-    );
+    let e = verify(&r, vec![]).expect_err("swapped");
+    assert_eq!(e, ChainError::Misplaced { seq: 4, key: 3 });
+    // Reported at the first bad key (what an override records), and named so.
+    assert_eq!(e.seq(), 3);
+    assert!(e.to_string().starts_with("record 3: holds record 4"), "{e}");
+    // Farther apart: still the first key, not the sequence the record carries.
+    let mut r = records.clone();
+    let (a, b) = (r[2].1.clone(), r[6].1.clone());
+    r[2].1 = b;
+    r[6].1 = a;
+    let e = verify(&r, vec![]).expect_err("swapped");
+    assert_eq!(e, ChainError::Misplaced { seq: 6, key: 2 });
+    assert_eq!(e.seq(), 2);
 
     // A record re-sealed with a consistent hash but a new content breaks the link after it.
     let mut r = records.clone();
@@ -161,4 +170,36 @@ fn reload_events_export_under_stable_kinds() {
     assert_eq!(v["version"], 3);
     let back: Event = serde_json::from_value(v).expect("parses back");
     assert_eq!(back, withdrawn);
+}
+
+#[test]
+fn a_start_opens_with_its_audit_opened_record_and_nothing_else() {
+    let at = |time, event| Content { time, event };
+    let opened = |records| Event::AuditOpened {
+        records,
+        head: "00".repeat(32),
+    };
+    assert!(opens_a_start(7, &at(1, opened(7))));
+    // One that counts other records than those before it is not this start's.
+    assert!(!opens_a_start(7, &at(1, opened(6))));
+    assert!(!opens_a_start(7, &at(1, opened(8))));
+    for other in [
+        Event::Startup {
+            version: "0.1.0".to_owned(),
+            pid: 1,
+            fail_open: false,
+        },
+        Event::Shutdown {
+            reason: "signal".to_owned(),
+        },
+        Event::AuditOverride {
+            first_bad_seq: 3,
+            error: String::new(),
+        },
+    ] {
+        assert!(!opens_a_start(7, &at(1, other.clone())), "{other:?}");
+    }
+    let e = ChainError::AfterCleanStop { seq: 7 };
+    assert_eq!(e.seq(), 7);
+    assert!(e.to_string().starts_with("record 7:"), "{e}");
 }

@@ -1,6 +1,9 @@
 //! The audit log end to end: one durable decision record per request that
 //! reaches policy, a chain that verifies, the tools on a real store, and a
-//! wiped store noticed.
+//! wiped store noticed; a stopped store tampered with: a swap before the
+//! last checkpoint found by the full verification (at its first key), a
+//! record forged after a clean stop refused at start, a truncated tail
+//! noticed by the usage counters.
 
 use std::process::Command;
 use std::time::Duration;
@@ -607,5 +610,319 @@ fn fail_open_serves_without_a_durable_record_and_says_so() {
     assert!(
         status["audit"]["writer"]["failed_batches"].as_u64() >= Some(1),
         "{status}"
+    );
+}
+
+/// Every stored record of the stopped store in `sb`, as (seq, bytes as sealed).
+fn stored_records(sb: &Sandbox) -> Vec<(u64, Vec<u8>)> {
+    let db = airgate::audit::open_db(&sb.path().join("state/audit"), 8 << 20).expect("store");
+    db.iter()
+        .map(|item| {
+            let (k, v) = item.expect("read");
+            let seq = u64::from_be_bytes(<[u8; 8]>::try_from(k.as_ref()).expect("key"));
+            (seq, v.to_vec())
+        })
+        .collect()
+}
+
+/// Writes (`Some`) or deletes (`None`) stored records of the stopped store,
+/// as an intruder with the files but not the host key could.
+fn tamper(sb: &Sandbox, changes: &[(u64, Option<Vec<u8>>)]) {
+    let db = airgate::audit::open_db(&sb.path().join("state/audit"), 8 << 20).expect("store");
+    for (seq, bytes) in changes {
+        let k = airgate_policy::audit::key(*seq);
+        let written = match bytes {
+            Some(b) => db.insert(k, b.clone()).map(drop),
+            None => db.remove(k).map(drop),
+        };
+        written.expect("write");
+    }
+    db.flush().expect("flush");
+}
+
+/// The event of a stored record.
+fn event_of(seq: u64, stored: &[u8]) -> airgate_policy::audit::Event {
+    airgate_policy::audit::open(seq, stored)
+        .expect("intact")
+        .parse()
+        .expect("json")
+        .event
+}
+
+/// Every record through the running daemon.
+fn export_live(sb: &Sandbox) -> Vec<Value> {
+    let config = sb.config_path();
+    let out = airgate(&[
+        "audit",
+        "export",
+        "--config",
+        config.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// `audit.full_verify` of /admin/status once a full verification has run.
+fn wait_full_verify(d: &Daemon) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let status = get(&d.socket, "/admin/status", &[]).json();
+        let v = &status["audit"]["full_verify"];
+        if !v.is_null() {
+            return v.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no full verification: {status}\nstderr:\n{}",
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const OPS: &str = "[[tenants]]\nid = \"ops\"\nidentities = { uids = [0] }\npurposes = [\"p\"]\ndefault_purpose = \"p\"\nmodels = [\"gemma-3-270m\"]\nuser_identity = { kind = \"openai_user\" }\n";
+
+/// A request that reaches policy and is denied (the model is not the
+/// tenant's): one decision record, counted as a denial.
+fn denied(d: &Daemon, user: &str) {
+    let r = post_json(
+        &d.socket,
+        "/v1/chat/completions",
+        &format!(
+            r#"{{"model": "paraphrase-minilm-l3", "messages": [{{"role": "user", "content": "hi"}}], "user": "{user}"}}"#
+        ),
+    );
+    assert_eq!(
+        r.json()["error"]["code"],
+        "model_not_allowed",
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn a_full_verification_finds_a_swap_before_the_last_checkpoint_at_its_first_key() {
+    let sb = Sandbox::new();
+    sb.publish(&sb.sign("v1", &policy(1, OPS)));
+    let daily = sb.config("", "");
+    let off = daily.replace("[audit]\n", "[audit]\nfull_verify_interval = \"off\"\n");
+    let mut d = Daemon::start(&sb, &off, &[]);
+    d.wait_bundle(1);
+    for user in ["a", "b", "c"] {
+        denied(&d, user);
+    }
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+
+    // Two decisions swapped, well before the clean stop's checkpoint.
+    let records = stored_records(&sb);
+    let decisions: Vec<&(u64, Vec<u8>)> = records
+        .iter()
+        .filter(|(seq, v)| matches!(event_of(*seq, v), airgate_policy::audit::Event::Decision(_)))
+        .collect();
+    assert_eq!(decisions.len(), 3);
+    let (first, third) = (decisions[0], decisions[2]);
+    tamper(
+        &sb,
+        &[
+            (first.0, Some(third.1.clone())),
+            (third.0, Some(first.1.clone())),
+        ],
+    );
+    // Named at the first bad key, the sequence the override would record.
+    let state = sb.path().join("state");
+    let out = airgate(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(76));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains(&format!("record {}: holds record {}", first.0, third.0)),
+        "{stderr}"
+    );
+
+    // A start reads from the last checkpoint on, and serves; with the
+    // background walk off nothing has looked at the history yet ...
+    let d = Daemon::start(&sb, &off, &[]);
+    d.wait_bundle(1);
+    std::thread::sleep(Duration::from_millis(500));
+    let status = get(&d.socket, "/admin/status", &[]).json();
+    assert!(status["audit"]["full_verify"].is_null(), "{status}");
+    // ... until SIGUSR1 asks for a full walk, which finds the swap.
+    d.signal(Signal::SIGUSR1);
+    let found = wait_full_verify(&d);
+    assert_eq!(found["result"], "broken", "{found}");
+    assert_eq!(found["first_bad_seq"], first.0, "{found}");
+    let ready = get(&d.socket, "/readyz", &[]).json();
+    assert!(
+        !ready["reasons"].to_string().contains("audit chain"),
+        "a warning, not a stop: {ready}"
+    );
+    assert!(
+        ready["warnings"]
+            .to_string()
+            .contains("the audit chain does not verify"),
+        "{ready}"
+    );
+    assert!(d.stderr().contains("audit_verify_failed"), "{}", d.stderr());
+    // (Recorded without waiting: it is durable a moment later.)
+    let start = std::time::Instant::now();
+    let recorded = loop {
+        let recorded: Vec<Value> = export_live(&sb)
+            .into_iter()
+            .filter(|r| r["event"]["kind"] == "audit_verified")
+            .collect();
+        if !recorded.is_empty() || start.elapsed() > Duration::from_secs(10) {
+            break recorded;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["event"]["ok"], false);
+    assert_eq!(recorded[0]["event"]["first_bad_seq"], first.0);
+    drop(d);
+
+    // By default the walk runs at start (and daily) without being asked.
+    let d = Daemon::start(&sb, &daily, &[]);
+    let found = wait_full_verify(&d);
+    assert_eq!(found["result"], "broken", "{found}");
+    assert_eq!(found["first_bad_seq"], first.0, "{found}");
+}
+
+#[test]
+fn a_record_forged_after_a_clean_stop_stops_the_next_start_but_a_crash_after_one_does_not() {
+    let sb = Sandbox::new();
+    let config = sb.config("", "");
+    let mut d = Daemon::start(&sb, &config, &[]);
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+    // A start after the clean stop that is killed: its first record follows
+    // the clean stop's checkpoint, as every start's does; the next opens.
+    let mut d = Daemon::start(&sb, &config, &[]);
+    d.signal(Signal::SIGKILL);
+    let _ = d.wait_exit(Duration::from_secs(10));
+    let mut d = Daemon::start(&sb, &config, &[]);
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+
+    // A record forged after the last clean stop's checkpoint, sealed to link
+    // to it: its checksum, hash and link all hold. Even a start-up record
+    // is not what a start writes first.
+    let records = stored_records(&sb);
+    let (at, checkpoint) = records.last().expect("records");
+    let at = *at;
+    assert!(matches!(
+        event_of(at, checkpoint),
+        airgate_policy::audit::Event::Checkpoint { .. }
+    ));
+    let (before, shutdown) = &records[records.len() - 2];
+    assert!(matches!(
+        event_of(*before, shutdown),
+        airgate_policy::audit::Event::Shutdown { .. }
+    ));
+    let head = airgate_policy::audit::open(at, checkpoint)
+        .expect("intact")
+        .hash;
+    let forged = airgate_policy::audit::Content {
+        time: time::OffsetDateTime::now_utc().unix_timestamp(),
+        event: airgate_policy::audit::Event::Startup {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: 1,
+            fail_open: false,
+        },
+    }
+    .encode();
+    let (stored, _) = airgate_policy::audit::seal(at + 1, &head, &forged);
+    tamper(&sb, &[(at + 1, Some(stored))]);
+
+    let mut d = Daemon::spawn(&sb, &config, &[], Command::new(airgate_bin()));
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(76), "{}", d.stderr());
+    assert!(
+        d.stderr().contains(&format!(
+            "record {}: follows a clean stop's checkpoint",
+            at + 1
+        )),
+        "{}",
+        d.stderr()
+    );
+    let state = sb.path().join("state");
+    let out = airgate(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(76));
+
+    // Taken out again, the store opens, and the whole chain verifies (the
+    // crashed start's first record after a clean stop included).
+    tamper(&sb, &[(at + 1, None)]);
+    let d = Daemon::start(&sb, &config, &[]);
+    let walked = wait_full_verify(&d);
+    assert_eq!(walked["result"], "ok", "{walked}");
+}
+
+#[test]
+fn a_log_truncated_after_its_last_checkpoint_is_noticed_by_the_usage_counters() {
+    let sb = Sandbox::new();
+    sb.publish(&sb.sign("v1", &policy(1, OPS)));
+    let config = sb.config("", "");
+    let mut d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    for user in ["a", "b", "c"] {
+        denied(&d, user);
+    }
+    let usage = get(&d.socket, "/admin/usage", &[]).json();
+    let ops = |u: &Value| {
+        u["tenants"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["tenant"] == "ops"))
+            .map(|t| t["denials"].clone())
+            .unwrap_or_else(|| panic!("no ops in {u}"))
+    };
+    assert_eq!(ops(&usage), 3, "{usage}");
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+
+    // The log loses its tail from the last denial on (its checkpoint with
+    // it): the rest verifies, and the start cannot tell. The counters,
+    // in their own tree, had counted that far.
+    let records = stored_records(&sb);
+    let last_denial = records
+        .iter()
+        .rev()
+        .find(|(seq, v)| matches!(event_of(*seq, v), airgate_policy::audit::Event::Decision(_)))
+        .map(|(seq, _)| *seq)
+        .expect("a decision");
+    let cut: Vec<(u64, Option<Vec<u8>>)> = records
+        .iter()
+        .filter(|(seq, _)| *seq >= last_denial)
+        .map(|(seq, _)| (*seq, None))
+        .collect();
+    tamper(&sb, &cut);
+
+    let d = Daemon::start(&sb, &config, &[]);
+    d.wait_bundle(1);
+    let ready = get(&d.socket, "/readyz", &[]).json();
+    assert!(
+        ready["warnings"].to_string().contains(&format!(
+            "the usage counters had counted audit records {last_denial} to"
+        )),
+        "{ready}"
+    );
+    assert!(d.stderr().contains("usage_ahead_of_log"), "{}", d.stderr());
+    // The counts are the log's now, and the rebuild is on the record.
+    let usage = get(&d.socket, "/admin/usage", &[]).json();
+    assert_eq!(ops(&usage), 2, "{usage}");
+    let rebuilt: Vec<Value> = export_live(&sb)
+        .into_iter()
+        .filter(|r| r["event"]["kind"] == "usage_rebuilt")
+        .collect();
+    assert_eq!(rebuilt.len(), 1, "{rebuilt:?}");
+    let differences = rebuilt[0]["event"]["differences"].to_string();
+    assert!(
+        differences.contains("the log ends at") && differences.contains("denials of ops: 3 -> 2"),
+        "{differences}"
     );
 }
