@@ -142,10 +142,10 @@ fn a_cap_of_50_admits_exactly_50_of_1000_new_users_and_the_count_survives_kill_r
     // completion, written without waiting, is in the log).
     let r = chat_as(&d, "ghost", "gemma-absent", 1);
     assert_eq!(r.status, 503, "{}", r.text());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let users = of(&usage(&sb, None), "tenants", "tenant", "claims")["users"].clone();
-        if users == 0 || std::time::Instant::now() > deadline {
+        if users == 0 || Instant::now() > deadline {
             assert_eq!(users, 0);
             break;
         }
