@@ -161,6 +161,9 @@ struct Pending {
     day: u32,
     new_tenant_user: bool,
     new_licence_users: Vec<String>,
+    /// Every licence the user was counted under (absent in format 1).
+    #[serde(default)]
+    licences: Vec<String>,
 }
 
 /// Changes to the tree, read through, applied as one batch.
@@ -211,6 +214,95 @@ impl<'a> Overlay<'a> {
     }
 }
 
+/// A user key's value: the sequence of the decision that first counted the
+/// user (8 bytes), their requests in flight (4) and whether one was served
+/// (1). A value of format 1 (the sequence alone) is a user who stays counted.
+struct Standing {
+    first: u64,
+    in_flight: u32,
+    served: bool,
+}
+
+impl Standing {
+    fn read(v: &[u8]) -> Self {
+        match (v.get(..8), v.get(8..12), v.get(12)) {
+            (Some(first), Some(n), Some(served)) => Self {
+                first: as_u64(first),
+                in_flight: <[u8; 4]>::try_from(n).map_or(0, u32::from_be_bytes),
+                served: *served != 0,
+            },
+            _ => Self {
+                first: as_u64(v),
+                in_flight: 0,
+                served: true,
+            },
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut v = self.first.to_be_bytes().to_vec();
+        v.extend_from_slice(&self.in_flight.to_be_bytes());
+        v.push(u8::from(self.served));
+        v
+    }
+}
+
+/// An allowed decision counts its user under `k`; true if the user is new.
+fn start_request(o: &mut Overlay<'_>, k: Vec<u8>, seq: u64) -> sled::Result<bool> {
+    let (standing, new) = match o.get(&k)? {
+        Some(v) => {
+            let mut s = Standing::read(&v);
+            s.in_flight = s.in_flight.saturating_add(1);
+            (s, false)
+        }
+        None => (
+            Standing {
+                first: seq,
+                in_flight: 1,
+                served: false,
+            },
+            true,
+        ),
+    };
+    o.insert(k, standing.bytes());
+    Ok(new)
+}
+
+/// A pending request ended: its user has one request fewer in flight under
+/// the tenant and each licence, and leaves a count only when nothing of
+/// theirs is in flight and nothing was served (so a decoy request that
+/// serves nothing cannot take back a user another request served).
+fn end_requests(o: &mut Overlay<'_>, p: &Pending, served: bool) -> sled::Result<()> {
+    let Some(user) = p.user.as_deref().and_then(crate::keys::unhex32) else {
+        return Ok(());
+    };
+    // Entries folded by format 1 name only the licences the user was new under.
+    let licences = if p.licences.is_empty() {
+        &p.new_licence_users
+    } else {
+        &p.licences
+    };
+    let keys = std::iter::once(user_key(USER, p.month, &p.tenant, &user)).chain(
+        licences
+            .iter()
+            .map(|l| user_key(LICENCE_USER, p.month, l, &user)),
+    );
+    for k in keys {
+        let Some(v) = o.get(&k)? else {
+            continue;
+        };
+        let mut s = Standing::read(&v);
+        s.in_flight = s.in_flight.saturating_sub(1);
+        s.served |= served;
+        if s.in_flight == 0 && !s.served {
+            o.remove(k);
+        } else {
+            o.insert(k, s.bytes());
+        }
+    }
+    Ok(())
+}
+
 /// Folds one record into the counts. See the module docs.
 fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
     let month = month_index(content.time);
@@ -232,20 +324,17 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
                 day,
                 new_tenant_user: false,
                 new_licence_users: Vec::new(),
+                licences: Vec::new(),
             };
             if let Some(user) = d.end_user.as_deref().and_then(crate::keys::unhex32) {
-                let k = user_key(USER, month, tenant, &user);
-                if o.get(&k)?.is_none() {
-                    o.insert(k, seq.to_be_bytes().to_vec());
-                    pending.new_tenant_user = true;
-                }
+                pending.new_tenant_user =
+                    start_request(o, user_key(USER, month, tenant, &user), seq)?;
                 for licence in &d.licences {
-                    let k = user_key(LICENCE_USER, month, licence, &user);
-                    if o.get(&k)?.is_none() {
-                        o.insert(k, seq.to_be_bytes().to_vec());
+                    if start_request(o, user_key(LICENCE_USER, month, licence, &user), seq)? {
                         pending.new_licence_users.push(licence.clone());
                     }
                 }
+                pending.licences.clone_from(&d.licences);
             }
             o.insert(
                 pending_key(seq),
@@ -285,6 +374,7 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
             }
             let used = prompt_tokens.saturating_add(*completion_tokens);
             if served.unwrap_or(used > 0) {
+                end_requests(o, &p, true)?;
                 return o.add(
                     period_key(TOKENS, p.day, &p.tenant),
                     i64::try_from(used).unwrap_or(i64::MAX),
@@ -292,14 +382,7 @@ fn fold(o: &mut Overlay<'_>, seq: u64, content: &Content) -> sled::Result<()> {
             }
             // Nothing was served: the decision's counts are taken back.
             o.add(period_key(REQUESTS, p.day, &p.tenant), -1)?;
-            if let Some(user) = p.user.as_deref().and_then(crate::keys::unhex32) {
-                if p.new_tenant_user {
-                    o.remove(user_key(USER, p.month, &p.tenant, &user));
-                }
-                for licence in &p.new_licence_users {
-                    o.remove(user_key(LICENCE_USER, p.month, licence, &user));
-                }
-            }
+            end_requests(o, &p, false)?;
         }
         Event::UsageWarning {
             scope,

@@ -10,13 +10,16 @@
 //!
 //! When a user counts as seen: at `reserve` (so two concurrent first
 //! requests of the 50th and 51st user cannot both pass a cap of 50), undone
-//! by `release` when nothing was served. A refused request never counts.
+//! when the last of the user's requests in flight ends with nothing served
+//! and none of theirs was served before: releasing one request of a user
+//! whose other request is in flight, or was served, leaves them counted. A
+//! refused request never counts.
 //!
 //! [`MemoryAdmission`] is the reference implementation: exact, in memory,
 //! behind one mutex. The daemon's persistent store implements the same
 //! trait with the same semantics.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use crate::bundle::Limits;
@@ -31,7 +34,8 @@ pub struct Ticket {
     pub reservation: Reservation,
     /// When it was taken: the day its tokens count against, the month of its users.
     pub at: UnixTime,
-    /// The user was new to the tenant this month (its slot is released with the ticket).
+    /// The user was new to the tenant this month (the new-user obligation
+    /// and warnings).
     pub new_tenant_user: bool,
     /// Licences under which the user was new this month.
     pub new_licence_users: Vec<String>,
@@ -103,6 +107,17 @@ pub struct Restored {
     pub recent: Vec<(TenantId, i64)>,
 }
 
+/// One user's standing in a month's count: their requests in flight, and
+/// whether one was served. They leave the count only when nothing of
+/// theirs is in flight and nothing was served.
+#[derive(Clone, Copy, Debug, Default)]
+struct Standing {
+    in_flight: u32,
+    served: bool,
+}
+
+type Users = HashMap<UserKey, Standing>;
+
 #[derive(Default)]
 struct TenantCounters {
     /// Start times of the requests of the last minute (sliding window).
@@ -111,14 +126,14 @@ struct TenantCounters {
     tokens: (i64, u64),
     concurrent: u32,
     /// (month, users).
-    users: (i64, HashSet<UserKey>),
+    users: (i64, Users),
 }
 
 #[derive(Default)]
 struct Counters {
     tenants: HashMap<TenantId, TenantCounters>,
     /// licence -> (month, users).
-    licences: HashMap<String, (i64, HashSet<UserKey>)>,
+    licences: HashMap<String, (i64, Users)>,
     /// The clock as of the last reserve: views answer for "now".
     now: UnixTime,
 }
@@ -148,11 +163,11 @@ impl Counters {
             t.tokens = (day(now), 0);
         }
         if t.users.0 != month(now) {
-            t.users = (month(now), HashSet::new());
+            t.users = (month(now), Users::new());
         }
     }
 
-    fn licence(&mut self, id: &str, now: UnixTime) -> &mut HashSet<UserKey> {
+    fn licence(&mut self, id: &str, now: UnixTime) -> &mut Users {
         if !self.licences.contains_key(id) {
             self.licences.insert(id.to_owned(), Default::default());
         }
@@ -161,9 +176,41 @@ impl Counters {
             .get_mut(id)
             .unwrap_or_else(|| unreachable!("inserted above"));
         if entry.0 != month(now) {
-            *entry = (month(now), HashSet::new());
+            *entry = (month(now), Users::new());
         }
         &mut entry.1
+    }
+
+    /// A ticket's request ended: its user holds one request fewer in flight
+    /// under the tenant and each licence it was counted under, and stays
+    /// counted if it was served (now or before). A user with nothing in
+    /// flight and nothing served gives the slot back.
+    fn end_user(&mut self, ticket: &Ticket, served: bool) {
+        let r = &ticket.reservation;
+        let Some(user) = r.user else {
+            return;
+        };
+        let period = month(ticket.at);
+        let end = |users: &mut Users| {
+            if let Some(s) = users.get_mut(&user) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+                s.served |= served;
+                if s.in_flight == 0 && !s.served {
+                    users.remove(&user);
+                }
+            }
+        };
+        let t = self.tenant(&r.tenant);
+        if t.users.0 == period {
+            end(&mut t.users.1);
+        }
+        for (licence, _) in &r.licence_user_thresholds {
+            if let Some((m, users)) = self.licences.get_mut(licence)
+                && *m == period
+            {
+                end(users);
+            }
+        }
     }
 }
 
@@ -183,12 +230,17 @@ impl MemoryAdmission {
         let mut c = self.lock();
         *c = Counters::default();
         c.now = now;
+        // Users from the log were served.
+        let served = Standing {
+            in_flight: 0,
+            served: true,
+        };
         for (tenant, user) in state.tenant_users {
             c.roll(&tenant, now);
-            c.tenant(&tenant).users.1.insert(user);
+            c.tenant(&tenant).users.1.insert(user, served);
         }
         for (licence, user) in state.licence_users {
-            c.licence(&licence, now).insert(user);
+            c.licence(&licence, now).insert(user, served);
         }
         for (tenant, tokens) in state.tokens_today {
             c.roll(&tenant, now);
@@ -228,7 +280,7 @@ impl Counters {
         self.tenants.get(id)
     }
 
-    fn licence_view(&self, id: &str) -> Option<&HashSet<UserKey>> {
+    fn licence_view(&self, id: &str) -> Option<&Users> {
         self.licences
             .get(id)
             .filter(|(m, _)| *m == month(self.now))
@@ -263,7 +315,7 @@ impl UsageView for MemoryAdmission {
     fn tenant_user_seen(&self, tenant: &TenantId, user: &UserKey) -> bool {
         let c = self.lock();
         c.view(tenant)
-            .is_some_and(|t| t.users.0 == month(c.now) && t.users.1.contains(user))
+            .is_some_and(|t| t.users.0 == month(c.now) && t.users.1.contains_key(user))
     }
     fn licence_users(&self, licence: &str) -> u64 {
         self.lock()
@@ -273,7 +325,7 @@ impl UsageView for MemoryAdmission {
     fn licence_user_seen(&self, licence: &str, user: &UserKey) -> bool {
         self.lock()
             .licence_view(licence)
-            .is_some_and(|u| u.contains(user))
+            .is_some_and(|u| u.contains_key(user))
     }
 }
 
@@ -330,7 +382,7 @@ impl Admission for MemoryAdmission {
         let mut new_licence_users = Vec::new();
         if let Some(user) = r.user {
             let t = c.tenant(&r.tenant);
-            if !t.users.1.contains(&user) {
+            if !t.users.1.contains_key(&user) {
                 if let Some(cap) = r.tenant_user_cap
                     && t.users.1.len() as u64 >= cap
                 {
@@ -344,7 +396,7 @@ impl Admission for MemoryAdmission {
             }
             for (licence, threshold) in &r.licence_user_thresholds {
                 let users = c.licence(licence, now);
-                if !users.contains(&user) {
+                if !users.contains_key(&user) {
                     if users.len() as u64 >= *threshold {
                         return refuse(
                             Reason::LicenceUserThreshold,
@@ -357,11 +409,17 @@ impl Admission for MemoryAdmission {
                     new_licence_users.push(licence.clone());
                 }
             }
-            // Only now, with every check passed, take the user slots.
-            for licence in &new_licence_users {
-                c.licence(licence, now).insert(user);
+            // Only now, with every check passed, take the user slots: one
+            // more request of theirs in flight under each licence and the tenant.
+            for (licence, _) in &r.licence_user_thresholds {
+                c.licence(licence, now).entry(user).or_default().in_flight += 1;
             }
-            c.tenant(&r.tenant).users.1.insert(user);
+            c.tenant(&r.tenant)
+                .users
+                .1
+                .entry(user)
+                .or_default()
+                .in_flight += 1;
         }
         let t = c.tenant(&r.tenant);
         t.recent.push_back(now.seconds());
@@ -407,6 +465,7 @@ impl Admission for MemoryAdmission {
                 .saturating_sub(ticket.reservation.tokens)
                 .saturating_add(tokens);
         }
+        c.end_user(&ticket, true);
     }
 
     fn release(&self, ticket: Ticket) {
@@ -420,18 +479,7 @@ impl Admission for MemoryAdmission {
         if let Some(pos) = t.recent.iter().rposition(|s| *s == ticket.at.seconds()) {
             t.recent.remove(pos);
         }
-        if let Some(user) = &r.user {
-            if ticket.new_tenant_user && t.users.0 == month(ticket.at) {
-                t.users.1.remove(user);
-            }
-            for licence in &ticket.new_licence_users {
-                if let Some((m, users)) = c.licences.get_mut(licence)
-                    && *m == month(ticket.at)
-                {
-                    users.remove(user);
-                }
-            }
-        }
+        c.end_user(&ticket, false);
     }
 }
 

@@ -194,6 +194,36 @@ fn a_shared_request_id_cannot_make_a_served_user_vanish() {
 }
 
 #[test]
+fn a_users_request_that_serves_nothing_cannot_take_back_their_served_one() {
+    // Two requests of one user in flight: the first (which counted them as
+    // new) serves nothing, the second is served. The user stays counted,
+    // under the tenant and the licence; one that serves nothing alone goes.
+    let mut log = Log::new();
+    let t = NOV_END - 3600;
+    log.push(t, decision("a", "claims", Some(1), &["L"], true)); // seq 0
+    log.push(t, decision("b", "claims", Some(1), &["L"], true)); // seq 1
+    log.push(t, completion_of(0, "a", 0, 0));
+    log.push(t, completion_of(1, "b", 4, 2));
+    log.push(t, decision("c", "claims", Some(2), &["L"], true)); // seq 4
+    log.push(t, completion_of(4, "c", 0, 0));
+    let tree = log.tree();
+    catch_up(&log.db, &tree, log.next).expect("fold");
+    let nov = month_index(t);
+    assert_eq!(users_in(&tree, USER, nov).get("claims"), Some(&1));
+    assert_eq!(users_in(&tree, LICENCE_USER, nov).get("L"), Some(&1));
+    assert!(
+        tree.get(user_key(USER, nov, "claims", &[1; 32]))
+            .expect("get")
+            .is_some()
+    );
+    assert!(
+        tree.get(user_key(USER, nov, "claims", &[2; 32]))
+            .expect("get")
+            .is_none()
+    );
+}
+
+#[test]
 fn a_fold_cut_off_part_way_resumes_and_equals_a_rebuild() {
     let mut log = Log::new();
     for i in 0..300u32 {

@@ -1,6 +1,12 @@
-//! Exactness under concurrency, and what commit and release give back.
+//! Exactness under concurrency, and what commit and release give back:
+//! table cases, random interleavings checked against a model after every
+//! step, and threads racing behind a barrier.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Barrier};
+
+use proptest::prelude::*;
+use proptest::sample::Index;
 
 use super::*;
 
@@ -285,4 +291,614 @@ fn restore_starts_from_the_counts_it_is_given() {
         admission.reserve(r, NOW).expect_err("cap").reason,
         Reason::TenantUserCap
     );
+}
+
+// Random interleavings against a model.
+//
+// A few tenants send requests for a few end users; each request is reserved,
+// then committed (served, with at most its grant used) or released (nothing
+// served: an engine error or a cancelled client). After every step the
+// counters must say exactly what the model derives from the requests
+// admitted and how they ended, and never pass a limit; once every request
+// has ended, nothing is in flight and the users and tokens are those of the
+// committed requests.
+
+/// One tenant's limits, as its bundle entry gives them on every request.
+#[derive(Clone, Debug)]
+struct Rules {
+    requests_per_minute: Option<u32>,
+    tokens_per_day: Option<u64>,
+    truncate: bool,
+    concurrent_requests: Option<u32>,
+    tenant_user_cap: Option<u64>,
+}
+
+const TENANTS: [&str; 3] = ["claims", "search", "batch"];
+/// The licence each tenant's model is under: claims and search share one,
+/// so its user threshold binds across both.
+const LICENCE_OF: [usize; 3] = [0, 0, 1];
+const LICENCES: [&str; 2] = ["LicenseRef-Shared", "LicenseRef-Other"];
+/// End users 0..USERS; the same key under two tenants is the same person.
+const USERS: u32 = 6;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Reserve {
+        tenant: usize,
+        user: Option<u32>,
+        prompt: u64,
+        generate: u64,
+    },
+    /// A request in flight was served and used `percent` of its grant.
+    Commit { index: Index, percent: u64 },
+    /// A request in flight ended with nothing served (a cancel is a release).
+    Release { index: Index },
+    /// Time passes: the rate window slides (all within one UTC day and month).
+    Wait { seconds: i64 },
+}
+
+fn tenant_rules() -> impl Strategy<Value = Rules> {
+    (
+        proptest::option::of(1..6u32),
+        proptest::option::of(200..2_000u64),
+        any::<bool>(),
+        proptest::option::of(1..4u32),
+        proptest::option::of(0..4u64),
+    )
+        .prop_map(
+            |(
+                requests_per_minute,
+                tokens_per_day,
+                truncate,
+                concurrent_requests,
+                tenant_user_cap,
+            )| {
+                Rules {
+                    requests_per_minute,
+                    tokens_per_day,
+                    truncate,
+                    concurrent_requests,
+                    tenant_user_cap,
+                }
+            },
+        )
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..TENANTS.len(), proptest::option::of(0..USERS), 1..60u64, 1..300u64).prop_map(
+            |(tenant, user, prompt, generate)| Op::Reserve {
+                tenant,
+                user,
+                prompt,
+                generate,
+            }
+        ),
+        2 => (any::<Index>(), 0..=100u64).prop_map(|(index, percent)| Op::Commit { index, percent }),
+        2 => any::<Index>().prop_map(|index| Op::Release { index }),
+        1 => (0..40i64).prop_map(|seconds| Op::Wait { seconds }),
+    ]
+}
+
+/// What one admitted request accounts for.
+#[derive(Clone, Debug)]
+struct Held {
+    tenant: usize,
+    user: Option<u32>,
+    at: i64,
+    /// Granted while in flight; used, once committed.
+    tokens: u64,
+}
+
+/// The reference: the counters as the admitted requests, and how they
+/// ended, account for them.
+struct Model {
+    rules: [Rules; 3],
+    thresholds: [Option<u64>; 2],
+    now: UnixTime,
+    live: Vec<(Held, Ticket)>,
+    served: Vec<Held>,
+}
+
+impl Model {
+    fn held(&self) -> impl Iterator<Item = &Held> {
+        self.live.iter().map(|(h, _)| h).chain(&self.served)
+    }
+
+    fn users(&self, t: usize) -> BTreeSet<u32> {
+        self.held()
+            .filter(|h| h.tenant == t)
+            .filter_map(|h| h.user)
+            .collect()
+    }
+
+    /// Users counted under a licence: only requests that carry its threshold count.
+    fn licence_users(&self, licence: usize) -> BTreeSet<u32> {
+        if self.thresholds[licence].is_none() {
+            return BTreeSet::new();
+        }
+        self.held()
+            .filter(|h| LICENCE_OF[h.tenant] == licence)
+            .filter_map(|h| h.user)
+            .collect()
+    }
+
+    fn tokens(&self, t: usize) -> u64 {
+        self.held()
+            .filter(|h| h.tenant == t)
+            .map(|h| h.tokens)
+            .sum()
+    }
+
+    fn recent(&self, t: usize) -> u32 {
+        let since = self.now.seconds() - 60;
+        let n = self
+            .held()
+            .filter(|h| h.tenant == t && h.at > since)
+            .count();
+        u32::try_from(n).expect("few requests")
+    }
+
+    fn concurrent(&self, t: usize) -> u32 {
+        let n = self.live.iter().filter(|(h, _)| h.tenant == t).count();
+        u32::try_from(n).expect("few requests")
+    }
+
+    fn reservation(&self, t: usize, who: Option<u32>, prompt: u64, generate: u64) -> Reservation {
+        let rules = &self.rules[t];
+        let licence = LICENCE_OF[t];
+        Reservation {
+            tenant: tenant(TENANTS[t]),
+            user: who.map(user),
+            tokens: prompt + generate,
+            prompt_tokens: prompt,
+            truncate: rules.truncate,
+            requests_per_minute: rules.requests_per_minute,
+            tokens_per_day: rules.tokens_per_day,
+            concurrent_requests: rules.concurrent_requests,
+            tenant_user_cap: rules.tenant_user_cap,
+            tenant_user_limit: rules.tenant_user_cap,
+            licence_user_thresholds: self.thresholds[licence]
+                .map(|threshold| (LICENCES[licence].to_owned(), threshold))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// What `reserve` must answer, by the rules in the order it applies
+    /// them: the tokens granted, whether the user is new to the tenant and
+    /// the licences they are new under; or the reason for the refusal.
+    fn expect(
+        &self,
+        r: &Reservation,
+        t: usize,
+        who: Option<u32>,
+    ) -> Result<(u64, bool, Vec<String>), Reason> {
+        let rules = &self.rules[t];
+        if let Some(rpm) = rules.requests_per_minute
+            && self.recent(t) >= rpm
+        {
+            return Err(Reason::RateLimited);
+        }
+        let mut granted = r.tokens;
+        if let Some(budget) = rules.tokens_per_day {
+            let used = self.tokens(t);
+            if used + r.tokens > budget {
+                let left = budget.saturating_sub(used);
+                if rules.truncate && left > r.prompt_tokens {
+                    granted = left;
+                } else {
+                    return Err(Reason::TokenBudgetExhausted);
+                }
+            }
+        }
+        if let Some(max) = rules.concurrent_requests
+            && self.concurrent(t) >= max
+        {
+            return Err(Reason::ConcurrencyLimit);
+        }
+        let Some(u) = who else {
+            return Ok((granted, false, Vec::new()));
+        };
+        let users = self.users(t);
+        let new_user = !users.contains(&u);
+        if new_user
+            && rules
+                .tenant_user_cap
+                .is_some_and(|cap| users.len() as u64 >= cap)
+        {
+            return Err(Reason::TenantUserCap);
+        }
+        let mut new_licences = Vec::new();
+        for (name, threshold) in &r.licence_user_thresholds {
+            let seen = self.licence_users(LICENCE_OF[t]);
+            if !seen.contains(&u) {
+                if seen.len() as u64 >= *threshold {
+                    return Err(Reason::LicenceUserThreshold);
+                }
+                new_licences.push(name.clone());
+            }
+        }
+        Ok((granted, new_user, new_licences))
+    }
+}
+
+/// Every counter against the model, and every limit.
+fn check(admission: &MemoryAdmission, m: &Model, step: usize) -> Result<(), TestCaseError> {
+    for (t, name) in TENANTS.iter().enumerate() {
+        let id = tenant(name);
+        let rules = &m.rules[t];
+        let concurrent = admission.concurrent(&id);
+        let users = admission.tenant_users(&id);
+        let tokens = admission.tokens_today(&id);
+        let recent = admission.requests_last_minute(&id);
+        if let Some(max) = rules.concurrent_requests {
+            prop_assert!(
+                concurrent <= max,
+                "step {step}: {concurrent} in flight for {name}, limit {max}"
+            );
+        }
+        if let Some(cap) = rules.tenant_user_cap {
+            prop_assert!(
+                users <= cap,
+                "step {step}: {users} users for {name}, cap {cap}"
+            );
+        }
+        if let Some(budget) = rules.tokens_per_day {
+            prop_assert!(
+                tokens <= budget,
+                "step {step}: {tokens} tokens for {name}, budget {budget}"
+            );
+        }
+        if let Some(rpm) = rules.requests_per_minute {
+            prop_assert!(
+                recent <= rpm,
+                "step {step}: {recent} requests this minute for {name}, limit {rpm}"
+            );
+        }
+        prop_assert_eq!(
+            concurrent,
+            m.concurrent(t),
+            "step {}: {} in flight",
+            step,
+            name
+        );
+        let expected = m.users(t);
+        prop_assert_eq!(
+            users,
+            expected.len() as u64,
+            "step {}: users of {} (the model: {:?})",
+            step,
+            name,
+            expected
+        );
+        for u in 0..USERS {
+            prop_assert_eq!(
+                admission.tenant_user_seen(&id, &user(u)),
+                expected.contains(&u),
+                "step {}: user {} of {}",
+                step,
+                u,
+                name
+            );
+        }
+        prop_assert_eq!(tokens, m.tokens(t), "step {}: tokens of {}", step, name);
+        prop_assert_eq!(
+            recent,
+            m.recent(t),
+            "step {}: requests this minute of {}",
+            step,
+            name
+        );
+    }
+    for (l, name) in LICENCES.iter().enumerate() {
+        let expected = m.licence_users(l);
+        let count = admission.licence_users(name);
+        if let Some(threshold) = m.thresholds[l] {
+            prop_assert!(
+                count <= threshold,
+                "step {step}: {count} users under {name}, threshold {threshold}"
+            );
+        }
+        prop_assert_eq!(
+            count,
+            expected.len() as u64,
+            "step {}: users under {} (the model: {:?})",
+            step,
+            name,
+            expected
+        );
+        for u in 0..USERS {
+            prop_assert_eq!(
+                admission.licence_user_seen(name, &user(u)),
+                expected.contains(&u),
+                "step {}: user {} under {}",
+                step,
+                u,
+                name
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run(rules: [Rules; 3], thresholds: [Option<u64>; 2], ops: &[Op]) -> Result<(), TestCaseError> {
+    let admission = MemoryAdmission::new();
+    admission.observe(NOW);
+    let mut m = Model {
+        rules,
+        thresholds,
+        now: NOW,
+        live: Vec::new(),
+        served: Vec::new(),
+    };
+    for (step, op) in ops.iter().enumerate() {
+        match op {
+            Op::Reserve {
+                tenant: t,
+                user: who,
+                prompt,
+                generate,
+            } => {
+                let r = m.reservation(*t, *who, *prompt, *generate);
+                let expected = m.expect(&r, *t, *who);
+                match (admission.reserve(r, m.now), expected) {
+                    (Ok(ticket), Ok((granted, new_user, new_licences))) => {
+                        prop_assert_eq!(
+                            ticket.reservation.tokens,
+                            granted,
+                            "step {}: tokens granted",
+                            step
+                        );
+                        prop_assert_eq!(
+                            ticket.new_tenant_user,
+                            new_user,
+                            "step {}: new to the tenant",
+                            step
+                        );
+                        prop_assert_eq!(
+                            &ticket.new_licence_users,
+                            &new_licences,
+                            "step {}: new under",
+                            step
+                        );
+                        prop_assert_eq!(ticket.at, m.now);
+                        let held = Held {
+                            tenant: *t,
+                            user: *who,
+                            at: m.now.seconds(),
+                            tokens: granted,
+                        };
+                        m.live.push((held, ticket));
+                    }
+                    (Err(refusal), Err(reason)) => {
+                        prop_assert_eq!(refusal.reason, reason, "step {}: {}", step, refusal.rule);
+                        prop_assert_eq!(
+                            refusal.retry_after.is_some(),
+                            reason.is_transient(),
+                            "step {}: retry-after",
+                            step
+                        );
+                    }
+                    (got, want) => {
+                        return Err(TestCaseError::fail(format!(
+                            "step {step}: reserve gave {got:?}; the model says {want:?}"
+                        )));
+                    }
+                }
+            }
+            Op::Commit { index, percent } => {
+                if m.live.is_empty() {
+                    continue;
+                }
+                let (mut held, ticket) = m.live.remove(index.index(m.live.len()));
+                held.tokens = held.tokens * percent / 100;
+                admission.commit(ticket, held.tokens);
+                m.served.push(held);
+            }
+            Op::Release { index } => {
+                if m.live.is_empty() {
+                    continue;
+                }
+                let (_, ticket) = m.live.remove(index.index(m.live.len()));
+                admission.release(ticket);
+            }
+            Op::Wait { seconds } => {
+                m.now = m.now.plus(*seconds);
+                admission.observe(m.now);
+            }
+        }
+        check(&admission, &m, step)?;
+    }
+    // Every request ends, one in two served with its whole grant.
+    for (i, (held, ticket)) in std::mem::take(&mut m.live).into_iter().enumerate() {
+        if i % 2 == 0 {
+            admission.commit(ticket, held.tokens);
+            m.served.push(held);
+        } else {
+            admission.release(ticket);
+        }
+    }
+    check(&admission, &m, ops.len())?;
+    for (t, name) in TENANTS.iter().enumerate() {
+        let id = tenant(name);
+        let served: Vec<&Held> = m.served.iter().filter(|h| h.tenant == t).collect();
+        let users: BTreeSet<u32> = served.iter().filter_map(|h| h.user).collect();
+        prop_assert_eq!(
+            admission.concurrent(&id),
+            0,
+            "{} has requests in flight",
+            name
+        );
+        prop_assert_eq!(
+            admission.tenant_users(&id),
+            users.len() as u64,
+            "{}: the served users",
+            name
+        );
+        prop_assert_eq!(
+            admission.tokens_today(&id),
+            served.iter().map(|h| h.tokens).sum::<u64>(),
+            "{}: the served tokens",
+            name
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Reserve, commit and release in any order, from three tenants (two
+    /// under one licence) and six users, under random caps, rates, budgets
+    /// (refusing or truncating) and concurrency limits.
+    #[test]
+    fn interleavings_never_pass_a_limit_and_count_what_was_served(
+        rules in [tenant_rules(), tenant_rules(), tenant_rules()],
+        thresholds in [proptest::option::of(0..5u64), proptest::option::of(0..5u64)],
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        run(rules, thresholds, &ops)?;
+    }
+}
+
+// Threads racing behind a barrier.
+
+const RACERS: usize = 16;
+
+/// One reservation from each of RACERS threads, all let go at once.
+fn race(
+    admission: &MemoryAdmission,
+    make: impl Fn(usize) -> Reservation + Sync,
+) -> Vec<Result<Ticket, Refusal>> {
+    let barrier = Barrier::new(RACERS);
+    std::thread::scope(|s| {
+        let racers: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let (barrier, make) = (&barrier, &make);
+                s.spawn(move || {
+                    let r = make(i);
+                    barrier.wait();
+                    admission.reserve(r, NOW)
+                })
+            })
+            .collect();
+        racers
+            .into_iter()
+            .map(|h| h.join().expect("racer"))
+            .collect()
+    })
+}
+
+/// The admitted tickets; every refusal must be for `reason`.
+fn admitted(results: Vec<Result<Ticket, Refusal>>, reason: Reason) -> Vec<Ticket> {
+    results
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(ticket) => Some(ticket),
+            Err(refusal) => {
+                assert_eq!(refusal.reason, reason, "{}", refusal.rule);
+                None
+            }
+        })
+        .collect()
+}
+
+fn few(i: usize) -> u32 {
+    u32::try_from(i).expect("few users")
+}
+
+#[test]
+fn racing_requests_take_exactly_the_user_cap_and_the_free_slots() {
+    const CAP: u64 = 5;
+    const SLOTS: u32 = 8;
+    let capped = |i: usize| {
+        let mut r = reservation("claims", Some(few(i)));
+        r.tenant_user_cap = Some(CAP);
+        r.concurrent_requests = Some(SLOTS);
+        r
+    };
+    let claims = tenant("claims");
+    for _ in 0..20 {
+        let admission = MemoryAdmission::new();
+        // 16 new users for 5 user slots (and 8 concurrency slots).
+        let first = admitted(race(&admission, capped), Reason::TenantUserCap);
+        assert_eq!(first.len() as u64, CAP);
+        assert_eq!(admission.tenant_users(&claims), CAP);
+        // The admitted users again, 16 requests for the 3 slots left: a
+        // known user takes no user slot.
+        let known: Vec<UserKey> = first
+            .iter()
+            .map(|t| t.reservation.user.expect("a user"))
+            .collect();
+        let second = admitted(
+            race(&admission, |i| {
+                let mut r = capped(0);
+                r.user = Some(known[i % known.len()]);
+                r
+            }),
+            Reason::ConcurrencyLimit,
+        );
+        assert_eq!(second.len(), SLOTS as usize - first.len());
+        assert_eq!(admission.concurrent(&claims), SLOTS);
+        // All end at once: the first served, the second released.
+        let a = &admission;
+        std::thread::scope(|s| {
+            for t in first {
+                s.spawn(move || a.commit(t, 10));
+            }
+            for t in second {
+                s.spawn(move || a.release(t));
+            }
+        });
+        assert_eq!(admission.concurrent(&claims), 0);
+        assert_eq!(admission.tenant_users(&claims), CAP, "served users stay");
+        assert_eq!(admission.tokens_today(&claims), 10 * CAP);
+        // The month is full: no new user gets in, however many race.
+        let late = admitted(race(&admission, |i| capped(100 + i)), Reason::TenantUserCap);
+        assert!(late.is_empty());
+
+        // Fewer slots than the cap: the slots bind.
+        let admission = MemoryAdmission::new();
+        let narrow = admitted(
+            race(&admission, |i| {
+                let mut r = capped(i);
+                r.tenant_user_cap = Some(10);
+                r.concurrent_requests = Some(4);
+                r
+            }),
+            Reason::ConcurrencyLimit,
+        );
+        assert_eq!(narrow.len(), 4);
+        for t in narrow {
+            admission.release(t);
+        }
+        assert_eq!(admission.tenant_users(&claims), 0);
+        assert_eq!(admission.concurrent(&claims), 0);
+    }
+}
+
+#[test]
+fn racing_tenants_take_exactly_a_licence_threshold_between_them() {
+    for _ in 0..20 {
+        let admission = MemoryAdmission::new();
+        let tickets = admitted(
+            race(&admission, |i| {
+                let mut r = reservation(["claims", "search"][i % 2], Some(few(i)));
+                r.licence_user_thresholds = vec![("LicenseRef-Gemma".to_owned(), 6)];
+                r
+            }),
+            Reason::LicenceUserThreshold,
+        );
+        assert_eq!(tickets.len(), 6);
+        assert_eq!(admission.licence_users("LicenseRef-Gemma"), 6);
+        assert_eq!(
+            admission.tenant_users(&tenant("claims")) + admission.tenant_users(&tenant("search")),
+            6
+        );
+        for t in tickets {
+            admission.commit(t, 1);
+        }
+        assert_eq!(admission.licence_users("LicenseRef-Gemma"), 6);
+    }
 }
