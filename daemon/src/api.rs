@@ -511,8 +511,11 @@ async fn dispatch(
             let ask = gate::Ask::from_request(kind, &request);
             let started = Instant::now();
             let decided = gate::admit(shared, conn, id.as_str(), route_of(&path), &headers, &ask)?;
-            let decided = gate::guard(shared, conn, decided, &ask.prompt).await;
-            let admitted = durable_decision(shared, id, ask.model, decided, started).await?;
+            // The guard scores in the decision's own task: a client gone
+            // mid-scoring still leaves its decision record.
+            let guarded = Some((conn.identity.clone(), ask.prompt.clone()));
+            let admitted =
+                durable_decision(shared, id, ask.model, decided, started, guarded).await?;
             tracing::info!(
                 tenant = %admitted.allow.tenant,
                 model = %admitted.allow.model,
@@ -682,12 +685,20 @@ async fn durable_decision(
     model: &str,
     decided: gate::Decided,
     started: Instant,
+    guarded: Option<(Identity, String)>,
 ) -> Result<Past, ApiError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task_shared = Arc::clone(shared);
     let task_id = id.clone();
     // Tracked: the shutdown record waits for it (it may outlive its connection).
     shared.detached.spawn(async move {
+        // The tenant's guard, if any, within its own timeout.
+        let decided = match guarded {
+            Some((identity, prompt)) => {
+                gate::guard(&task_shared, &identity, decided, &prompt).await
+            }
+            None => decided,
+        };
         let gate::Decided {
             record,
             outcome,
@@ -1525,7 +1536,7 @@ async fn kserve_infer(
             // Allowed but not runnable as sent (not loaded, inputs that do
             // not fit, too large): answered with why, and closed. Both once
             // the decision record is durable.
-            let past = durable_decision(shared, id, name, decided, started).await?;
+            let past = durable_decision(shared, id, name, decided, started, None).await?;
             let e = not_runnable.and_then(Result::err).unwrap_or_else(|| {
                 ApiError::Engine("a request past policy was not checked".to_owned())
             });
@@ -1537,7 +1548,7 @@ async fn kserve_infer(
     // nothing is answered before it is (fail closed), and a result whose
     // record failed is thrown away.
     let (admitted, ran) = tokio::join!(
-        durable_decision(shared, id, name, decided, started),
+        durable_decision(shared, id, name, decided, started, None),
         model.run(checked.tensors)
     );
     let mut served = admitted?.served;

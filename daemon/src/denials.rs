@@ -107,8 +107,11 @@ impl DenialLimiter {
         }
     }
 
-    /// Whether this denial gets its record; if not, it is counted.
-    pub fn record(&self, principal: &str, now: Instant) -> bool {
+    /// Whether this denial gets its record; if not, it is counted. A
+    /// caller the bundle knows (a tenant naming a model not in the
+    /// manifest) has its own allowance only: it cannot use up the shared
+    /// one, which would hide unknown callers' first denials.
+    pub fn record(&self, principal: &str, known: bool, now: Instant) -> bool {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.buckets.len() >= MAX_TRACKED && !inner.buckets.contains_key(principal) {
             // Forget the principals that have been quiet longest.
@@ -122,7 +125,7 @@ impl DenialLimiter {
             .entry(principal.to_owned())
             .or_insert_with(|| Bucket::full(BURST, now))
             .take(BURST, PER_SECOND, now);
-        let recorded = own && inner.global.take(GLOBAL_BURST, GLOBAL_PER_SECOND, now);
+        let recorded = own && (known || inner.global.take(GLOBAL_BURST, GLOBAL_PER_SECOND, now));
         if !recorded {
             inner.unrecorded += 1;
             if inner.principals.len() < MAX_SUMMARY_PRINCIPALS {
@@ -162,10 +165,12 @@ mod tests {
     fn a_flood_is_recorded_up_to_its_burst_and_summed_up() {
         let limiter = DenialLimiter::new();
         let t0 = Instant::now();
-        let recorded = (0..1000).filter(|_| limiter.record("uid:1000", t0)).count();
+        let recorded = (0..1000)
+            .filter(|_| limiter.record("uid:1000", false, t0))
+            .count();
         assert_eq!(recorded, BURST as usize);
         // Another principal has its own bucket.
-        assert!(limiter.record("uid:1001", t0));
+        assert!(limiter.record("uid:1001", false, t0));
         assert_eq!(
             limiter.take_summary(),
             Some(Summary {
@@ -175,7 +180,7 @@ mod tests {
         );
         assert_eq!(limiter.take_summary(), None);
         // The bucket refills with time.
-        assert!(limiter.record("uid:1000", t0 + Duration::from_secs(1)));
+        assert!(limiter.record("uid:1000", false, t0 + Duration::from_secs(1)));
     }
 
     #[test]
@@ -183,9 +188,11 @@ mod tests {
         let limiter = DenialLimiter::new();
         let t0 = Instant::now();
         let recorded = (0..20_000)
-            .filter(|i| limiter.record(&format!("cert:{i}"), t0))
+            .filter(|i| limiter.record(&format!("cert:{i}"), false, t0))
             .count();
         assert_eq!(recorded, GLOBAL_BURST as usize);
+        // A known tenant's own allowance is not taken from the drained shared one.
+        assert!(limiter.record("uid:77", true, t0));
         let inner = limiter.inner.lock().expect("lock");
         assert!(inner.buckets.len() <= MAX_TRACKED);
         assert!(inner.principals.len() <= MAX_SUMMARY_PRINCIPALS);

@@ -19,6 +19,7 @@ use airgate_policy::bundle::{Kind, UserIdentity};
 use airgate_policy::decision::{
     Allow, Decision, Deny, Reason, RequestFacts, UserKey, decide, decide_use,
 };
+use airgate_policy::identity::Identity;
 use http::HeaderMap;
 use serde_json::Value;
 
@@ -359,6 +360,7 @@ pub fn admit(
             let unrecorded = crate::denials::before_limits(deny.reason)
                 && !shared.denials.record(
                     &crate::denials::principal(&conn.identity),
+                    tenant.is_some(),
                     std::time::Instant::now(),
                 );
             return Ok(Decided {
@@ -438,7 +440,12 @@ fn count(shared: &Shared, decision: &'static str, reason: &'static str) {
 /// done within its timeout denies too (`guard_unavailable`, fail closed).
 /// The guard's own use is decided like any model's: the tenant's, for the
 /// guard's purpose. The score goes into the one decision record either way.
-pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &str) -> Decided {
+pub async fn guard(
+    shared: &Shared,
+    identity: &Identity,
+    mut decided: Decided,
+    prompt: &str,
+) -> Decided {
     let Ok(admitted) = &decided.outcome else {
         return decided;
     };
@@ -453,7 +460,7 @@ pub async fn guard(shared: &Shared, conn: &Conn, mut decided: Decided, prompt: &
     };
     let now = shared.policy.now();
     let facts = RequestFacts {
-        identity: &conn.identity,
+        identity,
         model: &g.model,
         kind: Kind::Classifier,
         purpose: Some(&g.purpose),

@@ -175,11 +175,17 @@ fn pieces(text: &str) -> impl Iterator<Item = &str> {
             limit -= 1;
         }
         let window = &rest[..limit];
+        // Never inside a word: a vocabulary that prefixes each call's text
+        // with a space would otherwise see two words where policy saw one.
+        // A window with neither is one long word without control-token
+        // text: it runs on to the next cut point, which costs linear time.
+        let cut_at = |c: char| c == '<' || c.is_whitespace();
         let cut = window
             .rfind('<')
             .filter(|&i| i > 0)
             .or_else(|| window.rfind(char::is_whitespace).filter(|&i| i > 0))
-            .unwrap_or(limit.max(rest.chars().next().map_or(1, char::len_utf8)));
+            .or_else(|| rest[limit..].find(cut_at).map(|i| limit + i))
+            .unwrap_or(rest.len());
         let (piece, tail) = rest.split_at(cut);
         rest = tail;
         Some(piece)

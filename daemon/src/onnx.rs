@@ -400,6 +400,15 @@ impl OnnxModel {
         let encodings = tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| failed(format!("tokenizing failed: {e}")))?;
+        self.encoding_inputs(&encodings)
+    }
+
+    /// [`Self::text_inputs`] for texts already tokenized.
+    fn encoding_inputs(
+        &self,
+        encodings: &[tokenizers::Encoding],
+    ) -> Result<(Vec<Tensor>, Vec<i64>, usize), RunError> {
+        let failed = |e: String| RunError::Failed(e);
         let batch = encodings.len();
         let seq = encodings
             .iter()
@@ -428,7 +437,7 @@ impl OnnxModel {
                 .chain(std::iter::repeat_n(0, pad))
                 .collect::<Vec<_>>()
         };
-        for e in &encodings {
+        for e in encodings {
             ids.extend(padded(e.get_ids()));
             mask.extend(padded(e.get_attention_mask()));
             types.extend(padded(e.get_type_ids()));
@@ -504,19 +513,59 @@ impl OnnxModel {
     }
 
     /// A classifier's probabilities for one text (its [1, labels] FP32 output).
+    /// Scores `text`: every label's highest score over windows of the text
+    /// as long as the tokenizer takes (its truncation length), so what lies
+    /// past the first window is scored too — a harmless preamble cannot
+    /// push the rest out of the guard's sight. A text too long to score
+    /// within the pool's bounds is refused, never scored in part.
     pub fn classify_blocking(&self, text: &str) -> Result<Vec<f32>, RunError> {
         let failed = |e: String| RunError::Failed(e);
-        let (inputs, _, _) = self.text_inputs(&[text.to_owned()])?;
-        let outputs = self.run_blocking(inputs)?;
-        let first = outputs
-            .first()
-            .ok_or_else(|| failed("the classifier returned nothing".to_owned()))?;
-        Ok(first
-            .to_plain_array_view::<f32>()
-            .map_err(|e| failed(err(&e)))?
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| failed("this model has no tokenizer in the manifest".to_owned()))?;
+        let first = tokenizer
+            .encode(text, true)
+            .map_err(|e| failed(format!("tokenizing failed: {e}")))?;
+        let mut windows = Vec::new();
+        let mut todo = vec![first];
+        while let Some(mut e) = todo.pop() {
+            todo.extend(e.take_overflowing());
+            windows.push(e);
+        }
+        let seq = windows
             .iter()
-            .copied()
-            .collect())
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let per_run = usize::try_from(self.max_batch_tokens / seq as u64)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut best: Vec<f32> = Vec::new();
+        for batch in windows.chunks(per_run) {
+            let (inputs, _, _) = self.encoding_inputs(batch)?;
+            let outputs = self.run_blocking(inputs)?;
+            let scores: Vec<f32> = outputs
+                .first()
+                .ok_or_else(|| failed("the classifier returned nothing".to_owned()))?
+                .to_plain_array_view::<f32>()
+                .map_err(|e| failed(err(&e)))?
+                .iter()
+                .copied()
+                .collect();
+            let labels = scores.len() / batch.len().max(1);
+            for row in scores.chunks(labels.max(1)) {
+                if best.is_empty() {
+                    best = row.to_vec();
+                } else {
+                    for (b, s) in best.iter_mut().zip(row) {
+                        *b = b.max(*s);
+                    }
+                }
+            }
+        }
+        Ok(best)
     }
 
     /// `classify_blocking` on the pool, under the same bounds as `run`.

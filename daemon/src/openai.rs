@@ -269,7 +269,10 @@ fn parse(kind: Kind, body: &Value) -> Result<Generate, ParamError> {
     };
     let temperature = number(body, "temperature", 0.0, 2.0)?.unwrap_or(1.0);
     let top_p = number(body, "top_p", 0.0, 1.0)?.unwrap_or(1.0);
-    if top_p <= 0.0 {
+    // A positive top_p that is 0 as the engine's f32 is 0 too.
+    #[allow(clippy::cast_possible_truncation, reason = "in 0..=1")]
+    let engine_top_p = top_p as f32;
+    if top_p <= 0.0 || engine_top_p <= 0.0 {
         return Err(bad("top_p", "top_p must be greater than 0"));
     }
     let top_k = match body.get("top_k") {
@@ -594,14 +597,20 @@ fn parse_embeddings(body: &Value) -> Result<Embeddings, ParamError> {
         Some(other) => {
             return Err(bad(
                 "encoding_format",
-                format!("encoding_format must be \"float\" or \"base64\", found {other}"),
+                format!(
+                    "encoding_format must be \"float\" or \"base64\", found {}",
+                    crate::bounded::clip(&other.to_string(), 64)
+                ),
             ));
         }
     };
     if let Some(d) = body.get("dimensions").filter(|d| !d.is_null()) {
         return Err(bad(
             "dimensions",
-            format!("dimensions = {d}: this server returns the model's own dimension only"),
+            format!(
+                "dimensions = {}: this server returns the model's own dimension only",
+                crate::bounded::clip(&d.to_string(), 64)
+            ),
         ));
     }
     Ok(Embeddings { texts, base64 })
