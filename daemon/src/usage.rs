@@ -722,23 +722,22 @@ impl Usage {
             });
         }
         // Nothing is in flight before the daemon serves: every pending
-        // request left was cut off. Its user stays counted.
+        // request left was cut off. Its user stays counted, as if served,
+        // and holds nothing in flight any more.
         let mut unfinished = 0;
-        let mut batch = sled::Batch::default();
-        for k in tree.scan_prefix([PENDING]).keys().flatten() {
-            batch.remove(k);
-            unfinished += 1;
-        }
-        for tag in [PENDING_BY_ID, LEGACY_PENDING] {
-            for k in tree.scan_prefix([tag]).keys().flatten() {
-                if tag == LEGACY_PENDING {
+        let mut o = Overlay::new(&tree);
+        for tag in [PENDING, PENDING_BY_ID, LEGACY_PENDING] {
+            for (k, v) in tree.scan_prefix([tag]).flatten() {
+                if tag != PENDING_BY_ID {
                     unfinished += 1;
+                    if let Ok(p) = serde_json::from_slice::<Pending>(&v) {
+                        end_requests(&mut o, &p, true).map_err(|e| unavailable(e.to_string()))?;
+                    }
                 }
-                batch.remove(k);
+                o.remove(k.to_vec());
             }
         }
-        tree.apply_batch(batch)
-            .map_err(|e| unavailable(e.to_string()))?;
+        o.apply().map_err(|e| unavailable(e.to_string()))?;
         let pruned_months = prune(&tree, month_index(now.seconds()), config.retention_months)
             .map_err(unavailable)?;
         let usage = Arc::new(Self {

@@ -428,6 +428,12 @@ fn reopened_counts_match_the_log_and_warnings_come_once_per_period() {
     assert_eq!(usage.tokens_today(&claims), 8);
     assert!(usage.tenant_user_seen(&claims, &UserKey([4; 32])));
     assert!(!usage.tenant_user_seen(&claims, &UserKey([3; 32])));
+    // The cut-off request holds nothing in flight any more: its user is
+    // counted as served, not stuck "in flight" for the month.
+    let tree = usage.tree().expect("tree");
+    let k = user_key(USER, month_index(now().seconds()), "claims", &[4; 32]);
+    let s = Standing::read(&tree.get(k).expect("get").expect("user 4"));
+    assert_eq!((s.in_flight, s.served), (0, true));
     // The fourth user fills the cap; no second warning for the same fraction.
     let t = usage
         .reserve(reservation("claims", 5), now())
