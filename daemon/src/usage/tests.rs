@@ -126,29 +126,13 @@ fn served_users_count_under_every_licence_and_released_ones_are_taken_back() {
     );
 }
 
+/// A completion naming its decision's sequence, as this version writes them.
 fn completion_of(seq: u64, id: &str, prompt: u64, generated: u64) -> Event {
-    match completion(id, prompt, generated) {
-        Event::Completion {
-            request_id,
-            outcome,
-            detail,
-            prompt_tokens,
-            completion_tokens,
-            duration_ms,
-            served,
-            ..
-        } => Event::Completion {
-            request_id,
-            decision_seq: Some(Some(seq)),
-            outcome,
-            detail,
-            prompt_tokens,
-            completion_tokens,
-            duration_ms,
-            served,
-        },
-        other => other,
+    let mut event = completion(id, prompt, generated);
+    if let Event::Completion { decision_seq, .. } = &mut event {
+        *decision_seq = Some(Some(seq));
     }
+    event
 }
 
 #[test]
