@@ -308,6 +308,25 @@ impl Sandbox {
         std::fs::rename(&tmp, inbox.join(name)).expect("rename bundle");
     }
 
+    /// Every audit record, as `airgate audit export --config` gives them:
+    /// through the running daemon's admin socket, or from the stopped store.
+    pub fn export(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(airgate_bin())
+            .args(["audit", "export", "--config"])
+            .arg(self.config_path())
+            .output()
+            .expect("airgate audit export");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    }
+
     pub fn write_config(&self, text: &str) -> PathBuf {
         let path = self.config_path();
         std::fs::write(&path, text).expect("write config");

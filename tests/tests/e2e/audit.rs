@@ -649,26 +649,6 @@ fn event_of(seq: u64, stored: &[u8]) -> airgate_policy::audit::Event {
         .event
 }
 
-/// Every record through the running daemon.
-fn export_live(sb: &Sandbox) -> Vec<Value> {
-    let config = sb.config_path();
-    let out = airgate(&[
-        "audit",
-        "export",
-        "--config",
-        config.to_str().expect("utf8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
-
 /// `audit.full_verify` of /admin/status once a full verification has run.
 fn wait_full_verify(d: &Daemon) -> Value {
     let start = std::time::Instant::now();
@@ -773,7 +753,8 @@ fn a_full_verification_finds_a_swap_before_the_last_checkpoint_at_its_first_key(
     // (Recorded without waiting: it is durable a moment later.)
     let start = std::time::Instant::now();
     let recorded = loop {
-        let recorded: Vec<Value> = export_live(&sb)
+        let recorded: Vec<Value> = sb
+            .export()
             .into_iter()
             .filter(|r| r["event"]["kind"] == "audit_verified")
             .collect();
@@ -915,7 +896,8 @@ fn a_log_truncated_after_its_last_checkpoint_is_noticed_by_the_usage_counters() 
     // The counts are the log's now, and the rebuild is on the record.
     let usage = get(&d.socket, "/admin/usage", &[]).json();
     assert_eq!(ops(&usage), 2, "{usage}");
-    let rebuilt: Vec<Value> = export_live(&sb)
+    let rebuilt: Vec<Value> = sb
+        .export()
         .into_iter()
         .filter(|r| r["event"]["kind"] == "usage_rebuilt")
         .collect();

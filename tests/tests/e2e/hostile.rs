@@ -5,25 +5,12 @@
 
 use std::io::Write as _;
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use airgate_tests::{Daemon, Sandbox, get, policy, post_json, raw_request, wait_model};
 use serde_json::{Value, json};
 
 const MINILM: &str = "paraphrase-minilm-l3";
-
-fn export(sb: &Sandbox) -> Vec<(usize, Value)> {
-    let out = Command::new(airgate_tests::airgate_bin())
-        .args(["audit", "export", "--config"])
-        .arg(sb.config_path())
-        .output()
-        .expect("export");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| (l.len(), serde_json::from_str(l).expect("json")))
-        .collect()
-}
 
 fn metric(d: &Daemon, name: &str) -> Option<f64> {
     get(&d.socket, "/metrics", &[])
@@ -128,7 +115,12 @@ fn no_caller_chosen_string_makes_a_record_over_64_kib_and_unknown_callers_are_ra
     assert!(unrecorded >= 30.0, "{unrecorded}");
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(20)).success());
-    let records = export(&sb);
+    // (Each record's size as its export line, compact JSON.)
+    let records: Vec<(usize, Value)> = sb
+        .export()
+        .into_iter()
+        .map(|r| (r.to_string().len(), r))
+        .collect();
     let largest = records.iter().map(|(n, _)| *n).max().unwrap_or(0);
     assert!(largest < 64 << 10, "a record of {largest} bytes");
     let decisions = records
@@ -253,7 +245,7 @@ fn a_client_gone_during_guard_scoring_leaks_no_reservation() {
     // (The completion is written without waiting: polled.)
     let deadline = Instant::now() + Duration::from_secs(5);
     let completion = loop {
-        let records: Vec<Value> = export(&sb).into_iter().map(|(_, r)| r).collect();
+        let records: Vec<Value> = sb.export();
         let abandoned = records
             .iter()
             .find(|r| r["event"]["kind"] == "decision" && r["event"]["decision"] == "allow")

@@ -412,24 +412,6 @@ fn model_inspect_rejects_files_that_are_no_model() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("llama.cpp could not load it"));
 }
 
-/// The audit log of a running daemon, through its admin socket.
-fn running_export(sb: &Sandbox) -> Vec<serde_json::Value> {
-    let out = Command::new(airgate_bin())
-        .args(["audit", "export", "--config"])
-        .arg(sb.config_path())
-        .output()
-        .expect("airgate audit export");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
-
 #[test]
 fn switching_audit_fail_open_by_sighup_is_recorded_each_way() {
     let sb = Sandbox::new();
@@ -455,7 +437,7 @@ fn switching_audit_fail_open_by_sighup_is_recorded_each_way() {
     }
     let start = Instant::now();
     let changes = loop {
-        let records = running_export(&sb);
+        let records = sb.export();
         let changes: Vec<serde_json::Value> = records
             .iter()
             .filter(|r| r["event"]["kind"] == "fail_open_changed")
@@ -485,7 +467,7 @@ fn switching_audit_fail_open_by_sighup_is_recorded_each_way() {
         "{log}"
     );
     // The startup record still says how it started.
-    let records = running_export(&sb);
+    let records = sb.export();
     let startup = records
         .iter()
         .find(|r| r["event"]["kind"] == "startup")

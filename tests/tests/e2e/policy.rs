@@ -582,20 +582,6 @@ fn the_authority_tools_refuse_patterns_that_compile_past_the_bundles_budget() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
-/// The audit log of a running daemon, through its admin socket.
-fn running_export(sb: &Sandbox) -> Vec<Value> {
-    let out = Command::new(airgate_tests::airgate_bin())
-        .args(["audit", "export", "--config"])
-        .arg(sb.config_path())
-        .output()
-        .expect("airgate audit export");
-    assert!(out.status.success(), "{}", text(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
-
 #[test]
 fn a_reload_without_the_signing_anchor_withdraws_the_bundle_and_fails_closed() {
     let sb = Sandbox::new();
@@ -658,7 +644,7 @@ fn a_reload_without_the_signing_anchor_withdraws_the_bundle_and_fails_closed() {
             .is_file()
     );
     wait_for("a bundle_withdrawn record", &d, || {
-        running_export(&sb).iter().any(|r| {
+        sb.export().iter().any(|r| {
             r["event"]["kind"] == "bundle_withdrawn"
                 && r["event"]["digest"] == digest.as_str()
                 && r["event"]["reason"]
@@ -717,7 +703,8 @@ fn kserve_tells_a_caller_denied_the_model_nothing_of_its_inputs() {
         }
     }
     // Each was decided, and its denial recorded before it was answered.
-    let denied = running_export(&sb)
+    let denied = sb
+        .export()
         .iter()
         .filter(|r| {
             r["event"]["kind"] == "decision"

@@ -52,26 +52,6 @@ fn of<'a>(doc: &'a Value, list: &str, key: &str, id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {id} in {doc}"))
 }
 
-/// Every record, through the running daemon.
-fn export(sb: &Sandbox) -> Vec<Value> {
-    let config = sb.config_path();
-    let out = airgate(&[
-        "audit",
-        "export",
-        "--config",
-        config.to_str().expect("utf8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
-
 /// Distinct users the log says were served to `tenant`: allowed decisions
 /// whose completion processed at least one token (or never came).
 fn served_users(records: &[Value], tenant: &str) -> std::collections::BTreeSet<String> {
@@ -185,7 +165,7 @@ fn a_cap_of_50_admits_exactly_50_of_1000_new_users_and_the_count_survives_kill_r
 
     let mut d = Daemon::start(&sb, &config, &[]);
     d.wait_bundle(1);
-    let records = export(&sb);
+    let records = sb.export();
     let decisions = records
         .iter()
         .filter(|r| r["event"]["kind"] == "decision" && r["event"]["model"] == GEMMA)
@@ -235,7 +215,7 @@ fn a_cap_of_50_admits_exactly_50_of_1000_new_users_and_the_count_survives_kill_r
     );
     let rebuilt: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(rebuilt["differences"], json!([]), "{rebuilt}");
-    assert_eq!(warned(&export(&sb)), 2);
+    assert_eq!(warned(&sb.export()), 2);
 
     // A clean stop, then the clock moved into next month: new counts.
     d.signal(Signal::SIGTERM);
