@@ -508,12 +508,12 @@ async fn dispatch(
             // Everything the model needs has been taken from the parsed body:
             // its charge on the body budget ends here, not with the generation.
             drop(body);
-            let ask = gate::Ask::from_request(kind, &request);
+            let mut ask = gate::Ask::from_request(kind, &request);
             let started = Instant::now();
             let decided = gate::admit(shared, conn, id.as_str(), route_of(&path), &headers, &ask)?;
             // The guard scores in the decision's own task: a client gone
             // mid-scoring still leaves its decision record.
-            let guarded = Some((conn.identity.clone(), ask.prompt.clone()));
+            let guarded = Some((conn.identity.clone(), std::mem::take(&mut ask.prompt)));
             let admitted =
                 durable_decision(shared, id, ask.model, decided, started, guarded).await?;
             tracing::info!(
