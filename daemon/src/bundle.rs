@@ -35,7 +35,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use airgate_policy::bundle::verify::{
     BundleError, LEEWAY_SECONDS, MAX_TOKEN_BYTES, TrustAnchors, Verified, verify, verify_signed,
@@ -260,30 +260,7 @@ pub struct Policy {
     persist: Mutex<()>,
 }
 
-/// Seconds since the epoch by the host's clock.
-pub fn system_time_now() -> i64 {
-    SystemClock.now().seconds()
-}
-
-/// The host's clock.
-pub struct SystemClock;
-
-/// Seconds added to the host's clock: zero except under the `clock-offset`
-/// failpoint, which tests use to cross a month without waiting for one.
-static CLOCK_OFFSET: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-pub fn set_clock_offset(seconds: i64) {
-    CLOCK_OFFSET.store(seconds, std::sync::atomic::Ordering::Relaxed);
-}
-
-impl Clock for SystemClock {
-    fn now(&self) -> UnixTime {
-        let real = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        UnixTime(real.saturating_add(CLOCK_OFFSET.load(std::sync::atomic::Ordering::Relaxed)))
-    }
-}
+pub use crate::clock::{SystemClock, set_clock_offset, system_time_now};
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {

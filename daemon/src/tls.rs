@@ -282,7 +282,7 @@ pub fn load(cfg: &TlsListenerConfig, now: SystemTime) -> Result<TlsState, TlsErr
     server_config.session_storage = Arc::new(SessionCache::new(
         SESSION_CACHE_SIZE,
         SESSION_LIFETIME,
-        crate::bundle::system_time_now,
+        crate::clock::system_time_now,
     ));
 
     Ok(TlsState {
